@@ -1,0 +1,32 @@
+//! The cxmpute gateway: an OpenAI-compatible API in front of a pool of provider
+//! nodes, with credits, routing and metering.
+//!
+//! # Layout
+//! - [`server`]: opens the store, builds the router, serves ([`run`]).
+//! - [`api`]: the public routes (`/v1/…` and `/api/v1/…`); each handler checks
+//!   the key, parses the body, and hands a [`relay::Forward`] to the relay.
+//! - [`auth`], [`ratelimit`]: API keys, device credentials, per-key RPM.
+//! - [`billing`], [`meter`]: holds, metering of answers, costs and rewards.
+//! - [`pools`], [`transport`]: live provisions and how to reach them.
+//! - [`relay`]: forward with one retry, stream back, settle before the end.
+//! - [`link`]: provider links (reversed HTTP/2) and direct-mode registration.
+//! - [`admin`]: the operator's HTTP API; [`config`], [`error`], [`metrics`].
+
+pub mod admin;
+pub mod api;
+pub mod auth;
+pub mod billing;
+pub mod config;
+pub mod error;
+pub mod link;
+pub mod meter;
+pub mod metrics;
+pub mod pools;
+pub mod ratelimit;
+pub mod relay;
+pub mod server;
+pub mod state;
+pub mod transport;
+
+pub use config::Config;
+pub use server::{run, Gateway};

@@ -1,0 +1,382 @@
+//! Forwarding a request to a provision and streaming the answer back.
+//!
+//! The answer is never buffered: each chunk goes to the client as it arrives,
+//! metered on the way. Only the *end* of the answer waits: the request is
+//! settled (charged, rewarded, recorded) before the last bytes — the held
+//! `[DONE]` event or the end of the body — reach the client. A client that saw
+//! a complete answer was therefore charged, exactly once (settlement is keyed
+//! by request id); a gateway killed before settling leaves a hold that is
+//! released later, and the client saw a broken answer.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{header, HeaderValue, Response, StatusCode};
+use bytes::Bytes;
+use cxmpute_protocol::link::REQUEST_ID_HEADER;
+use cxmpute_protocol::ErrorBody;
+use cxmpute_store::{HoldOutcome, HoldRequest, KeyAuth, Service, UsageRecord};
+use http_body::{Body as HttpBody, Frame};
+use http_body_util::Full;
+use hyper::body::Incoming;
+
+use crate::billing::{self, Bounds};
+use crate::error::ApiError;
+use crate::meter::{Meter, Observed};
+use crate::pools::{InFlight, Provision};
+use crate::state::AppState;
+use crate::transport::ForwardError;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Who is asking.
+pub struct Caller {
+    pub request_id: String,
+    pub auth: KeyAuth,
+}
+
+/// How to read the answer.
+#[derive(Debug, Clone, Copy)]
+pub enum MeterKind {
+    Sse { strip_usage: bool },
+    Json,
+    Opaque,
+}
+
+/// One request, ready to go.
+pub struct Forward {
+    pub service: Service,
+    pub model: String,
+    /// Path on the node, e.g. `/v1/chat/completions`.
+    pub path: &'static str,
+    pub body: Bytes,
+    pub meter: MeterKind,
+    pub bounds: Bounds,
+}
+
+/// Everything needed to settle the request once its answer is over.
+struct Billing {
+    state: AppState,
+    request_id: String,
+    account_id: String,
+    key_id: String,
+    service: Service,
+    model: String,
+    bounds: Bounds,
+    hold: i64,
+    started: Instant,
+    ttfb: Option<Duration>,
+    provision: Option<Arc<Provision>>,
+}
+
+impl Billing {
+    /// Settles in a task of its own, so a client leaving mid-settlement cannot
+    /// cancel the transaction; resolves to whether it committed.
+    fn settle(self, seen: Observed, status: u16) -> tokio::task::JoinHandle<bool> {
+        tokio::spawn(async move {
+            let pricing = &self.state.config.pricing;
+            let chargeable = (200..300).contains(&status) || status == 499;
+            let units = billing::units(self.service, &self.bounds, &seen);
+            let cost = if chargeable {
+                billing::cost(pricing, self.service, &self.model, &units).min(self.hold)
+            } else {
+                0
+            };
+            let reward = billing::reward(pricing, cost);
+            let latency = self.started.elapsed();
+            let record = UsageRecord {
+                request_id: self.request_id.clone(),
+                account_id: self.account_id.clone(),
+                key_id: self.key_id.clone(),
+                device_id: self.provision.as_ref().map(|p| p.device_id.clone()),
+                provider_account_id: self.provision.as_ref().map(|p| p.account_id.clone()),
+                provision_id: self.provision.as_ref().map(|p| p.id.clone()),
+                service: self.service,
+                model: self.model.clone(),
+                input_tokens: units.input as i64,
+                output_tokens: units.output as i64,
+                characters: units.characters as i64,
+                pages: units.pages as i64,
+                latency_ms: latency.as_millis() as i64,
+                ttfb_ms: self.ttfb.map_or(0, |t| t.as_millis() as i64),
+                status: i32::from(status),
+                cost,
+                reward,
+                created_at: cxmpute_store::now_millis(),
+            };
+            self.state.metrics.record(self.service, status, latency.as_millis() as u64, units.input, units.output);
+            if status == 499 {
+                self.state.metrics.cancelled();
+            }
+            match self.state.store.settle(record).await {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::error!(request_id = %self.request_id, error = %e, "settlement failed");
+                    false
+                }
+            }
+        })
+    }
+}
+
+pub async fn relay(state: &AppState, caller: Caller, fwd: Forward) -> Result<Response<Body>, ApiError> {
+    let started = Instant::now();
+    if state.pools.pick(fwd.service, &fwd.model, None).is_none() {
+        return Err(if state.pools.is_known(fwd.service, &fwd.model) {
+            ApiError::no_provider(&fwd.model)
+        } else {
+            ApiError::model_not_found(&fwd.model)
+        });
+    }
+    let hold = billing::hold_amount(&state.config.pricing, fwd.service, &fwd.model, &fwd.bounds);
+    let key = &caller.auth.key;
+    let outcome = state
+        .store
+        .hold(HoldRequest {
+            request_id: caller.request_id.clone(),
+            account_id: key.account_id.clone(),
+            key_id: key.id.clone(),
+            amount: hold,
+            expires_at: cxmpute_store::now_millis() + (state.config.request_timeout_secs as i64 + 60) * 1000,
+        })
+        .await?;
+    match outcome {
+        HoldOutcome::Held => {}
+        HoldOutcome::InsufficientBalance => {
+            return Err(ApiError::insufficient_credits(format!(
+                "Your credit balance does not cover this request, which may cost up to {hold} credits. Add credits and retry."
+            )))
+        }
+        HoldOutcome::KeyLimitReached => {
+            return Err(ApiError::insufficient_credits(
+                "This API key has reached its credit limit. Raise the limit or use another key.",
+            ))
+        }
+        HoldOutcome::Refused => return Err(ApiError::forbidden("account_suspended", "This account is suspended or the key was revoked.")),
+    }
+    let mut bill = Billing {
+        state: state.clone(),
+        request_id: caller.request_id.clone(),
+        account_id: key.account_id.clone(),
+        key_id: key.id.clone(),
+        service: fwd.service,
+        model: fwd.model.clone(),
+        bounds: fwd.bounds,
+        hold,
+        started,
+        ttfb: None,
+        provision: None,
+    };
+
+    let timeout = state.first_byte_timeout();
+    let mut excluded: Option<String> = None;
+    let mut last_error = ApiError::no_provider(&fwd.model);
+    for attempt in 0..2 {
+        let Some(provision) = state.pools.pick(fwd.service, &fwd.model, excluded.as_deref()) else { break };
+        if attempt > 0 {
+            state.metrics.retry();
+        }
+        let in_flight = provision.start();
+        let req = hyper::Request::post("/")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(REQUEST_ID_HEADER, caller.request_id.as_str())
+            .body(Full::new(fwd.body.clone()))
+            .map_err(|_| ApiError::internal())?;
+        let sent = Instant::now();
+        match provision.transport.send(req, fwd.path, timeout).await {
+            Ok(res) if res.status().is_server_error() => {
+                tracing::warn!(request_id = %caller.request_id, provision = %provision.id, status = %res.status(), "provider failed");
+                provision.record_failure(state.pools.epoch());
+                last_error = ApiError::bad_gateway(format!("The provider failed to answer (status {}).", res.status().as_u16()));
+            }
+            Ok(res) => {
+                provision.record_success(sent.elapsed());
+                bill.provision = Some(provision);
+                return Ok(respond(bill, res, fwd.meter, in_flight, &caller.request_id));
+            }
+            Err(ForwardError::Timeout(_)) => {
+                provision.record_failure(state.pools.epoch());
+                last_error = ApiError::gateway_timeout();
+            }
+            Err(e) => {
+                tracing::warn!(request_id = %caller.request_id, provision = %provision.id, error = %e, "forward failed");
+                provision.record_failure(state.pools.epoch());
+                last_error = ApiError::bad_gateway("The provider could not be reached.");
+            }
+        }
+        excluded = Some(provision.id.clone());
+    }
+    // Nothing reached the client: record the failure and give the hold back.
+    let status = last_error.status.as_u16();
+    let _ = bill.settle(Observed::default(), status).await;
+    Err(last_error)
+}
+
+fn respond(bill: Billing, res: hyper::Response<Incoming>, kind: MeterKind, in_flight: InFlight, request_id: &str) -> Response<Body> {
+    let status = res.status();
+    let content_type = res.headers().get(header::CONTENT_TYPE).cloned();
+    let is_sse = content_type
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let meter = match kind {
+        _ if !status.is_success() => Meter::Opaque,
+        MeterKind::Sse { strip_usage } if is_sse => Meter::sse(strip_usage),
+        MeterKind::Sse { .. } | MeterKind::Json => Meter::json(),
+        MeterKind::Opaque => Meter::Opaque,
+    };
+    let body = MeteredBody {
+        inner: res.into_body(),
+        meter,
+        seen: Observed::default(),
+        is_sse,
+        status: status.as_u16(),
+        bill: Some(bill),
+        phase: Phase::Streaming,
+        _in_flight: in_flight,
+    };
+    let mut out = Response::new(Body::new(body));
+    *out.status_mut() = status;
+    let h = out.headers_mut();
+    if let Some(ct) = content_type {
+        h.insert(header::CONTENT_TYPE, ct);
+    }
+    if is_sse {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert(REQUEST_ID_HEADER, v);
+    }
+    out
+}
+
+enum Then {
+    Tail(Option<Bytes>),
+    ErrorEvent,
+    Abort,
+}
+
+enum Phase {
+    Streaming,
+    Settling(tokio::task::JoinHandle<bool>, Option<Then>),
+    Tail(Option<Bytes>),
+    Failed,
+    Done,
+}
+
+struct MeteredBody {
+    inner: Incoming,
+    meter: Meter,
+    seen: Observed,
+    is_sse: bool,
+    status: u16,
+    bill: Option<Billing>,
+    phase: Phase,
+    _in_flight: InFlight,
+}
+
+impl MeteredBody {
+    fn begin_settle(&mut self, status: u16, then: Then) {
+        match self.bill.take() {
+            Some(bill) => self.phase = Phase::Settling(bill.settle(self.seen, status), Some(then)),
+            None => self.phase = Phase::Done,
+        }
+    }
+}
+
+fn error_event() -> Bytes {
+    let body = ErrorBody::new(
+        "The provider's connection was lost before the answer was complete.",
+        "server_error",
+        None,
+        Some("provider_error"),
+    );
+    let mut out = b"data: ".to_vec();
+    out.extend_from_slice(&body.to_json());
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+impl HttpBody for MeteredBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.phase {
+                Phase::Streaming => match Pin::new(&mut this.inner).poll_frame(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(Ok(frame))) => {
+                        let Ok(data) = frame.into_data() else { continue };
+                        if let Some(bill) = this.bill.as_mut() {
+                            bill.ttfb.get_or_insert_with(|| bill.started.elapsed());
+                        }
+                        if let Some(out) = this.meter.push(data, &mut this.seen) {
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        tracing::warn!(error = %e, "provider stream broke");
+                        if let Some(p) = this.bill.as_ref().and_then(|b| b.provision.as_ref()) {
+                            p.record_failure(this.bill.as_ref().map_or_else(Instant::now, |b| b.state.pools.epoch()));
+                        }
+                        let then = if this.is_sse { Then::ErrorEvent } else { Then::Abort };
+                        this.begin_settle(StatusCode::BAD_GATEWAY.as_u16(), then);
+                    }
+                    Poll::Ready(None) => {
+                        let tail = this.meter.finish(&mut this.seen, this.bill.as_ref().is_some_and(|b| b.service == Service::Scrape));
+                        let status = this.status;
+                        this.begin_settle(status, Then::Tail(tail));
+                    }
+                },
+                Phase::Settling(handle, then) => {
+                    let committed = match Pin::new(handle).poll(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(r) => r.unwrap_or(false),
+                    };
+                    let then = then.take();
+                    this.phase = match (committed, then) {
+                        // Not charged: the client must not see a complete answer.
+                        (false, _) | (true, Some(Then::Abort)) | (true, None) => Phase::Failed,
+                        (true, Some(Then::Tail(t))) => Phase::Tail(t),
+                        (true, Some(Then::ErrorEvent)) => Phase::Tail(Some(error_event())),
+                    };
+                }
+                Phase::Tail(tail) => {
+                    let tail = tail.take();
+                    this.phase = Phase::Done;
+                    if let Some(t) = tail {
+                        return Poll::Ready(Some(Ok(Frame::data(t))));
+                    }
+                }
+                Phase::Failed => {
+                    this.phase = Phase::Done;
+                    return Poll::Ready(Some(Err("the answer could not be completed".into())));
+                }
+                Phase::Done => return Poll::Ready(None),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+}
+
+impl Drop for MeteredBody {
+    fn drop(&mut self) {
+        // The client went away before the end: the node's stream is dropped with
+        // us (which cancels it upstream); charge what was delivered so far.
+        if let Some(bill) = self.bill.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                drop(bill.settle(self.seen, 499));
+            }
+        }
+    }
+}
+

@@ -1,0 +1,139 @@
+//! Putting the gateway together: open the store, build the router, serve.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use cxmpute_protocol::link::{DRAIN_PATH, LINK_PATH, REGISTER_PATH};
+use cxmpute_store::Store;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::link::{accept, direct};
+use crate::state::AppState;
+
+/// A gateway with its store open, ready to serve.
+pub struct Gateway {
+    state: AppState,
+}
+
+impl Gateway {
+    /// Connects to the database (running migrations), returns holds a crash may
+    /// have left, and loads the models known from earlier runs.
+    pub async fn open(config: Config) -> anyhow::Result<Gateway> {
+        let store = cxmpute_store::connect(&config.database_url).await?;
+        Gateway::with_store(config, store).await
+    }
+
+    pub async fn with_store(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Gateway> {
+        if config.release_holds_at_start {
+            let released = store.release_all_holds().await?;
+            if released > 0 {
+                tracing::info!(released, "returned holds left by an earlier run");
+            }
+        }
+        let known = store.known_models().await?;
+        let state = AppState::new(config, store);
+        state.pools.mark_known(known);
+        Ok(Gateway { state })
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.state.store.clone()
+    }
+
+    pub fn router(&self) -> Router {
+        router(self.state.clone())
+    }
+
+    /// Serves until `shutdown` resolves, then closes provider links.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        use axum::serve::ListenerExt;
+        let state = self.state.clone();
+        tokio::spawn(sweep_holds(state.clone()));
+        let listener = listener.tap_io(|tcp| {
+            // Small streamed chunks must not wait for Nagle's algorithm.
+            let _ = tcp.set_nodelay(true);
+        });
+        let token = state.shutdown.clone();
+        let result = axum::serve(listener, self.router())
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                token.cancel();
+            })
+            .await;
+        state.shutdown.cancel();
+        result.map_err(Into::into)
+    }
+}
+
+/// Runs a gateway on `listener` until `shutdown` resolves.
+pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    Gateway::open(config).await?.serve(listener, shutdown).await
+}
+
+pub fn router(state: AppState) -> Router {
+    let api = crate::api::routes();
+    Router::new()
+        .nest("/v1", api.clone())
+        .nest("/api/v1", api)
+        .route(LINK_PATH, get(accept::link))
+        .route(REGISTER_PATH, post(direct::register_direct))
+        .route(DRAIN_PATH, post(direct::drain))
+        .nest("/admin", crate::admin::routes())
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
+    match state.store.ping().await {
+        Ok(()) => (StatusCode::OK, Json(json!({ "status": "ok", "store": state.store.backend() }))),
+        Err(e) => {
+            tracing::error!(error = %e, "health check: store unreachable");
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "unavailable" })))
+        }
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&state.pools))
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("Unknown route: {}", uri.path()))
+}
+
+async fn method_not_allowed() -> ApiError {
+    let mut e = ApiError::bad_request("This route does not accept that method.");
+    e.status = StatusCode::METHOD_NOT_ALLOWED;
+    e
+}
+
+/// Returns expired holds (requests whose gateway died) every 30 s.
+async fn sweep_holds(state: AppState) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            _ = state.shutdown.cancelled() => return,
+        }
+        match state.store.release_expired_holds(cxmpute_store::now_millis()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(released = n, "returned expired holds"),
+            Err(e) => tracing::warn!(error = %e, "could not release expired holds"),
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Node configuration: defaults < TOML file < `CXMPUTE_…` environment < flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// The gateway to link to, e.g. `http://127.0.0.1:8080`.
+    pub gateway: String,
+    /// `<device id>.<secret>`, from `cxmpute-gateway admin device create`.
+    pub credential: Option<String>,
+    /// An OpenAI-compatible server (vLLM, llama.cpp server, LM Studio…) whose
+    /// models this node also serves, e.g. `http://127.0.0.1:8000/v1`.
+    pub upstream: Option<String>,
+    /// Bearer token for the upstream, if it needs one.
+    pub upstream_api_key: Option<String>,
+    /// Which upstream models serve which service; guessed from names when empty.
+    pub upstream_models: UpstreamModels,
+    /// Serve the built-in MiniLM embeddings engine.
+    pub embeddings: bool,
+    /// Folder holding the MiniLM files, instead of the model cache.
+    pub embeddings_model_dir: Option<PathBuf>,
+    /// Serve the built-in web scraper.
+    pub scrape: bool,
+    /// Let the scraper fetch loopback addresses (tests only; never on a real node).
+    pub scrape_allow_loopback: bool,
+    /// Also serve the local router on this address (direct mode, debugging).
+    pub listen: Option<SocketAddr>,
+    /// Direct mode: register this public URL instead of dialling a link.
+    pub direct_url: Option<String>,
+    /// Requests run at once; more wait in the link's queue.
+    pub max_concurrency: u32,
+    /// Seconds in-flight requests get to finish after Ctrl-C / SIGTERM.
+    pub drain_timeout_secs: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamModels {
+    pub chat: Vec<String>,
+    pub embeddings: Vec<String>,
+    pub speech: Vec<String>,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            gateway: "http://127.0.0.1:8080".into(),
+            credential: None,
+            upstream: None,
+            upstream_api_key: None,
+            upstream_models: UpstreamModels::default(),
+            embeddings: true,
+            embeddings_model_dir: None,
+            scrape: true,
+            scrape_allow_loopback: false,
+            listen: None,
+            direct_url: None,
+            max_concurrency: 64,
+            drain_timeout_secs: 30,
+        }
+    }
+}
+
+impl std::fmt::Debug for NodeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeConfig")
+            .field("gateway", &self.gateway)
+            .field("credential", &self.credential.as_ref().map(|c| redact_credential(c)))
+            .field("upstream", &self.upstream)
+            .field("upstream_api_key", &self.upstream_api_key.as_ref().map(|_| "***"))
+            .field("upstream_models", &self.upstream_models)
+            .field("embeddings", &self.embeddings)
+            .field("embeddings_model_dir", &self.embeddings_model_dir)
+            .field("scrape", &self.scrape)
+            .field("scrape_allow_loopback", &self.scrape_allow_loopback)
+            .field("listen", &self.listen)
+            .field("direct_url", &self.direct_url)
+            .field("max_concurrency", &self.max_concurrency)
+            .field("drain_timeout_secs", &self.drain_timeout_secs)
+            .finish()
+    }
+}
+
+/// Shows the device id, hides the secret.
+fn redact_credential(c: &str) -> String {
+    match c.split_once('.') {
+        Some((id, _)) => format!("{id}.***"),
+        None => "***".into(),
+    }
+}
+
+impl NodeConfig {
+    pub fn load(file: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<NodeConfig> {
+        let mut c = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?
+            }
+            None => NodeConfig::default(),
+        };
+        if let Some(v) = env("CXMPUTE_GATEWAY") {
+            c.gateway = v;
+        }
+        if let Some(v) = env("CXMPUTE_CREDENTIAL") {
+            c.credential = Some(v);
+        }
+        if let Some(v) = env("CXMPUTE_UPSTREAM") {
+            c.upstream = Some(v);
+        }
+        if let Some(v) = env("CXMPUTE_UPSTREAM_API_KEY") {
+            c.upstream_api_key = Some(v);
+        }
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.gateway.starts_with("http://") || self.gateway.starts_with("https://"),
+            "gateway must be an http:// or https:// URL, got '{}'",
+            self.gateway
+        );
+        let cred = self.credential.as_deref().context(
+            "no device credential: create one with `cxmpute-gateway admin device create <account>` \
+             and pass it with --credential or CXMPUTE_CREDENTIAL",
+        )?;
+        anyhow::ensure!(cred.contains('.'), "the credential must look like <device id>.<secret>");
+        anyhow::ensure!(self.max_concurrency >= 1, "max_concurrency must be at least 1");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_redacted() {
+        let c = NodeConfig { credential: Some("dev_abc.supersecret".into()), ..NodeConfig::default() };
+        let shown = format!("{c:?}");
+        assert!(shown.contains("dev_abc.***") && !shown.contains("supersecret"), "{shown}");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(toml::from_str::<NodeConfig>("gatway = \"x\"").is_err());
+    }
+}

@@ -1,0 +1,60 @@
+//! The engines a node serves with, one kind per service, and the table of
+//! which engine answers which (service, model).
+//!
+//! - [`minilm`]: built-in sentence embeddings (candle, all-MiniLM-L6-v2).
+//! - [`scrape`]: built-in web pages → markdown, behind [`net_guard`].
+//! - [`upstream`]: any OpenAI-compatible server, for chat, embeddings, speech.
+
+pub mod minilm;
+pub mod net_guard;
+pub mod scrape;
+pub mod upstream;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{header, HeaderValue, Response, StatusCode};
+use cxmpute_protocol::link::{Offer, SCRAPE_MODEL};
+use cxmpute_protocol::ErrorBody;
+use tokio::sync::Semaphore;
+
+use crate::models::MINILM_ID;
+
+pub struct Engines {
+    pub minilm: Option<Arc<minilm::MiniLm>>,
+    /// CPU-bound work runs on blocking threads; this bounds how many at once so
+    /// a burst cannot starve the link of threads.
+    pub cpu_slots: Arc<Semaphore>,
+    pub scrape: Option<Arc<scrape::ScrapeEngine>>,
+    pub upstream: Option<upstream::Upstream>,
+}
+
+impl Engines {
+    /// What this node announces to the gateway.
+    pub fn offers(&self) -> Vec<Offer> {
+        let mut offers = Vec::new();
+        if self.minilm.is_some() {
+            offers.push(Offer { service: "embeddings".into(), model: MINILM_ID.into() });
+        }
+        if self.scrape.is_some() {
+            offers.push(Offer { service: "scrape".into(), model: SCRAPE_MODEL.into() });
+        }
+        if let Some(up) = &self.upstream {
+            for o in &up.offers {
+                if !offers.contains(o) {
+                    offers.push(o.clone());
+                }
+            }
+        }
+        offers
+    }
+}
+
+/// An OpenAI error response from the node.
+pub fn error_response(status: StatusCode, kind: &str, message: &str) -> Response<Body> {
+    let body = ErrorBody::new(message, kind, None, None).to_json();
+    let mut res = Response::new(Body::from(body));
+    *res.status_mut() = status;
+    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}

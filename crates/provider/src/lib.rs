@@ -1,0 +1,19 @@
+//! The cxmpute provider node: links to a gateway and serves AI requests with
+//! local engines.
+//!
+//! # Layout
+//! - [`node`]: load engines, link or register, serve, drain on stop.
+//! - [`link`]: dial out, upgrade, serve HTTP/2 over the one connection.
+//! - [`server`]: the local router (OpenAI-shaped routes + hello).
+//! - [`engines`]: MiniLM embeddings, web scraping, OpenAI-compatible upstreams.
+//! - [`models`]: the per-user model cache and fetching models into it.
+//! - [`config`]: layered configuration.
+
+pub mod config;
+pub mod engines;
+pub mod link;
+pub mod models;
+pub mod node;
+pub mod server;
+
+pub use config::NodeConfig;

@@ -1,0 +1,146 @@
+//! The node's side of the link: dial out to the gateway, upgrade, then serve
+//! the local router over HTTP/2 on that one connection. Reconnects with
+//! exponential backoff and jitter for as long as the node runs.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use base64::Engine;
+use bytes::Bytes;
+use cxmpute_protocol::link::LINK_PATH;
+use http_body_util::{BodyExt, Empty};
+use hyper::header;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use rand::Rng;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+/// Why one link attempt ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// Retrying will not help (bad credential, suspended account).
+    #[error("the gateway refused this node: {0}")]
+    Refused(String),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+pub struct LinkTarget {
+    pub host: String,
+    pub port: u16,
+    pub authority: String,
+}
+
+pub fn parse_gateway(url: &str) -> anyhow::Result<LinkTarget> {
+    let uri: http::Uri = url.parse().with_context(|| format!("not a URL: {url}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => anyhow::bail!(
+            "https gateways are not supported by this node yet: link to the gateway's plain HTTP port \
+             (docs/decisions.md explains the TLS plan)"
+        ),
+        _ => anyhow::bail!("the gateway URL must start with http://"),
+    }
+    let host = uri.host().context("the gateway URL has no host")?.trim_start_matches('[').trim_end_matches(']').to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let authority = uri.authority().map(|a| a.to_string()).unwrap_or_else(|| host.clone());
+    Ok(LinkTarget { host, port, authority })
+}
+
+/// Keeps a link up until `stop` is cancelled. Returns only on stop or refusal.
+pub async fn run(gateway: &str, credential: &str, router: Router, max_streams: u32, stop: CancellationToken) -> Result<(), LinkError> {
+    let target = parse_gateway(gateway)?;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let started = std::time::Instant::now();
+        match connect_once(&target, credential, router.clone(), max_streams, stop.clone()).await {
+            Ok(()) if stop.is_cancelled() => return Ok(()),
+            Ok(()) => tracing::warn!("link closed by the gateway; reconnecting"),
+            Err(LinkError::Refused(why)) => return Err(LinkError::Refused(why)),
+            Err(LinkError::Other(e)) => tracing::warn!(error = %format!("{e:#}"), "link failed; retrying"),
+        }
+        // A link that lived a while starts the backoff afresh.
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(100);
+        }
+        let jitter = rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 2);
+        tokio::select! {
+            _ = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
+            _ = stop.cancelled() => return Ok(()),
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+async fn connect_once(target: &LinkTarget, credential: &str, router: Router, max_streams: u32, stop: CancellationToken) -> Result<(), LinkError> {
+    let tcp = TcpStream::connect((target.host.as_str(), target.port))
+        .await
+        .with_context(|| format!("cannot connect to the gateway at {}:{}", target.host, target.port))?;
+    // Without this, small streamed chunks stall on Nagle + delayed ACK.
+    tcp.set_nodelay(true).context("TCP_NODELAY")?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(tcp))
+        .await
+        .context("HTTP handshake with the gateway")?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let mut nonce = [0u8; 16];
+    rand::thread_rng().fill(&mut nonce);
+    let req = hyper::Request::get(LINK_PATH)
+        .header(header::HOST, &target.authority)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", base64::engine::general_purpose::STANDARD.encode(nonce))
+        .header(header::AUTHORIZATION, format!("Bearer {credential}"))
+        .body(Empty::new())
+        .context("building the link request")?;
+    let res = sender.send_request(req).await.context("sending the link request")?;
+    let status = res.status();
+    if status != http::StatusCode::SWITCHING_PROTOCOLS {
+        let body = res.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let text = String::from_utf8_lossy(&body).chars().take(500).collect::<String>();
+        return Err(match status.as_u16() {
+            401 | 403 => LinkError::Refused(format!("{status}: {text}")),
+            _ => LinkError::Other(anyhow::anyhow!("the gateway answered {status}: {text}")),
+        });
+    }
+    let upgraded = hyper::upgrade::on(res).await.context("upgrading the link")?;
+    tracing::info!(gateway = %target.authority, "linked to the gateway");
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(5)))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .max_concurrent_streams(max_streams)
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(8 << 20);
+    let conn = builder.serve_connection(TokioIo::new(upgraded), TowerToHyperService::new(router));
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r.context("link connection").map_err(LinkError::Other),
+        _ = stop.cancelled() => {
+            // GOAWAY: the gateway opens no new streams; running ones finish.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_urls() {
+        let t = parse_gateway("http://127.0.0.1:8080").unwrap();
+        assert_eq!((t.host.as_str(), t.port), ("127.0.0.1", 8080));
+        assert!(parse_gateway("https://x").is_err());
+        assert!(parse_gateway("ftp://x").is_err());
+        let t = parse_gateway("http://[::1]:9").unwrap();
+        assert_eq!(t.host, "::1");
+    }
+}

@@ -1,0 +1,162 @@
+//! `cxmpute-provider start`: run a provider node.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use cxmpute_provider::NodeConfig;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "cxmpute-provider", version, about = "A cxmpute provider node")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Link to the gateway and serve requests until Ctrl-C / SIGTERM.
+    Start(StartArgs),
+    /// Fetch the built-in embeddings model into the cache and print its folder.
+    FetchModel,
+}
+
+#[derive(Args)]
+struct StartArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "CXMPUTE_NODE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Gateway URL, e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    gateway: Option<String>,
+    /// Device credential `<device id>.<secret>` (prefer CXMPUTE_CREDENTIAL).
+    #[arg(long)]
+    credential: Option<String>,
+    /// OpenAI-compatible server whose models this node also serves.
+    #[arg(long)]
+    upstream: Option<String>,
+    /// Also serve the local router here (e.g. 127.0.0.1:9090).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Direct mode: register this URL with the gateway instead of linking.
+    #[arg(long, requires = "listen")]
+    direct_url: Option<String>,
+    /// Do not serve the built-in embeddings engine.
+    #[arg(long)]
+    no_embeddings: bool,
+    /// Folder with model.safetensors, config.json and tokenizer.json for MiniLM.
+    #[arg(long)]
+    embeddings_model_dir: Option<PathBuf>,
+    /// Do not serve the built-in scraper.
+    #[arg(long)]
+    no_scrape: bool,
+    /// Let the scraper fetch loopback URLs (for tests; unsafe on a real node).
+    #[arg(long)]
+    scrape_allow_loopback: bool,
+    /// Most requests at once.
+    #[arg(long)]
+    max_concurrency: Option<u32>,
+    /// Log instead of drawing a dashboard (the only mode for now).
+    #[arg(long)]
+    headless: bool,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CXMPUTE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn config_from(a: StartArgs) -> anyhow::Result<NodeConfig> {
+    let mut c = NodeConfig::load(a.config.as_deref(), |k| std::env::var(k).ok())?;
+    if let Some(v) = a.gateway {
+        c.gateway = v;
+    }
+    if let Some(v) = a.credential {
+        c.credential = Some(v);
+    }
+    if let Some(v) = a.upstream {
+        c.upstream = Some(v);
+    }
+    if a.listen.is_some() {
+        c.listen = a.listen;
+    }
+    if a.direct_url.is_some() {
+        c.direct_url = a.direct_url;
+    }
+    if a.no_embeddings {
+        c.embeddings = false;
+    }
+    if a.embeddings_model_dir.is_some() {
+        c.embeddings_model_dir = a.embeddings_model_dir;
+    }
+    if a.no_scrape {
+        c.scrape = false;
+    }
+    if a.scrape_allow_loopback {
+        c.scrape_allow_loopback = true;
+    }
+    if let Some(n) = a.max_concurrency {
+        c.max_concurrency = n;
+    }
+    Ok(c)
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Start(args) => {
+            init_logging(args.log_json);
+            let _ = args.headless;
+            match config_from(args) {
+                Ok(config) => {
+                    tracing::info!(config = ?config, "starting node");
+                    let stop = CancellationToken::new();
+                    tokio::spawn(on_signal(stop.clone()));
+                    cxmpute_provider::node::run(config, stop).await
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Command::FetchModel => {
+            init_logging(false);
+            cxmpute_provider::models::ensure_minilm(|m| eprintln!("{m}")).map(|dir| println!("{}", dir.display()))
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn on_signal(stop: CancellationToken) {
+    #[cfg(unix)]
+    {
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+            let _ = tokio::signal::ctrl_c().await;
+            stop.cancel();
+            return;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("stop requested: draining");
+    stop.cancel();
+}

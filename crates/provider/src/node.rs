@@ -1,0 +1,164 @@
+//! Running a node: load the engines, link (or register a direct URL), serve,
+//! and on stop drain: no new work, in-flight requests finish, then go.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use cxmpute_protocol::link::{Hello, Register, DRAIN_PATH, REGISTER_PATH};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::NodeConfig;
+use crate::engines::minilm::MiniLm;
+use crate::engines::scrape::{ScrapeConfig, ScrapeEngine};
+use crate::engines::upstream::Upstream;
+use crate::engines::Engines;
+use crate::server::{self, NodeState};
+use crate::{link, models};
+
+/// Loads every engine the configuration asks for.
+pub async fn build_engines(config: &NodeConfig) -> anyhow::Result<Engines> {
+    let minilm = if config.embeddings {
+        let dir = config.embeddings_model_dir.clone();
+        let engine = tokio::task::spawn_blocking(move || -> anyhow::Result<MiniLm> {
+            let dir = match dir {
+                Some(d) => d,
+                None => models::ensure_minilm(|msg| tracing::info!("{msg}"))?,
+            };
+            let started = Instant::now();
+            let engine = MiniLm::load(&dir).with_context(|| format!("loading MiniLM from {}", dir.display()))?;
+            tracing::info!(dir = %dir.display(), ms = started.elapsed().as_millis() as u64, "embeddings engine ready");
+            Ok(engine)
+        })
+        .await
+        .context("the model loader panicked")??;
+        Some(Arc::new(engine))
+    } else {
+        None
+    };
+    let scrape = if config.scrape {
+        let cfg = ScrapeConfig { allow_loopback: config.scrape_allow_loopback, ..ScrapeConfig::default() };
+        Some(Arc::new(ScrapeEngine::new(cfg)?))
+    } else {
+        None
+    };
+    let upstream = match &config.upstream {
+        Some(url) => {
+            let up = Upstream::discover(url, config.upstream_api_key.clone(), &config.upstream_models).await?;
+            tracing::info!(upstream = %url, models = up.offers.len(), "upstream ready");
+            Some(up)
+        }
+        None => None,
+    };
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    Ok(Engines { minilm, cpu_slots: Arc::new(Semaphore::new(cpus.max(1))), scrape, upstream })
+}
+
+/// Runs the node until `shutdown` is cancelled, then drains.
+pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    config.validate()?;
+    let engines = build_engines(&config).await?;
+    run_with_engines(config, engines, shutdown).await
+}
+
+pub async fn run_with_engines(config: NodeConfig, engines: Engines, shutdown: CancellationToken) -> anyhow::Result<()> {
+    config.validate()?;
+    let credential = config.credential.clone().unwrap_or_default();
+    let offers = engines.offers();
+    anyhow::ensure!(!offers.is_empty(), "this node has nothing to offer: enable an engine or give it an upstream");
+    let hello = Hello { node_version: env!("CARGO_PKG_VERSION").into(), offers, max_concurrency: config.max_concurrency };
+    for o in &hello.offers {
+        tracing::info!(service = %o.service, model = %o.model, "offering");
+    }
+    let direct_token = config.direct_url.as_ref().map(|_| cxmpute_token());
+    let state = NodeState {
+        engines: Arc::new(engines),
+        hello: Arc::new(hello),
+        direct_token: direct_token.as_deref().map(Arc::from),
+        in_flight: Arc::new(AtomicUsize::new(0)),
+    };
+    let router = server::router(state.clone());
+    let serving = CancellationToken::new();
+    if let Some(addr) = config.listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "local router listening");
+        let (router, stop) = (router.clone(), serving.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+        });
+    }
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build()?;
+    let gateway = config.gateway.trim_end_matches('/').to_string();
+    let link_task = match (&config.direct_url, &direct_token) {
+        (Some(url), Some(token)) => {
+            let res = http
+                .post(format!("{gateway}{REGISTER_PATH}"))
+                .bearer_auth(&credential)
+                .json(&Register { url: url.clone(), token: token.clone() })
+                .send()
+                .await
+                .context("cannot reach the gateway to register")?;
+            let status = res.status();
+            let text = res.text().await.unwrap_or_default();
+            anyhow::ensure!(status.is_success(), "the gateway refused the registration ({status}): {text}");
+            tracing::info!(url = %url, "registered in direct mode");
+            None
+        }
+        _ => {
+            let (router, stop) = (router.clone(), serving.clone());
+            let max_streams = config.max_concurrency;
+            let gw = gateway.clone();
+            Some(tokio::spawn(async move { link::run(&gw, &credential, router, max_streams, stop).await }))
+        }
+    };
+    let mut link_task = link_task;
+    // Wait for a stop, or for the link to give up (refused credential).
+    if let Some(task) = link_task.as_mut() {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            r = task => {
+                serving.cancel();
+                return match r {
+                    Ok(Err(e)) => Err(e.into()),
+                    Ok(Ok(())) => Ok(()),
+                    Err(e) => Err(anyhow::anyhow!("link task failed: {e}")),
+                };
+            }
+        }
+    } else {
+        shutdown.cancelled().await;
+    }
+    drain(&http, &gateway, config.credential.as_deref().unwrap_or_default(), &state, Duration::from_secs(config.drain_timeout_secs)).await;
+    serving.cancel();
+    if let Some(task) = link_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    tracing::info!("node stopped");
+    Ok(())
+}
+
+/// Tells the gateway to stop sending work, then waits for in-flight requests.
+async fn drain(http: &reqwest::Client, gateway: &str, credential: &str, state: &NodeState, deadline: Duration) {
+    tracing::info!(in_flight = state.in_flight.load(Ordering::SeqCst), "draining");
+    match http.post(format!("{gateway}{DRAIN_PATH}")).bearer_auth(credential).timeout(Duration::from_secs(3)).send().await {
+        Ok(r) if r.status().is_success() => {}
+        Ok(r) => tracing::warn!(status = %r.status(), "the gateway did not accept the drain notice"),
+        Err(e) => tracing::warn!(error = %e, "could not tell the gateway we are draining"),
+    }
+    let until = Instant::now() + deadline;
+    while state.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = state.in_flight.load(Ordering::SeqCst);
+    if left > 0 {
+        tracing::warn!(left, "drain deadline passed with requests still running");
+    }
+}
+
+fn cxmpute_token() -> String {
+    use rand::Rng;
+    let bytes: [u8; 24] = rand::thread_rng().gen();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,218 @@
+//! The node's local router: what the gateway calls over the link (or over
+//! HTTP in direct mode). The routes mirror the OpenAI API so an upstream's
+//! answers pass through unchanged.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, Response, StatusCode};
+use axum::middleware::{self, Next};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use bytes::Bytes;
+use cxmpute_protocol::link::{Hello, HELLO_PATH};
+use cxmpute_protocol::openai::{EmbeddingInput, EmbeddingsRequest, EncodingFormat};
+use cxmpute_protocol::parse::parse_json;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::engines::scrape::ScrapeRequest;
+use crate::engines::{error_response, Engines};
+use crate::models::canonical_embedding_model;
+
+#[derive(Clone)]
+pub struct NodeState {
+    pub engines: Arc<Engines>,
+    pub hello: Arc<Hello>,
+    /// Direct mode: the bearer token the gateway must send.
+    pub direct_token: Option<Arc<str>>,
+    pub in_flight: Arc<AtomicUsize>,
+}
+
+pub fn router(state: NodeState) -> Router {
+    Router::new()
+        .route(HELLO_PATH, get(hello))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/audio/speech", post(speech))
+        .route("/v1/scrape", post(scrape))
+        .fallback(|| async { error_response(StatusCode::NOT_FOUND, "invalid_request_error", "no such route on this node") })
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// Checks the direct-mode token and counts requests until their answer ends.
+async fn guard(State(state): State<NodeState>, req: Request, next: Next) -> Response<Body> {
+    if let Some(token) = &state.direct_token {
+        let ok = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| t.as_bytes() == token.as_bytes());
+        if !ok {
+            return error_response(StatusCode::UNAUTHORIZED, "invalid_request_error", "this node answers only its gateway");
+        }
+    }
+    state.in_flight.fetch_add(1, Ordering::SeqCst);
+    let counter = InFlight(state.in_flight.clone());
+    next.run(req).await.map(|body| Body::new(Counted { inner: body, _counter: counter }))
+}
+
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A body that keeps its request counted as in flight until it is dropped.
+struct Counted {
+    inner: Body,
+    _counter: InFlight,
+}
+
+impl http_body::Body for Counted {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        http_body::Body::is_end_stream(&self.inner)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::Body::size_hint(&self.inner)
+    }
+}
+
+async fn hello(State(state): State<NodeState>) -> Json<Hello> {
+    Json((*state.hello).clone())
+}
+
+async fn models(State(state): State<NodeState>) -> Json<serde_json::Value> {
+    let data: Vec<_> = state
+        .hello
+        .offers
+        .iter()
+        .map(|o| json!({ "id": o.model, "object": "model", "created": 0, "owned_by": "cxmpute-node", "service": o.service }))
+        .collect();
+    Json(json!({ "object": "list", "data": data }))
+}
+
+#[derive(Deserialize)]
+struct ModelOnly {
+    model: String,
+}
+
+fn bad_request(message: &str) -> Response<Body> {
+    error_response(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+}
+
+fn unknown_model(model: &str) -> Response<Body> {
+    error_response(StatusCode::NOT_FOUND, "invalid_request_error", &format!("this node does not serve '{model}'"))
+}
+
+async fn via_upstream(state: &NodeState, service: &str, path: &str, body: Bytes) -> Response<Body> {
+    let model = match parse_json::<ModelOnly>(&body) {
+        Ok(m) => m.model,
+        Err(e) => return bad_request(&e.message),
+    };
+    match &state.engines.upstream {
+        Some(up) if up.serves(service, &model) => up.forward(path, body).await,
+        _ => unknown_model(&model),
+    }
+}
+
+async fn chat(State(state): State<NodeState>, body: Bytes) -> Response<Body> {
+    via_upstream(&state, "chat", "/chat/completions", body).await
+}
+
+async fn speech(State(state): State<NodeState>, body: Bytes) -> Response<Body> {
+    via_upstream(&state, "speech", "/audio/speech", body).await
+}
+
+async fn embeddings(State(state): State<NodeState>, body: Bytes) -> Response<Body> {
+    let req: EmbeddingsRequest = match parse_json(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(&e.message),
+    };
+    let builtin = state.engines.minilm.as_ref().filter(|_| canonical_embedding_model(&req.model).is_some());
+    let Some(engine) = builtin.cloned() else {
+        return match &state.engines.upstream {
+            Some(up) if up.serves("embeddings", &req.model) => up.forward("/embeddings", body).await,
+            _ => unknown_model(&req.model),
+        };
+    };
+    let texts = match req.input {
+        EmbeddingInput::One(s) => vec![s],
+        EmbeddingInput::Many(v) => v,
+        EmbeddingInput::Tokens(_) | EmbeddingInput::ManyTokens(_) => {
+            return bad_request("this engine takes text input, not token ids")
+        }
+    };
+    if let Some(d) = req.dimensions {
+        if d as usize != engine.dimensions() {
+            return bad_request(&format!("this model has {} dimensions and cannot change them", engine.dimensions()));
+        }
+    }
+    let Ok(_slot) = state.engines.cpu_slots.clone().acquire_owned().await else {
+        return error_response(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the node is shutting down");
+    };
+    let result = tokio::task::spawn_blocking(move || engine.embed(&texts)).await;
+    let embedded = match result {
+        Ok(Ok(e)) => e,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "embedding failed");
+            return error_response(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the embedding engine failed");
+        }
+        Err(_) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the embedding engine failed"),
+    };
+    let base64 = req.encoding_format == Some(EncodingFormat::Base64);
+    let data: Vec<_> = embedded
+        .vectors
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({ "object": "embedding", "index": i, "embedding": embedding })
+        })
+        .collect();
+    let tokens = embedded.prompt_tokens;
+    let body = json!({
+        "object": "list",
+        "data": data,
+        "model": req.model,
+        "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
+    });
+    axum::response::IntoResponse::into_response(Json(body))
+}
+
+async fn scrape(State(state): State<NodeState>, body: Bytes) -> Response<Body> {
+    let Some(engine) = state.engines.scrape.clone() else {
+        return unknown_model("web-scrape");
+    };
+    let req: ScrapeRequest = match parse_json(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(&e.message),
+    };
+    match engine.scrape(req).await {
+        Ok(res) => axum::response::IntoResponse::into_response(Json(res)),
+        Err(e) => bad_request(&e.to_string()),
+    }
+}

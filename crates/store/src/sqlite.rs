@@ -1,0 +1,457 @@
+//! SQLite backend: a single file (or memory) database for one gateway.
+//!
+//! SQLite allows one writer at a time. Instead of letting concurrent write
+//! transactions race for the lock (and fail with `SQLITE_BUSY` when a reader
+//! transaction tries to upgrade), every write goes through a pool of exactly one
+//! connection, so writes queue in-process; reads use a separate pool and, thanks
+//! to WAL, never wait for the writer.
+
+mod credits;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Sqlite, Transaction};
+
+use crate::error::on_insert;
+use crate::rows::{
+    convert_all, parse_models, services_to_text, AccountRow, ApiKeyRow, DeviceRow, KeyAuthRow,
+    LedgerRow, ProvisionRow, RollupRow, UsageRow,
+};
+use crate::{
+    ids::new_id, now_millis, redact_url, rules, Account, ApiKey, DailyRollup, Device,
+    HoldOutcome, HoldRequest, KeyAuth, LedgerEntry, LedgerKind, Millis, NewApiKey,
+    ProvisionRecord, Result, Service, SettleOutcome, Store, StoreError, UsageRecord,
+};
+
+const READERS: u32 = 8;
+
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens `sqlite://path` (creating the file) or `sqlite::memory:` and runs
+    /// the migrations.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|_| StoreError::InvalidUrl(redact_url(url)))?
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+
+        let store = if is_memory(url) {
+            // Every connection to `:memory:` would be its own database, and the
+            // data lives only as long as a connection does: one connection,
+            // never recycled, serves reads and writes alike.
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .connect_with(options)
+                .await?;
+            SqliteStore {
+                writer: pool.clone(),
+                reader: pool,
+            }
+        } else {
+            let writer = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(
+                    options
+                        .clone()
+                        .create_if_missing(true)
+                        .journal_mode(SqliteJournalMode::Wal)
+                        .synchronous(SqliteSynchronous::Normal),
+                )
+                .await?;
+            // The journal mode is a property of the file, set by the writer
+            // above; readers must not try to switch it (that needs a lock
+            // busy_timeout cannot wait for).
+            let reader = SqlitePoolOptions::new()
+                .max_connections(READERS)
+                .connect_with(options)
+                .await?;
+            SqliteStore { writer, reader }
+        };
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&store.writer)
+            .await?;
+        Ok(store)
+    }
+
+    /// `IMMEDIATE` takes the write lock up front, so a transaction that reads
+    /// before it writes cannot fail half-way when another process (say the
+    /// CLI) holds the file; in-process writers already queue on the pool.
+    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+fn is_memory(url: &str) -> bool {
+    url.contains(":memory:") || url.contains("mode=memory")
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn create_account(&self, name: &str, email: Option<&str>) -> Result<Account> {
+        let row: AccountRow = sqlx::query_as(
+            "INSERT INTO accounts (id, name, email, created_at) VALUES ($1, $2, $3, $4) \
+             RETURNING *",
+        )
+        .bind(new_id("acc_"))
+        .bind(name)
+        .bind(email)
+        .bind(now_millis())
+        .fetch_one(&self.writer)
+        .await
+        .map_err(|e| {
+            on_insert(
+                e,
+                || "an account with this email exists".into(),
+                String::new,
+            )
+        })?;
+        Ok(row.into())
+    }
+
+    async fn account(&self, id: &str) -> Result<Option<Account>> {
+        let row: Option<AccountRow> = sqlx::query_as("SELECT * FROM accounts WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(row.map(Account::from))
+    }
+
+    async fn list_accounts(&self) -> Result<Vec<Account>> {
+        let rows: Vec<AccountRow> = sqlx::query_as("SELECT * FROM accounts ORDER BY created_at, id")
+            .fetch_all(&self.reader)
+            .await?;
+        Ok(rows.into_iter().map(Account::from).collect())
+    }
+
+    async fn set_suspended(&self, id: &str, reason: Option<&str>) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE accounts SET suspended = $2, suspended_reason = $3 WHERE id = $1",
+        )
+        .bind(id)
+        .bind(reason.is_some())
+        .bind(reason)
+        .execute(&self.writer)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("account {id}")));
+        }
+        Ok(())
+    }
+
+    async fn deposit(&self, account_id: &str, amount: i64, note: Option<&str>) -> Result<i64> {
+        rules::check_deposit(amount)?;
+        let mut tx = self.begin_write().await?;
+        let balance: Option<i64> = sqlx::query_scalar(
+            "UPDATE accounts SET balance = balance + $2 \
+             WHERE id = $1 AND balance <= $3 - $2 RETURNING balance",
+        )
+        .bind(account_id)
+        .bind(amount)
+        .bind(i64::MAX)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(balance) = balance else {
+            let exists: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = $1)")
+                    .bind(account_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            return Err(if exists {
+                StoreError::InvalidInput("deposit would overflow the balance".into())
+            } else {
+                StoreError::NotFound(format!("account {account_id}"))
+            });
+        };
+        sqlx::query(
+            "INSERT INTO ledger (account_id, kind, amount, note, created_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(account_id)
+        .bind(LedgerKind::Deposit.as_str())
+        .bind(amount)
+        .bind(note)
+        .bind(now_millis())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(balance)
+    }
+
+    async fn ledger(&self, account_id: &str, limit: i64) -> Result<Vec<LedgerEntry>> {
+        let rows: Vec<LedgerRow> = sqlx::query_as(
+            "SELECT * FROM ledger WHERE account_id = $1 \
+             ORDER BY created_at DESC, id DESC LIMIT $2",
+        )
+        .bind(account_id)
+        .bind(rules::limit(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        convert_all(rows)
+    }
+
+    async fn create_api_key(&self, key: NewApiKey) -> Result<ApiKey> {
+        let row: ApiKeyRow = sqlx::query_as(
+            "INSERT INTO api_keys (id, account_id, name, prefix, secret_hash, credit_limit, \
+             allowed_services, rpm_limit, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING *",
+        )
+        .bind(&key.id)
+        .bind(&key.account_id)
+        .bind(&key.name)
+        .bind(&key.prefix)
+        .bind(&key.secret_hash)
+        .bind(key.credit_limit)
+        .bind(services_to_text(key.allowed_services.as_deref()))
+        .bind(key.rpm_limit.map(i64::from))
+        .bind(now_millis())
+        .fetch_one(&self.writer)
+        .await
+        .map_err(|e| {
+            on_insert(
+                e,
+                || format!("api key {}", key.id),
+                || format!("account {}", key.account_id),
+            )
+        })?;
+        row.try_into()
+    }
+
+    async fn api_keys(&self, account_id: &str) -> Result<Vec<ApiKey>> {
+        let rows: Vec<ApiKeyRow> = sqlx::query_as(
+            "SELECT * FROM api_keys WHERE account_id = $1 ORDER BY created_at, id",
+        )
+        .bind(account_id)
+        .fetch_all(&self.reader)
+        .await?;
+        convert_all(rows)
+    }
+
+    async fn key_auth(&self, key_id: &str) -> Result<Option<KeyAuth>> {
+        let row: Option<KeyAuthRow> = sqlx::query_as(
+            "SELECT k.*, a.suspended AS account_suspended \
+             FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.id = $1",
+        )
+        .bind(key_id)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(KeyAuth::try_from).transpose()
+    }
+
+    async fn revoke_api_key(&self, key_id: &str) -> Result<bool> {
+        // COALESCE keeps the first revocation time when revoked twice.
+        let done = sqlx::query(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1",
+        )
+        .bind(key_id)
+        .bind(now_millis())
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn create_device(
+        &self,
+        account_id: &str,
+        name: &str,
+        id: &str,
+        access_key_hash: &str,
+    ) -> Result<Device> {
+        let row: DeviceRow = sqlx::query_as(
+            "INSERT INTO devices (id, account_id, name, access_key_hash, created_at) \
+             VALUES ($1, $2, $3, $4, $5) RETURNING *",
+        )
+        .bind(id)
+        .bind(account_id)
+        .bind(name)
+        .bind(access_key_hash)
+        .bind(now_millis())
+        .fetch_one(&self.writer)
+        .await
+        .map_err(|e| on_insert(e, || format!("device {id}"), || format!("account {account_id}")))?;
+        Ok(row.into())
+    }
+
+    async fn device(&self, id: &str) -> Result<Option<Device>> {
+        let row: Option<DeviceRow> = sqlx::query_as("SELECT * FROM devices WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(row.map(Device::from))
+    }
+
+    async fn devices(&self, account_id: &str) -> Result<Vec<Device>> {
+        let rows: Vec<DeviceRow> = sqlx::query_as(
+            "SELECT * FROM devices WHERE account_id = $1 ORDER BY created_at, id",
+        )
+        .bind(account_id)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.into_iter().map(Device::from).collect())
+    }
+
+    async fn touch_device(&self, id: &str, at: Millis) -> Result<()> {
+        let done = sqlx::query("UPDATE devices SET last_seen_at = $2 WHERE id = $1")
+            .bind(id)
+            .bind(at)
+            .execute(&self.writer)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("device {id}")));
+        }
+        Ok(())
+    }
+
+    async fn upsert_provision(
+        &self,
+        device_id: &str,
+        service: Service,
+        model: &str,
+        mode: &str,
+        endpoint: Option<&str>,
+    ) -> Result<String> {
+        // On conflict RETURNING yields the existing row, so the id is stable.
+        let id: String = sqlx::query_scalar(
+            "INSERT INTO provisions (id, device_id, service, model, mode, endpoint, online, \
+             updated_at) VALUES ($1, $2, $3, $4, $5, $6, TRUE, $7) \
+             ON CONFLICT (device_id, service, model) DO UPDATE SET mode = excluded.mode, \
+             endpoint = excluded.endpoint, online = TRUE, updated_at = excluded.updated_at \
+             RETURNING id",
+        )
+        .bind(new_id("prv_"))
+        .bind(device_id)
+        .bind(service.as_str())
+        .bind(model)
+        .bind(mode)
+        .bind(endpoint)
+        .bind(now_millis())
+        .fetch_one(&self.writer)
+        .await
+        .map_err(|e| on_insert(e, String::new, || format!("device {device_id}")))?;
+        Ok(id)
+    }
+
+    async fn set_device_offline(&self, device_id: &str) -> Result<()> {
+        sqlx::query("UPDATE provisions SET online = FALSE, updated_at = $2 WHERE device_id = $1")
+            .bind(device_id)
+            .bind(now_millis())
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn provisions(&self) -> Result<Vec<ProvisionRecord>> {
+        let rows: Vec<ProvisionRow> =
+            sqlx::query_as("SELECT * FROM provisions ORDER BY device_id, service, model")
+                .fetch_all(&self.reader)
+                .await?;
+        convert_all(rows)
+    }
+
+    async fn known_models(&self) -> Result<Vec<(Service, String)>> {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT DISTINCT service, model FROM provisions ORDER BY service, model")
+                .fetch_all(&self.reader)
+                .await?;
+        parse_models(rows)
+    }
+
+    async fn hold(&self, hold: HoldRequest) -> Result<HoldOutcome> {
+        self.hold_once(&hold).await
+    }
+
+    async fn release(&self, request_id: &str) -> Result<()> {
+        self.release_one(request_id).await.map(|_| ())
+    }
+
+    async fn settle(&self, usage: UsageRecord) -> Result<SettleOutcome> {
+        self.settle_once(&usage).await
+    }
+
+    async fn release_expired_holds(&self, now: Millis) -> Result<u64> {
+        let ids: Vec<String> = sqlx::query_scalar("SELECT request_id FROM holds WHERE expires_at < $1")
+            .bind(now)
+            .fetch_all(&self.reader)
+            .await?;
+        self.release_each(ids).await
+    }
+
+    async fn release_all_holds(&self) -> Result<u64> {
+        let ids: Vec<String> = sqlx::query_scalar("SELECT request_id FROM holds")
+            .fetch_all(&self.reader)
+            .await?;
+        self.release_each(ids).await
+    }
+
+    async fn usage(&self, request_id: &str) -> Result<Option<UsageRecord>> {
+        let row: Option<UsageRow> =
+            sqlx::query_as("SELECT * FROM usage_records WHERE request_id = $1")
+                .bind(request_id)
+                .fetch_optional(&self.reader)
+                .await?;
+        row.map(UsageRecord::try_from).transpose()
+    }
+
+    async fn usage_for_account(&self, account_id: &str, limit: i64) -> Result<Vec<UsageRecord>> {
+        let rows: Vec<UsageRow> = sqlx::query_as(
+            "SELECT * FROM usage_records WHERE account_id = $1 \
+             ORDER BY created_at DESC, request_id DESC LIMIT $2",
+        )
+        .bind(account_id)
+        .bind(rules::limit(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        convert_all(rows)
+    }
+
+    async fn rollups(&self, day: &str) -> Result<Vec<DailyRollup>> {
+        let rows: Vec<RollupRow> = sqlx::query_as(
+            "SELECT * FROM daily_rollups WHERE day = $1 \
+             ORDER BY account_id, device_id, service, model",
+        )
+        .bind(day)
+        .fetch_all(&self.reader)
+        .await?;
+        convert_all(rows)
+    }
+
+    async fn ledger_sum(&self, account_id: &str, kind: LedgerKind) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM ledger \
+             WHERE account_id = $1 AND kind = $2",
+        )
+        .bind(account_id)
+        .bind(kind.as_str())
+        .fetch_one(&self.reader)
+        .await?)
+    }
+
+    async fn held_amount(&self, account_id: &str) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM holds WHERE account_id = $1",
+        )
+        .bind(account_id)
+        .fetch_one(&self.reader)
+        .await?)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+}
