@@ -145,7 +145,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.listen))?;
-            tracing::info!(addr = %listener.local_addr()?, config = ?config, "gateway listening");
+            let addr = listener.local_addr()?;
+            tracing::info!(addr = %addr, config = ?config, "gateway listening");
+            // One machine-readable line for scripts and tests that bind port 0.
+            println!("listening on http://{addr}");
             cxmpute_gateway::run(config, listener, shutdown_signal()).await
         }
         Command::Admin(cmd) => admin(config, cmd).await,

@@ -1,0 +1,230 @@
+//! The end-to-end harness: real `cxmpute-gateway` and `cxmpute-provider`
+//! processes on loopback ports, a fresh database per test (a SQLite file, or a
+//! new PostgreSQL database when `CXMPUTE_TEST_POSTGRES_URL` is set).
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cxmpute_store::Store;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const ADMIN_TOKEN: &str = "e2e-admin-token-0123456789";
+
+/// A binary of this workspace, built next to the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo nextest run --workspace` (or cargo test --workspace) so the binaries are built",
+        path.display()
+    );
+    path
+}
+
+pub struct Db {
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+    pg: Option<(String, String)>,
+}
+
+impl Db {
+    pub async fn sqlite() -> Db {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("gateway.db").display());
+        Db { url, _dir: Some(dir), pg: None }
+    }
+
+    /// A fresh PostgreSQL database, or None when no server is configured.
+    pub async fn postgres() -> Option<Db> {
+        let Ok(base) = std::env::var("CXMPUTE_TEST_POSTGRES_URL") else {
+            eprintln!("CXMPUTE_TEST_POSTGRES_URL is not set: skipping the PostgreSQL variant");
+            return None;
+        };
+        use sqlx::Connection;
+        let name = format!("cx_e2e_{}", rand::random::<u32>());
+        let mut conn = sqlx::PgConnection::connect(&base).await.expect("connect to PostgreSQL");
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.unwrap();
+        let (prefix, _) = base.rsplit_once('/').expect("database URL with a path");
+        Some(Db { url: format!("{prefix}/{name}"), _dir: None, pg: Some((base, name)) })
+    }
+
+    pub async fn store(&self) -> Arc<dyn Store> {
+        cxmpute_store::connect(&self.url).await.unwrap()
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        if let Some((base, name)) = self.pg.take() {
+            // Best effort, on a thread of its own: Drop cannot be async.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async {
+                    use sqlx::Connection;
+                    if let Ok(mut c) = sqlx::PgConnection::connect(&base).await {
+                        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut c).await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(60)).build().unwrap()
+}
+
+pub struct Gateway {
+    pub child: Child,
+    pub url: String,
+    pub port: u16,
+    pub db_url: String,
+    pub http: reqwest::Client,
+}
+
+impl Gateway {
+    pub async fn start(db_url: &str) -> Gateway {
+        Gateway::start_on(db_url, 0).await
+    }
+
+    pub async fn start_on(db_url: &str, port: u16) -> Gateway {
+        let mut child = Command::new(bin("cxmpute-gateway"))
+            .args(["--database-url", db_url, "serve", "--listen", &format!("127.0.0.1:{port}")])
+            .env("CXMPUTE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("CXMPUTE_ALLOW_PRIVATE_DIRECT_URLS", "1")
+            .env("CXMPUTE_LOG", std::env::var("CXMPUTE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn cxmpute-gateway");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let url = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(url) = line.strip_prefix("listening on ") {
+                    return url.to_string();
+                }
+            }
+            panic!("the gateway exited before listening");
+        })
+        .await
+        .expect("gateway did not start in 60 s");
+        let port = url.rsplit(':').next().unwrap().parse().unwrap();
+        Gateway { child, url, port, db_url: db_url.to_string(), http: client() }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.start_kill();
+    }
+
+    pub async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut req = self.http.request(method, format!("{}/admin{path}", self.url)).bearer_auth(ADMIN_TOKEN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req.send().await.unwrap();
+        let status = res.status();
+        let v: Value = res.json().await.unwrap();
+        assert!(status.is_success(), "admin {path}: {status} {v}");
+        v
+    }
+
+    /// A new account with `credits`, and an API key for it.
+    pub async fn account(&self, credits: i64, key_opts: Value) -> (String, String) {
+        let acc = self.admin(reqwest::Method::POST, "/accounts", Some(json!({"name": "e2e"}))).await;
+        let id = acc["id"].as_str().unwrap().to_string();
+        if credits > 0 {
+            self.admin(reqwest::Method::POST, &format!("/accounts/{id}/deposit"), Some(json!({"amount": credits}))).await;
+        }
+        let key = self.admin(reqwest::Method::POST, &format!("/accounts/{id}/keys"), Some(key_opts)).await;
+        (id, key["key"].as_str().unwrap().to_string())
+    }
+
+    /// A provider account with a device; returns (account id, credential).
+    pub async fn device(&self) -> (String, String) {
+        let acc = self.admin(reqwest::Method::POST, "/accounts", Some(json!({"name": "provider"}))).await;
+        let id = acc["id"].as_str().unwrap().to_string();
+        let dev = self.admin(reqwest::Method::POST, &format!("/accounts/{id}/devices"), Some(json!({"name": "node"}))).await;
+        (id, dev["credential"].as_str().unwrap().to_string())
+    }
+
+    /// How many providers serve `model` (0 when it is not listed).
+    pub async fn providers(&self, model: &str) -> u64 {
+        let Ok(res) = self.http.get(format!("{}/v1/models", self.url)).send().await else { return 0 };
+        let v: Value = res.json().await.unwrap_or(Value::Null);
+        v["data"]
+            .as_array()
+            .and_then(|d| d.iter().find(|m| m["id"] == model))
+            .and_then(|m| m["providers"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// Waits until `model` has exactly `n` providers; returns the time it took.
+    pub async fn wait_providers(&self, model: &str, n: u64, timeout: Duration) -> Duration {
+        let started = Instant::now();
+        loop {
+            if self.providers(model).await == n {
+                return started.elapsed();
+            }
+            assert!(started.elapsed() < timeout, "{model} did not reach {n} providers within {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn post(&self, path: &str, key: &str) -> reqwest::RequestBuilder {
+        self.http.post(format!("{}{path}", self.url)).bearer_auth(key)
+    }
+}
+
+pub struct Node {
+    pub child: Child,
+}
+
+impl Node {
+    /// Starts a node linked to `gw`. Without `--embeddings` in `args` the
+    /// built-in MiniLM engine is off (it takes seconds to load).
+    pub async fn start(gw: &Gateway, credential: &str, args: &[&str]) -> Node {
+        let mut cmd = Command::new(bin("cxmpute-provider"));
+        cmd.arg("start").args(["--gateway", &gw.url, "--headless"]);
+        if !args.contains(&"--embeddings") {
+            cmd.arg("--no-embeddings");
+        }
+        cmd.args(args.iter().filter(|a| **a != "--embeddings"))
+            .env("CXMPUTE_CREDENTIAL", credential)
+            .env("CXMPUTE_LOG", std::env::var("CXMPUTE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .kill_on_drop(true);
+        Node { child: cmd.spawn().expect("spawn cxmpute-provider") }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.start_kill();
+    }
+
+    pub fn terminate(&self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        }
+    }
+}
+
+/// Reads an SSE body into its `data:` payloads.
+pub fn sse_events(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|ev| ev.lines().find_map(|l| l.strip_prefix("data:")).map(|d| d.trim().to_string()))
+        .collect()
+}
+
+/// The sum of a column over an account's usage rows, and their count.
+pub async fn usage_totals(store: &dyn Store, account: &str) -> (i64, usize) {
+    let rows = store.usage_for_account(account, 100_000).await.unwrap();
+    (rows.iter().map(|r| r.cost).sum(), rows.len())
+}

