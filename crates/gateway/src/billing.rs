@@ -122,7 +122,7 @@ mod tests {
     fn cost_never_exceeds_hold() {
         let p = Pricing::default();
         let b = Bounds { input_max: 100, output_max: 50, ..Bounds::default() };
-        let seen = Observed { usage: usage(u64::MAX, u64::MAX), content_chunks: 50, content_bytes: 10_000, ..Observed::default() };
+        let seen = Observed { usage: usage(1 << 40, 1 << 40), content_chunks: 50, content_bytes: 10_000, ..Observed::default() };
         let u = units(Service::Chat, &b, &seen);
         assert!(cost(&p, Service::Chat, "m", &u) <= hold_amount(&p, Service::Chat, "m", &b));
     }

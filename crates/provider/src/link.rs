@@ -117,7 +117,7 @@ async fn connect_once(target: &LinkTarget, credential: &str, router: Router, max
         .max_concurrent_streams(max_streams)
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(8 << 20);
-    let conn = builder.serve_connection(TokioIo::new(upgraded), TowerToHyperService::new(router));
+    let conn = builder.serve_connection(upgraded, TowerToHyperService::new(router));
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => r.context("link connection").map_err(LinkError::Other),

@@ -98,7 +98,7 @@ where
     loop {
         match op().await {
             Err(StoreError::Database(e)) if is_transient(&e) && attempt < ATTEMPTS => {
-                tracing::debug!(attempt, error = %e, "retrying transaction");
+                tracing::debug!(attempt, error = %e, "retrying transaction");eprintln!("RETRY {e}");
                 tokio::time::sleep(Duration::from_millis(5 << attempt)).await;
                 attempt += 1;
             }

@@ -165,7 +165,10 @@ impl FakeUpstream {
 
     /// Serves on an already bound listener (the `fake-upstream` binary uses
     /// this to honour `--port`).
-    pub async fn start_on(listener: TcpListener, opts: FakeOptions) -> anyhow::Result<FakeUpstream> {
+    pub async fn start_on(
+        listener: TcpListener,
+        opts: FakeOptions,
+    ) -> anyhow::Result<FakeUpstream> {
         let addr = listener.local_addr()?;
         let stats = Arc::new(Stats::default());
         let state = Arc::new(AppState {
@@ -235,7 +238,9 @@ fn models_body(opts: &FakeOptions) -> Bytes {
         .chain(&opts.embedding_models)
         .map(String::as_str)
         .chain([FAKE_TTS_MODEL])
-        .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "fake"}))
+        .map(
+            |id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "fake"}),
+        )
         .collect();
     Bytes::from(serde_json::json!({"object": "list", "data": data}).to_string())
 }
@@ -247,11 +252,22 @@ async fn list_models(axum::extract::State(state): axum::extract::State<Arc<AppSt
 
 async fn not_found(axum::extract::State(state): axum::extract::State<Arc<AppState>>) -> Response {
     let _guard = InFlight::new(&state.stats);
-    openai_error(StatusCode::NOT_FOUND, "unknown route", "invalid_request_error", None, None)
+    openai_error(
+        StatusCode::NOT_FOUND,
+        "unknown route",
+        "invalid_request_error",
+        None,
+        None,
+    )
 }
 
 pub(crate) fn json_response(status: StatusCode, body: impl Into<Body>) -> Response {
-    (status, [(header::CONTENT_TYPE, "application/json")], body.into()).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.into(),
+    )
+        .into_response()
 }
 
 /// Builds an OpenAI-style error: `{"error":{"message","type","param","code"}}`.
@@ -270,7 +286,13 @@ pub(crate) fn openai_error(
 
 /// 400 for a body that is not valid JSON or not the expected shape.
 pub(crate) fn bad_request(message: &str) -> Response {
-    openai_error(StatusCode::BAD_REQUEST, message, "invalid_request_error", None, None)
+    openai_error(
+        StatusCode::BAD_REQUEST,
+        message,
+        "invalid_request_error",
+        None,
+        None,
+    )
 }
 
 /// 404 `model_not_found`, as OpenAI answers for an unknown model.
@@ -285,7 +307,7 @@ pub(crate) fn model_not_found(model: &str) -> Response {
     )
 }
 
-/// Parses a JSON body, mapping any error to a 400 OpenAI error.
-pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
-    serde_json::from_slice(body).map_err(|err| bad_request(&format!("invalid request body: {err}")))
+/// Parses a JSON body; the error is the message for a 400 answer.
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|err| format!("invalid request body: {err}"))
 }

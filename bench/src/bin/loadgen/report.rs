@@ -54,8 +54,17 @@ pub struct Report {
 impl Report {
     pub fn new(mut results: Results, elapsed: Duration, stream: bool) -> Self {
         let latency = Percentiles::of(std::mem::take(&mut results.latencies_us));
-        let ttfb = if stream { Percentiles::of(std::mem::take(&mut results.ttfb_us)) } else { None };
-        Self { results, elapsed, latency, ttfb }
+        let ttfb = if stream {
+            Percentiles::of(std::mem::take(&mut results.ttfb_us))
+        } else {
+            None
+        };
+        Self {
+            results,
+            elapsed,
+            latency,
+            ttfb,
+        }
     }
 
     fn requests(&self) -> u64 {
@@ -73,8 +82,11 @@ impl Report {
 
     pub fn to_json(&self) -> String {
         let r = &self.results;
-        let statuses: serde_json::Map<String, serde_json::Value> =
-            r.statuses.iter().map(|(s, n)| (s.to_string(), (*n).into())).collect();
+        let statuses: serde_json::Map<String, serde_json::Value> = r
+            .statuses
+            .iter()
+            .map(|(s, n)| (s.to_string(), (*n).into()))
+            .collect();
         serde_json::json!({
             "requests": self.requests(),
             "ok": r.ok,

@@ -68,7 +68,11 @@ fn micros(d: Duration) -> u64 {
 
 impl Worker {
     pub fn new(target: Arc<Target>) -> Self {
-        Self { target, conn: None, results: Results::default() }
+        Self {
+            target,
+            conn: None,
+            results: Results::default(),
+        }
     }
 
     pub fn into_results(self) -> Results {
@@ -135,7 +139,9 @@ impl Worker {
             });
             self.conn = Some(sender);
         }
-        self.conn.as_mut().ok_or_else(|| anyhow::anyhow!("no connection"))
+        self.conn
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("no connection"))
     }
 
     async fn one(&mut self) -> anyhow::Result<Sample> {

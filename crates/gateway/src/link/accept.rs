@@ -9,7 +9,7 @@ use base64::Engine;
 use bytes::Bytes;
 use cxmpute_protocol::link::WEBSOCKET_GUID;
 use http_body_util::Full;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use sha1::{Digest, Sha1};
 
 use crate::auth;
@@ -54,7 +54,7 @@ pub async fn link(State(state): State<AppState>, mut req: Request) -> Result<Res
                 return;
             }
         };
-        serve_link(state, device, TokioIo::new(upgraded)).await;
+        serve_link(state, device, upgraded).await;
     });
     let mut res = StatusCode::SWITCHING_PROTOCOLS.into_response();
     let h = res.headers_mut();
@@ -127,6 +127,6 @@ where
 mod tests {
     #[test]
     fn accept_key_matches_rfc6455_example() {
-        assert_eq!(super::accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBhXOZPYlRmxM8m5Y1JPzk=");
+        assert_eq!(super::accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
     }
 }

@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
-    json_response, model_not_found, openai_error, parse_body, AppState, InFlight, FAIL_TRIGGER,
-    SLOW_PREFIX, SLOW_TOKEN_DELAY,
+    bad_request, json_response, model_not_found, openai_error, parse_body, AppState, InFlight,
+    FAIL_TRIGGER, SLOW_PREFIX, SLOW_TOKEN_DELAY,
 };
 
 /// Word generated when the last user message has no words (or there is no
@@ -79,7 +79,10 @@ pub fn expected_completion(last_user_message: &str, max_tokens: usize) -> String
 /// `prompt_tokens` for a request: whitespace-separated words across all
 /// message contents.
 pub fn count_prompt_tokens<'a>(contents: impl IntoIterator<Item = &'a str>) -> usize {
-    contents.into_iter().map(|c| c.split_whitespace().count()).sum()
+    contents
+        .into_iter()
+        .map(|c| c.split_whitespace().count())
+        .sum()
 }
 
 /// Flattens a message's content to text; text parts are joined by spaces.
@@ -99,23 +102,25 @@ fn content_text(content: Option<&Value>) -> Result<String, &'static str> {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 pub(super) async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     let guard = InFlight::new(&state.stats);
     let req: ChatRequest = match parse_body(&body) {
         Ok(req) => req,
-        Err(resp) => return resp,
+        Err(msg) => return bad_request(&msg),
     };
-    if !state.models.iter().any(|m| *m == req.model) {
+    if !state.models.contains(&req.model) {
         return model_not_found(&req.model);
     }
     let mut texts = Vec::with_capacity(req.messages.len());
     for message in &req.messages {
         match content_text(message.content.as_ref()) {
             Ok(text) => texts.push(text),
-            Err(msg) => return super::bad_request(msg),
+            Err(msg) => return bad_request(msg),
         }
     }
     let last_user = req
@@ -127,10 +132,23 @@ pub(super) async fn completions(State(state): State<Arc<AppState>>, body: Bytes)
         .map_or("", |(_, text)| text.as_str());
     if last_user == FAIL_TRIGGER {
         let msg = "fake upstream failure (requested by __fail__)";
-        return openai_error(StatusCode::INTERNAL_SERVER_ERROR, msg, "server_error", None, None);
+        return openai_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            msg,
+            "server_error",
+            None,
+            None,
+        );
     }
-    let delay = if last_user.starts_with(SLOW_PREFIX) { SLOW_TOKEN_DELAY } else { state.token_delay };
-    let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(DEFAULT_MAX_TOKENS);
+    let delay = if last_user.starts_with(SLOW_PREFIX) {
+        SLOW_TOKEN_DELAY
+    } else {
+        state.token_delay
+    };
+    let max_tokens = req
+        .max_completion_tokens
+        .or(req.max_tokens)
+        .unwrap_or(DEFAULT_MAX_TOKENS);
     let prompt_tokens = count_prompt_tokens(texts.iter().map(String::as_str)) as u64;
     let usage = Usage {
         prompt_tokens,
@@ -140,8 +158,17 @@ pub(super) async fn completions(State(state): State<Arc<AppState>>, body: Bytes)
     let id = format!("chatcmpl-fake-{}", guard.number());
     let words = answer_words(last_user);
     if req.stream.unwrap_or(false) {
-        let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
-        let frames = StreamFrames::new(&id, &req.model, &words, max_tokens, include_usage.then_some(&usage));
+        let include_usage = req
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        let frames = StreamFrames::new(
+            &id,
+            &req.model,
+            &words,
+            max_tokens,
+            include_usage.then_some(&usage),
+        );
         return stream_response(frames, delay, guard);
     }
     if !delay.is_zero() {
@@ -192,7 +219,9 @@ impl StreamFrames {
                 r#"{head},"choices":[{{"index":0,"delta":{delta},"finish_reason":{finish}}}]}}"#
             ))
         };
-        let distinct = words.len().min(usize::try_from(max_tokens).unwrap_or(usize::MAX));
+        let distinct = words
+            .len()
+            .min(usize::try_from(max_tokens).unwrap_or(usize::MAX));
         let tokens = words[..distinct]
             .iter()
             .map(|w| {
@@ -262,7 +291,13 @@ impl StreamState {
 }
 
 fn stream_response(frames: StreamFrames, delay: Duration, guard: InFlight) -> Response {
-    let state = StreamState { frames, pos: 0, delay, finished: false, guard };
+    let state = StreamState {
+        frames,
+        pos: 0,
+        delay,
+        finished: false,
+        guard,
+    };
     let body = stream::unfold(state, |mut state| async move {
         let (frame, is_token) = state.next_frame()?;
         if is_token && !state.delay.is_zero() {
@@ -272,7 +307,10 @@ fn stream_response(frames: StreamFrames, delay: Duration, guard: InFlight) -> Re
     });
     (
         StatusCode::OK,
-        [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")],
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
         Body::from_stream(body),
     )
         .into_response()

