@@ -48,8 +48,16 @@ const QUICKSTART_CREDITS: i64 = 10_000_000_000;
 async fn main() -> std::process::ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CXMPUTE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let Command::Up { port, data_dir, upstream, no_scrape } = Cli::parse().command;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let Command::Up {
+        port,
+        data_dir,
+        upstream,
+        no_scrape,
+    } = Cli::parse().command;
     match up(port, &data_dir, upstream, no_scrape).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -61,9 +69,10 @@ async fn main() -> std::process::ExitCode {
 
 async fn up(port: u16, data_dir: &Path, upstream: Option<String>, no_scrape: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
-    let model_dir = tokio::task::spawn_blocking(|| cxmpute_provider::models::ensure_minilm(|m| eprintln!("[model] {m}")))
-        .await
-        .context("model fetch panicked")??;
+    let model_dir =
+        tokio::task::spawn_blocking(|| cxmpute_provider::models::ensure_minilm(|m| eprintln!("[model] {m}")))
+            .await
+            .context("model fetch panicked")??;
 
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let listener = tokio::net::TcpListener::bind(addr)
@@ -71,7 +80,11 @@ async fn up(port: u16, data_dir: &Path, upstream: Option<String>, no_scrape: boo
         .with_context(|| format!("port {port} is busy: pass --port to use another"))?;
     let base = format!("http://{addr}");
     let db = data_dir.join("gateway.db");
-    let config = Config { listen: addr, database_url: format!("sqlite://{}", db.display()), ..Config::default() };
+    let config = Config {
+        listen: addr,
+        database_url: format!("sqlite://{}", db.display()),
+        ..Config::default()
+    };
     let gateway = Gateway::open(config).await?;
     let store = gateway.store();
     let (api_key, credential) = bootstrap(store.as_ref(), data_dir).await?;
@@ -100,12 +113,18 @@ async fn up(port: u16, data_dir: &Path, upstream: Option<String>, no_scrape: boo
                 _ => Err(anyhow::anyhow!("the provider node stopped during start-up")),
             };
         }
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(120), "the node did not link within 120 s");
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "the node did not link within 120 s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     let env_file = data_dir.join("quickstart.env");
-    write_private(&env_file, &format!("CXMPUTE_BASE_URL={base}/v1\nCXMPUTE_API_KEY={api_key}\n"))?;
+    write_private(
+        &env_file,
+        &format!("CXMPUTE_BASE_URL={base}/v1\nCXMPUTE_API_KEY={api_key}\n"),
+    )?;
     println!();
     println!("cxmpute is up: gateway {base}, one provider node linked.");
     for (service, model, n) in state.pools.summary() {
@@ -116,7 +135,9 @@ async fn up(port: u16, data_dir: &Path, upstream: Option<String>, no_scrape: boo
     println!("  {api_key}");
     println!();
     println!("Try it:");
-    println!("  curl {base}/v1/embeddings -H \"Authorization: Bearer {api_key}\" -H 'Content-Type: application/json' \\");
+    println!(
+        "  curl {base}/v1/embeddings -H \"Authorization: Bearer {api_key}\" -H 'Content-Type: application/json' \\"
+    );
     println!("    -d '{{\"model\":\"all-minilm-l6-v2\",\"input\":\"The weather is lovely today.\"}}'");
     println!();
     println!("OpenAI SDKs: base_url={base}/v1, api_key as above. Ctrl-C stops.");
@@ -150,10 +171,19 @@ async fn bootstrap(store: &dyn Store, data_dir: &Path) -> anyhow::Result<(String
         }
     }
     let account = store.create_account("quickstart", None).await?;
-    store.deposit(&account.id, QUICKSTART_CREDITS, Some("quickstart credits")).await?;
-    let (_, key) = auth::create_key(store, &account.id, KeyOptions { name: Some("quickstart".into()), ..KeyOptions::default() })
-        .await
-        .map_err(|e| anyhow::anyhow!(e.message))?;
+    store
+        .deposit(&account.id, QUICKSTART_CREDITS, Some("quickstart credits"))
+        .await?;
+    let (_, key) = auth::create_key(
+        store,
+        &account.id,
+        KeyOptions {
+            name: Some("quickstart".into()),
+            ..KeyOptions::default()
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!(e.message))?;
     let (_, credential) = auth::create_device(store, &account.id, "quickstart-node")
         .await
         .map_err(|e| anyhow::anyhow!(e.message))?;
@@ -171,7 +201,9 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(path).with_context(|| format!("cannot write {}", path.display()))?;
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     f.write_all(text.as_bytes())?;
     Ok(())
 }

@@ -36,7 +36,8 @@ async fn bad_input(db: Db) {
     let (_, revoked) = gw.account(1_000_000_000, json!({})).await;
     let store = db.store().await;
     let revoked_id = revoked.strip_prefix("sk-cx-").unwrap().split('-').next().unwrap();
-    gw.admin(reqwest::Method::DELETE, &format!("/keys/{revoked_id}"), None).await;
+    gw.admin(reqwest::Method::DELETE, &format!("/keys/{revoked_id}"), None)
+        .await;
     let before = store.account(&account).await.unwrap().unwrap();
 
     let chat = format!("{}/v1/chat/completions", gw.url);
@@ -50,35 +51,140 @@ async fn bad_input(db: Db) {
     };
 
     expect_error(send("{\"model\": ".into(), Some(&key)).await.unwrap(), 400, None, None).await;
-    expect_error(send(r#"{"model": 5, "messages": []}"#.into(), Some(&key)).await.unwrap(), 400, None, Some("model")).await;
-    expect_error(send(r#"{"messages": [{"role":"user","content":"x"}]}"#.into(), Some(&key)).await.unwrap(), 400, None, Some("model")).await;
-    expect_error(send(r#"{"model":"fake-chat","messages":[{"role":"robot","content":"x"}]}"#.into(), Some(&key)).await.unwrap(), 400, None, Some("messages.0.role")).await;
-    expect_error(send(r#"{"model":"fake-chat","messages":[]}"#.into(), Some(&key)).await.unwrap(), 400, None, Some("messages")).await;
-    expect_error(send(b"{\"model\":\"\xff\xfe\"}".to_vec().into(), Some(&key)).await.unwrap(), 400, None, None).await;
-    let big = vec![b'a'; 10 * 1024 * 1024];
-    expect_error(send(big.into(), Some(&key)).await.unwrap(), 413, Some("request_too_large"), None).await;
     expect_error(
-        send(r#"{"model":"no-such-model","messages":[{"role":"user","content":"x"}]}"#.into(), Some(&key)).await.unwrap(),
+        send(r#"{"model": 5, "messages": []}"#.into(), Some(&key))
+            .await
+            .unwrap(),
+        400,
+        None,
+        Some("model"),
+    )
+    .await;
+    expect_error(
+        send(r#"{"messages": [{"role":"user","content":"x"}]}"#.into(), Some(&key))
+            .await
+            .unwrap(),
+        400,
+        None,
+        Some("model"),
+    )
+    .await;
+    expect_error(
+        send(
+            r#"{"model":"fake-chat","messages":[{"role":"robot","content":"x"}]}"#.into(),
+            Some(&key),
+        )
+        .await
+        .unwrap(),
+        400,
+        None,
+        Some("messages.0.role"),
+    )
+    .await;
+    expect_error(
+        send(r#"{"model":"fake-chat","messages":[]}"#.into(), Some(&key))
+            .await
+            .unwrap(),
+        400,
+        None,
+        Some("messages"),
+    )
+    .await;
+    expect_error(
+        send(b"{\"model\":\"\xff\xfe\"}".to_vec().into(), Some(&key))
+            .await
+            .unwrap(),
+        400,
+        None,
+        None,
+    )
+    .await;
+    let big = vec![b'a'; 10 * 1024 * 1024];
+    expect_error(
+        send(big.into(), Some(&key)).await.unwrap(),
+        413,
+        Some("request_too_large"),
+        None,
+    )
+    .await;
+    expect_error(
+        send(
+            r#"{"model":"no-such-model","messages":[{"role":"user","content":"x"}]}"#.into(),
+            Some(&key),
+        )
+        .await
+        .unwrap(),
         404,
         Some("model_not_found"),
         Some("model"),
     )
     .await;
     let good = r#"{"model":"fake-chat","messages":[{"role":"user","content":"x"}]}"#;
-    expect_error(send(good.into(), None).await.unwrap(), 401, Some("missing_api_key"), None).await;
-    expect_error(send(good.into(), Some("sk-cx-nosuchkey-0000")).await.unwrap(), 401, Some("invalid_api_key"), None).await;
-    expect_error(send(good.into(), Some("not-even-a-key")).await.unwrap(), 401, Some("invalid_api_key"), None).await;
-    expect_error(send(good.into(), Some(&revoked)).await.unwrap(), 401, Some("invalid_api_key"), None).await;
+    expect_error(
+        send(good.into(), None).await.unwrap(),
+        401,
+        Some("missing_api_key"),
+        None,
+    )
+    .await;
+    expect_error(
+        send(good.into(), Some("sk-cx-nosuchkey-0000")).await.unwrap(),
+        401,
+        Some("invalid_api_key"),
+        None,
+    )
+    .await;
+    expect_error(
+        send(good.into(), Some("not-even-a-key")).await.unwrap(),
+        401,
+        Some("invalid_api_key"),
+        None,
+    )
+    .await;
+    expect_error(
+        send(good.into(), Some(&revoked)).await.unwrap(),
+        401,
+        Some("invalid_api_key"),
+        None,
+    )
+    .await;
     let wrong_secret = format!("{}x", &key[..key.len() - 1]);
-    expect_error(send(good.into(), Some(&wrong_secret)).await.unwrap(), 401, Some("invalid_api_key"), None).await;
+    expect_error(
+        send(good.into(), Some(&wrong_secret)).await.unwrap(),
+        401,
+        Some("invalid_api_key"),
+        None,
+    )
+    .await;
     // Unknown routes and methods answer in the same shape.
-    expect_error(c.get(format!("{}/v1/nope", gw.url)).send().await.unwrap(), 404, None, None).await;
+    expect_error(
+        c.get(format!("{}/v1/nope", gw.url)).send().await.unwrap(),
+        404,
+        None,
+        None,
+    )
+    .await;
     // Embeddings and speech validate too.
-    let emb = gw.post("/v1/embeddings", &key).json(&json!({"model": "fake-embed", "input": []})).send().await.unwrap();
+    let emb = gw
+        .post("/v1/embeddings", &key)
+        .json(&json!({"model": "fake-embed", "input": []}))
+        .send()
+        .await
+        .unwrap();
     expect_error(emb, 400, None, Some("input")).await;
-    let tts = gw.post("/v1/audio/speech", &key).json(&json!({"model": "fake-tts", "input": "x", "speed": 9})).send().await.unwrap();
+    let tts = gw
+        .post("/v1/audio/speech", &key)
+        .json(&json!({"model": "fake-tts", "input": "x", "speed": 9}))
+        .send()
+        .await
+        .unwrap();
     expect_error(tts, 400, None, Some("speed")).await;
-    let scrape = gw.post("/v1/scrape", &key).json(&json!({"urls": vec!["http://x"; 51]})).send().await.unwrap();
+    let scrape = gw
+        .post("/v1/scrape", &key)
+        .json(&json!({"urls": vec!["http://x"; 51]}))
+        .send()
+        .await
+        .unwrap();
     expect_error(scrape, 400, None, Some("urls")).await;
 
     // Nothing was stored, held or charged.
@@ -89,7 +195,13 @@ async fn bad_input(db: Db) {
     assert_eq!(store.ledger(&account, 10).await.unwrap().len(), 1, "only the deposit");
 
     // The gateway is still fine.
-    let res = gw.post("/v1/chat/completions", &key).body(good).header("content-type", "application/json").send().await.unwrap();
+    let res = gw
+        .post("/v1/chat/completions", &key)
+        .body(good)
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
 }
 

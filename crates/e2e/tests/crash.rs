@@ -63,13 +63,20 @@ async fn a_killed_gateway_charges_each_success_exactly_once() {
     let store = db.store().await;
     for id in &seen_ok {
         let usage = store.usage(id).await.unwrap();
-        assert!(usage.is_some_and(|u| u.cost > 0 && u.status == 200), "success {id} was not charged");
+        assert!(
+            usage.is_some_and(|u| u.cost > 0 && u.status == 200),
+            "success {id} was not charged"
+        );
     }
     // Charged exactly once: one ledger charge per usage record, no more.
     let rows = store.usage_for_account(&account, 100_000).await.unwrap();
     let charged: i64 = rows.iter().map(|u| u.cost).sum();
     assert_eq!(store.ledger_sum(&account, LedgerKind::Charge).await.unwrap(), -charged);
-    assert_eq!(store.held_amount(&account).await.unwrap(), 0, "holds of interrupted requests were returned");
+    assert_eq!(
+        store.held_amount(&account).await.unwrap(),
+        0,
+        "holds of interrupted requests were returned"
+    );
     let balance = store.account(&account).await.unwrap().unwrap().balance;
     assert_eq!(balance, DEPOSIT - charged);
     // And the restarted gateway serves again once the node relinks.

@@ -28,7 +28,9 @@ async fn contention(db: Db) {
 
     let mut tasks = Vec::new();
     for _ in 0..200 {
-        let req = gw.post("/v1/audio/speech", &key).json(&json!({"model": "fake-tts", "input": INPUT, "voice": "a"}));
+        let req = gw
+            .post("/v1/audio/speech", &key)
+            .json(&json!({"model": "fake-tts", "input": INPUT, "voice": "a"}));
         tasks.push(tokio::spawn(async move {
             let res = req.send().await.unwrap();
             let status = res.status().as_u16();

@@ -38,7 +38,9 @@ async fn a_killed_node_is_routed_around_and_rejoins() {
             let res = req.send().await.unwrap();
             assert_eq!(res.status(), 200);
             // Must end, one way or the other, well before 100 tokens × 50 ms.
-            tokio::time::timeout(Duration::from_secs(30), res.text()).await.expect("stream hung")
+            tokio::time::timeout(Duration::from_secs(30), res.text())
+                .await
+                .expect("stream hung")
         }));
     }
     // Steady non-streamed load.
@@ -46,7 +48,14 @@ async fn a_killed_node_is_routed_around_and_rejoins() {
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut load = Vec::new();
     for _ in 0..4 {
-        let (gw_url, key, stop, ok, failed, http) = (gw.url.clone(), key.clone(), stop.clone(), ok.clone(), failed.clone(), gw.http.clone());
+        let (gw_url, key, stop, ok, failed, http) = (
+            gw.url.clone(),
+            key.clone(),
+            stop.clone(),
+            ok.clone(),
+            failed.clone(),
+            gw.http.clone(),
+        );
         load.push(tokio::spawn(async move {
             let mut n = 0;
             while !stop.load(Ordering::Relaxed) && n < 2_000 {
@@ -68,14 +77,22 @@ async fn a_killed_node_is_routed_around_and_rejoins() {
     let killed_at = Instant::now();
     a.kill();
     let left = gw.wait_providers("fake-chat", 1, Duration::from_secs(5)).await;
-    eprintln!("dead node left the pool after {:?} (kill → observed {:?})", left, killed_at.elapsed());
+    eprintln!(
+        "dead node left the pool after {:?} (kill → observed {:?})",
+        left,
+        killed_at.elapsed()
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     for t in load {
         t.await.unwrap();
     }
     assert!(ok.load(Ordering::Relaxed) > 20, "load ran");
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "non-streamed requests must survive a node dying");
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "non-streamed requests must survive a node dying"
+    );
 
     let mut errored = 0;
     for s in streams {
@@ -83,7 +100,10 @@ async fn a_killed_node_is_routed_around_and_rejoins() {
         if body.contains("\"error\"") {
             errored += 1;
         } else {
-            assert!(body.contains("[DONE]"), "a stream neither finished nor reported an error: {body}");
+            assert!(
+                body.contains("[DONE]"),
+                "a stream neither finished nor reported an error: {body}"
+            );
         }
     }
     eprintln!("{errored} of 6 streams were on the killed node and ended with an error event");

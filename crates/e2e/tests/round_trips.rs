@@ -41,16 +41,44 @@ async fn round_trips(db: Db) {
     let gw = Gateway::start(&db.url).await;
     let (provider_acc, cred_a) = gw.device().await;
     let (_, cred_b) = gw.device().await;
-    let _a = Node::start(&gw, &cred_a, &["--upstream", &upstream.base_url, "--embeddings", "--scrape-allow-loopback"]).await;
-    let _b = Node::start(&gw, &cred_b, &["--upstream", &upstream.base_url, "--scrape-allow-loopback"]).await;
+    let _a = Node::start(
+        &gw,
+        &cred_a,
+        &[
+            "--upstream",
+            &upstream.base_url,
+            "--embeddings",
+            "--scrape-allow-loopback",
+        ],
+    )
+    .await;
+    let _b = Node::start(
+        &gw,
+        &cred_b,
+        &["--upstream", &upstream.base_url, "--scrape-allow-loopback"],
+    )
+    .await;
     gw.wait_providers("fake-chat", 2, Duration::from_secs(30)).await;
     gw.wait_providers("all-minilm-l6-v2", 1, Duration::from_secs(90)).await;
     let (account, key) = gw.account(1_000_000_000_000, json!({"name": "t"})).await;
 
     // Models, under both prefixes.
     for prefix in ["/v1", "/api/v1"] {
-        let v: Value = gw.http.get(format!("{}{prefix}/models", gw.url)).send().await.unwrap().json().await.unwrap();
-        let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+        let v: Value = gw
+            .http
+            .get(format!("{}{prefix}/models", gw.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let ids: Vec<&str> = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap())
+            .collect();
         for want in ["fake-chat", "fake-embed", "fake-tts", "all-minilm-l6-v2", "web-scrape"] {
             assert!(ids.contains(&want), "{want} missing from {ids:?}");
         }
@@ -76,15 +104,32 @@ async fn round_trips(db: Db) {
         if include_usage {
             body["stream_options"] = json!({"include_usage": true});
         }
-        let res = gw.post(&format!("{prefix}/chat/completions"), &key).json(&body).send().await.unwrap();
+        let res = gw
+            .post(&format!("{prefix}/chat/completions"), &key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(res.status(), 200);
-        assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+        assert!(res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream"));
         let events = sse_events(&res.text().await.unwrap());
         assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-        let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
-        let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        let text: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
         assert_eq!(text, expected_completion(msg, 5));
-        let usage_chunks: Vec<&Value> = chunks.iter().filter(|c| c.get("usage").is_some_and(|u| !u.is_null())).collect();
+        let usage_chunks: Vec<&Value> = chunks
+            .iter()
+            .filter(|c| c.get("usage").is_some_and(|u| !u.is_null()))
+            .collect();
         if include_usage {
             assert_eq!(usage_chunks.len(), 1);
             assert_eq!(usage_chunks[0]["choices"], json!([]));
@@ -95,7 +140,11 @@ async fn round_trips(db: Db) {
     }
 
     // Embeddings: the real MiniLM vectors reproduce sentence-transformers.
-    let sentences = ["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."];
+    let sentences = [
+        "The weather is lovely today.",
+        "It's so sunny outside!",
+        "He drove to the stadium.",
+    ];
     let v: Value = gw
         .post("/v1/embeddings", &key)
         .json(&json!({"model": "all-minilm-l6-v2", "input": sentences}))
@@ -109,7 +158,14 @@ async fn round_trips(db: Db) {
         .as_array()
         .unwrap()
         .iter()
-        .map(|d| d["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+        .map(|d| {
+            d["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
         .collect();
     assert_eq!(vecs[0].len(), 384);
     assert_eq!((cosine(&vecs[0], &vecs[1]) * 1000.0).round(), 666.0);
@@ -126,12 +182,22 @@ async fn round_trips(db: Db) {
         .json()
         .await
         .unwrap();
-    let raw = base64::engine::general_purpose::STANDARD.decode(v["data"][0]["embedding"].as_str().unwrap()).unwrap();
-    let floats: Vec<f64> = raw.chunks(4).map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect();
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(v["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    let floats: Vec<f64> = raw
+        .chunks(4)
+        .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+        .collect();
     assert!((cosine(&floats, &vecs[0]) - 1.0).abs() < 1e-6);
 
     // Embeddings through the upstream too.
-    let res = gw.post("/v1/embeddings", &key).json(&json!({"model": "fake-embed", "input": ["a b", "c"]})).send().await.unwrap();
+    let res = gw
+        .post("/v1/embeddings", &key)
+        .json(&json!({"model": "fake-embed", "input": ["a b", "c"]}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     let v: Value = res.json().await.unwrap();
     assert_eq!(v["data"].as_array().unwrap().len(), 2);
@@ -165,12 +231,24 @@ async fn round_trips(db: Db) {
     let (charged, rows) = usage_totals(store.as_ref(), &account).await;
     assert_eq!(rows, 8, "one usage record per request");
     assert!(charged > 0);
-    assert_eq!(store.ledger_sum(&account, cxmpute_store::LedgerKind::Charge).await.unwrap(), -charged);
+    assert_eq!(
+        store
+            .ledger_sum(&account, cxmpute_store::LedgerKind::Charge)
+            .await
+            .unwrap(),
+        -charged
+    );
     let provider_balance = store.account(&provider_acc).await.unwrap().unwrap().balance;
     let acc = store.account(&account).await.unwrap().unwrap();
     assert_eq!(acc.balance, 1_000_000_000_000 - charged);
     assert!(provider_balance >= 0);
-    let rewards: i64 = store.usage_for_account(&account, 100).await.unwrap().iter().map(|u| u.reward).sum();
+    let rewards: i64 = store
+        .usage_for_account(&account, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|u| u.reward)
+        .sum();
     assert!(rewards > 0 && rewards < charged);
 }
 

@@ -31,11 +31,20 @@ pub fn routes() -> Router<AppState> {
 }
 
 fn check(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let expected = state.config.admin_token.as_deref().ok_or_else(ApiError::unauthorized_admin)?;
+    let expected = state
+        .config
+        .admin_token
+        .as_deref()
+        .ok_or_else(ApiError::unauthorized_admin)?;
     let given = auth::bearer(headers).ok_or_else(ApiError::unauthorized_admin)?;
     // Compare digests so the comparison time says nothing about the token.
-    let (a, b) = (cxmpute_store::ids::hash_secret(given), cxmpute_store::ids::hash_secret(expected));
-    same_digest(&a, &b).then_some(()).ok_or_else(ApiError::unauthorized_admin)
+    let (a, b) = (
+        cxmpute_store::ids::hash_secret(given),
+        cxmpute_store::ids::hash_secret(expected),
+    );
+    same_digest(&a, &b)
+        .then_some(())
+        .ok_or_else(ApiError::unauthorized_admin)
 }
 
 #[derive(Deserialize)]
@@ -61,9 +70,17 @@ async fn list_accounts(State(s): State<AppState>, h: HeaderMap) -> Result<Json<V
     Ok(Json(json!({ "data": s.store.list_accounts().await? })))
 }
 
-async fn show_account(State(s): State<AppState>, h: HeaderMap, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn show_account(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     check(&s, &h)?;
-    let account = s.store.account(&id).await?.ok_or_else(|| ApiError::not_found(format!("no account '{id}'")))?;
+    let account = s
+        .store
+        .account(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no account '{id}'")))?;
     let ledger = s.store.ledger(&id, 50).await?;
     Ok(Json(json!({ "account": account, "ledger": ledger })))
 }
@@ -76,7 +93,12 @@ struct Deposit {
     note: Option<String>,
 }
 
-async fn deposit(State(s): State<AppState>, h: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<Json<Value>, ApiError> {
+async fn deposit(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
     check(&s, &h)?;
     let req: Deposit = parse_json(&body).map_err(ApiError::invalid_body)?;
     if req.amount <= 0 {
@@ -95,7 +117,12 @@ struct Suspend {
     reason: String,
 }
 
-async fn suspend(State(s): State<AppState>, h: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<Json<Value>, ApiError> {
+async fn suspend(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
     check(&s, &h)?;
     let req: Suspend = parse_json(&body).map_err(ApiError::invalid_body)?;
     set_suspension(&s, &id, Some(&req.reason)).await
@@ -121,9 +148,18 @@ async fn set_suspension(s: &AppState, id: &str, reason: Option<&str>) -> Result<
     Ok(Json(json!({ "account_id": id, "suspended": reason.is_some() })))
 }
 
-async fn create_key(State(s): State<AppState>, h: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<impl IntoResponse, ApiError> {
+async fn create_key(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
     check(&s, &h)?;
-    let opts: KeyOptions = if body.is_empty() { KeyOptions::default() } else { parse_json(&body).map_err(ApiError::invalid_body)? };
+    let opts: KeyOptions = if body.is_empty() {
+        KeyOptions::default()
+    } else {
+        parse_json(&body).map_err(ApiError::invalid_body)?
+    };
     let (key, secret) = auth::create_key(s.store.as_ref(), &id, opts).await?;
     Ok((StatusCode::CREATED, Json(json!({ "key": secret, "info": key }))))
 }
@@ -149,14 +185,31 @@ struct NewDevice {
     name: Option<String>,
 }
 
-async fn create_device(State(s): State<AppState>, h: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<impl IntoResponse, ApiError> {
+async fn create_device(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
     check(&s, &h)?;
-    let req: NewDevice = if body.is_empty() { NewDevice::default() } else { parse_json(&body).map_err(ApiError::invalid_body)? };
-    let (device_id, credential) = auth::create_device(s.store.as_ref(), &id, req.name.as_deref().unwrap_or("device")).await?;
-    Ok((StatusCode::CREATED, Json(json!({ "device_id": device_id, "credential": credential }))))
+    let req: NewDevice = if body.is_empty() {
+        NewDevice::default()
+    } else {
+        parse_json(&body).map_err(ApiError::invalid_body)?
+    };
+    let (device_id, credential) =
+        auth::create_device(s.store.as_ref(), &id, req.name.as_deref().unwrap_or("device")).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "device_id": device_id, "credential": credential })),
+    ))
 }
 
-async fn list_devices(State(s): State<AppState>, h: HeaderMap, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn list_devices(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     check(&s, &h)?;
     Ok(Json(json!({ "data": s.store.devices(&id).await? })))
 }

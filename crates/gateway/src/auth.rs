@@ -79,7 +79,9 @@ impl KeyCache {
 
     fn cached(&self, id: &str) -> Option<Option<KeyAuth>> {
         let map = self.entries.read().unwrap_or_else(|p| p.into_inner());
-        map.get(id).filter(|(at, _)| at.elapsed() < KEY_CACHE_TTL).map(|(_, a)| a.clone())
+        map.get(id)
+            .filter(|(at, _)| at.elapsed() < KEY_CACHE_TTL)
+            .map(|(_, a)| a.clone())
     }
 
     fn put(&self, id: &str, auth: Option<KeyAuth>) {
@@ -126,10 +128,8 @@ pub async fn create_key(store: &dyn Store, account_id: &str, opts: KeyOptions) -
             list.iter()
                 .map(|s| {
                     Service::parse(s).ok_or_else(|| {
-                        ApiError::bad_request(format!(
-                            "unknown service '{s}': use chat, embeddings, speech or scrape"
-                        ))
-                        .with_param("allowed_services")
+                        ApiError::bad_request(format!("unknown service '{s}': use chat, embeddings, speech or scrape"))
+                            .with_param("allowed_services")
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?,
@@ -171,7 +171,9 @@ pub async fn create_device(store: &dyn Store, account_id: &str, name: &str) -> R
     }
     let id = new_id("dev_");
     let secret = random_secret();
-    store.create_device(account_id, name, &id, &hash_secret(&secret)).await?;
+    store
+        .create_device(account_id, name, &id, &hash_secret(&secret))
+        .await?;
     Ok((id.clone(), format!("{id}.{secret}")))
 }
 
@@ -195,8 +197,20 @@ mod tests {
 
     #[test]
     fn keys_parse() {
-        assert_eq!(parse_key("sk-cx-abc123-deadbeef"), Some(PresentedKey { id: "abc123", secret: "deadbeef" }));
-        assert_eq!(parse_key("sk-cx-abc-de-ad"), Some(PresentedKey { id: "abc", secret: "de-ad" }));
+        assert_eq!(
+            parse_key("sk-cx-abc123-deadbeef"),
+            Some(PresentedKey {
+                id: "abc123",
+                secret: "deadbeef"
+            })
+        );
+        assert_eq!(
+            parse_key("sk-cx-abc-de-ad"),
+            Some(PresentedKey {
+                id: "abc",
+                secret: "de-ad"
+            })
+        );
         assert_eq!(parse_key("sk-other-abc-def"), None);
         assert_eq!(parse_key("sk-cx--def"), None);
         assert_eq!(parse_key("sk-cx-a_b-def"), None);

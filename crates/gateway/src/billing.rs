@@ -64,17 +64,30 @@ pub fn units(service: Service, b: &Bounds, seen: &Observed) -> Units {
                 Some(u) => u.completion_tokens.clamp(floor, ceiling),
                 None => floor,
             };
-            Units { input, output, ..Units::default() }
+            Units {
+                input,
+                output,
+                ..Units::default()
+            }
         }
         Service::Embeddings => {
             let input = match seen.usage {
                 Some(u) => u.prompt_tokens.clamp(b.inputs, b.input_max),
                 None => b.input_max.div_ceil(4).max(b.inputs),
             };
-            Units { input, ..Units::default() }
+            Units {
+                input,
+                ..Units::default()
+            }
         }
-        Service::Speech => Units { characters: b.characters, ..Units::default() },
-        Service::Scrape => Units { pages: seen.pages_ok.unwrap_or(0).min(b.pages_max), ..Units::default() },
+        Service::Speech => Units {
+            characters: b.characters,
+            ..Units::default()
+        },
+        Service::Scrape => Units {
+            pages: seen.pages_ok.unwrap_or(0).min(b.pages_max),
+            ..Units::default()
+        },
     }
 }
 
@@ -98,13 +111,26 @@ mod tests {
     use cxmpute_protocol::openai::Usage;
 
     fn usage(p: u64, c: u64) -> Option<Usage> {
-        Some(Usage { prompt_tokens: p, completion_tokens: c, total_tokens: p + c })
+        Some(Usage {
+            prompt_tokens: p,
+            completion_tokens: c,
+            total_tokens: p + c,
+        })
     }
 
     #[test]
     fn inflated_node_counts_are_clamped() {
-        let b = Bounds { input_max: 100, output_max: 50, ..Bounds::default() };
-        let seen = Observed { usage: usage(10_000, 10_000), content_chunks: 5, content_bytes: 20, ..Observed::default() };
+        let b = Bounds {
+            input_max: 100,
+            output_max: 50,
+            ..Bounds::default()
+        };
+        let seen = Observed {
+            usage: usage(10_000, 10_000),
+            content_chunks: 5,
+            content_bytes: 20,
+            ..Observed::default()
+        };
         let u = units(Service::Chat, &b, &seen);
         assert_eq!(u.input, 100);
         assert_eq!(u.output, 25);
@@ -112,8 +138,17 @@ mod tests {
 
     #[test]
     fn deflated_node_counts_are_raised_to_what_was_seen() {
-        let b = Bounds { input_max: 100, output_max: 50, ..Bounds::default() };
-        let seen = Observed { usage: usage(0, 1), content_chunks: 7, content_bytes: 30, ..Observed::default() };
+        let b = Bounds {
+            input_max: 100,
+            output_max: 50,
+            ..Bounds::default()
+        };
+        let seen = Observed {
+            usage: usage(0, 1),
+            content_chunks: 7,
+            content_bytes: 30,
+            ..Observed::default()
+        };
         let u = units(Service::Chat, &b, &seen);
         assert_eq!((u.input, u.output), (1, 7));
     }
@@ -121,8 +156,17 @@ mod tests {
     #[test]
     fn cost_never_exceeds_hold() {
         let p = Pricing::default();
-        let b = Bounds { input_max: 100, output_max: 50, ..Bounds::default() };
-        let seen = Observed { usage: usage(1 << 40, 1 << 40), content_chunks: 50, content_bytes: 10_000, ..Observed::default() };
+        let b = Bounds {
+            input_max: 100,
+            output_max: 50,
+            ..Bounds::default()
+        };
+        let seen = Observed {
+            usage: usage(1 << 40, 1 << 40),
+            content_chunks: 50,
+            content_bytes: 10_000,
+            ..Observed::default()
+        };
         let u = units(Service::Chat, &b, &seen);
         assert!(cost(&p, Service::Chat, "m", &u) <= hold_amount(&p, Service::Chat, "m", &b));
     }
@@ -131,8 +175,31 @@ mod tests {
     fn default_prices_match_the_original_list() {
         let p = Pricing::default();
         // 1,000 chat tokens at $0.0024 = 2,400,000 nano-dollars.
-        assert_eq!(cost(&p, Service::Chat, "m", &Units { input: 500, output: 500, ..Units::default() }), 2_400_000);
-        assert_eq!(cost(&p, Service::Scrape, "m", &Units { pages: 1, ..Units::default() }), 13_000_000);
+        assert_eq!(
+            cost(
+                &p,
+                Service::Chat,
+                "m",
+                &Units {
+                    input: 500,
+                    output: 500,
+                    ..Units::default()
+                }
+            ),
+            2_400_000
+        );
+        assert_eq!(
+            cost(
+                &p,
+                Service::Scrape,
+                "m",
+                &Units {
+                    pages: 1,
+                    ..Units::default()
+                }
+            ),
+            13_000_000
+        );
         assert_eq!(reward(&p, 1_000), 550);
     }
 }

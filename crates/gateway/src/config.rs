@@ -134,11 +134,23 @@ impl Pricing {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.reward_share_percent <= 100, "pricing.reward_share_percent must be 0-100");
-        let all = [self.chat_input, self.chat_output, self.embeddings_input, self.speech_character, self.scrape_page];
+        anyhow::ensure!(
+            self.reward_share_percent <= 100,
+            "pricing.reward_share_percent must be 0-100"
+        );
+        let all = [
+            self.chat_input,
+            self.chat_output,
+            self.embeddings_input,
+            self.speech_character,
+            self.scrape_page,
+        ];
         anyhow::ensure!(all.iter().all(|p| *p >= 0), "prices must not be negative");
         for (model, p) in &self.models {
-            anyhow::ensure!(p.input >= 0 && p.output.unwrap_or(0) >= 0, "price of {model} must not be negative");
+            anyhow::ensure!(
+                p.input >= 0 && p.output.unwrap_or(0) >= 0,
+                "price of {model} must not be negative"
+            );
         }
         Ok(())
     }
@@ -172,7 +184,9 @@ impl Config {
             None => Config::default(),
         };
         if let Some(v) = env("CXMPUTE_LISTEN") {
-            config.listen = v.parse().with_context(|| format!("CXMPUTE_LISTEN: not an address: {v}"))?;
+            config.listen = v
+                .parse()
+                .with_context(|| format!("CXMPUTE_LISTEN: not an address: {v}"))?;
         }
         if let Some(v) = env("CXMPUTE_DATABASE_URL") {
             config.database_url = v;
@@ -192,7 +206,10 @@ impl Config {
 
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.max_body_bytes >= 1024, "max_body_bytes must be at least 1024");
-        anyhow::ensure!(self.link.ping_interval_ms >= 100, "link.ping_interval_ms must be at least 100");
+        anyhow::ensure!(
+            self.link.ping_interval_ms >= 100,
+            "link.ping_interval_ms must be at least 100"
+        );
         if let Some(t) = &self.admin_token {
             anyhow::ensure!(t.len() >= 16, "admin_token must be at least 16 characters");
         }

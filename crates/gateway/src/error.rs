@@ -17,7 +17,14 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, kind: &'static str, code: Option<&'static str>, message: impl Into<String>) -> Self {
-        ApiError { status, kind, message: message.into(), param: None, code, retry_after_secs: None }
+        ApiError {
+            status,
+            kind,
+            message: message.into(),
+            param: None,
+            code,
+            retry_after_secs: None,
+        }
     }
 
     pub fn with_param(mut self, param: impl Into<String>) -> Self {
@@ -45,15 +52,30 @@ impl ApiError {
     }
 
     pub fn invalid_key() -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", Some("invalid_api_key"), "Incorrect API key provided.")
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            Some("invalid_api_key"),
+            "Incorrect API key provided.",
+        )
     }
 
     pub fn revoked_key() -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", Some("invalid_api_key"), "This API key has been revoked.")
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            Some("invalid_api_key"),
+            "This API key has been revoked.",
+        )
     }
 
     pub fn insufficient_credits(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::PAYMENT_REQUIRED, "insufficient_quota", Some("insufficient_quota"), message)
+        Self::new(
+            StatusCode::PAYMENT_REQUIRED,
+            "insufficient_quota",
+            Some("insufficient_quota"),
+            message,
+        )
     }
 
     pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
@@ -65,13 +87,20 @@ impl ApiError {
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             Some("model_not_found"),
-            format!("The model '{model}' does not exist or is not served on this network. GET /v1/models lists the models."),
+            format!(
+                "The model '{model}' does not exist or is not served on this network. GET /v1/models lists the models."
+            ),
         )
         .with_param("model")
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "invalid_request_error", Some("not_found"), message)
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            Some("not_found"),
+            message,
+        )
     }
 
     pub fn payload_too_large(limit: usize) -> Self {
@@ -88,7 +117,9 @@ impl ApiError {
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limit_error",
             Some("rate_limit_exceeded"),
-            format!("Rate limit reached: this key allows {limit} requests per minute. Retry after {retry_after_secs} s."),
+            format!(
+                "Rate limit reached: this key allows {limit} requests per minute. Retry after {retry_after_secs} s."
+            ),
         );
         e.retry_after_secs = Some(retry_after_secs);
         e
@@ -119,12 +150,22 @@ impl ApiError {
     }
 
     pub fn unauthorized_admin() -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", Some("invalid_admin_token"), "Missing or wrong admin token.")
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            Some("invalid_admin_token"),
+            "Missing or wrong admin token.",
+        )
     }
 
     /// A failure of ours. The message is fixed: internals stay in the log.
     pub fn internal() -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, "The gateway hit an internal error; it has been logged.")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            None,
+            "The gateway hit an internal error; it has been logged.",
+        )
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {

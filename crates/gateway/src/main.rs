@@ -70,15 +70,21 @@ enum AccountCmd {
         #[arg(long)]
         reason: String,
     },
-    Unsuspend { account: String },
+    Unsuspend {
+        account: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum KeyCmd {
     /// Create an API key; the key is printed once and never stored in clear.
     Create(KeyArgs),
-    List { account: String },
-    Revoke { key_id: String },
+    List {
+        account: String,
+    },
+    Revoke {
+        key_id: String,
+    },
 }
 
 #[derive(Args)]
@@ -105,13 +111,17 @@ enum DeviceCmd {
         #[arg(long, default_value = "device")]
         name: String,
     },
-    List { account: String },
+    List {
+        account: String,
+    },
 }
 
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CXMPUTE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -186,7 +196,9 @@ async fn admin(config: Config, cmd: Admin) -> anyhow::Result<()> {
     let store = store.as_ref();
     let api = |e: cxmpute_gateway::error::ApiError| anyhow::anyhow!(e.message);
     match cmd {
-        Admin::Account(AccountCmd::Create { name, email }) => print_json(&store.create_account(&name, email.as_deref()).await?),
+        Admin::Account(AccountCmd::Create { name, email }) => {
+            print_json(&store.create_account(&name, email.as_deref()).await?)
+        }
         Admin::Account(AccountCmd::List) => print_json(&store.list_accounts().await?),
         Admin::Account(AccountCmd::Deposit { account, amount, note }) => {
             anyhow::ensure!(amount > 0, "the amount must be a positive number of credits");
@@ -205,7 +217,12 @@ async fn admin(config: Config, cmd: Admin) -> anyhow::Result<()> {
             Ok(())
         }
         Admin::Key(KeyCmd::Create(a)) => {
-            let opts = KeyOptions { name: a.name, credit_limit: a.credit_limit, allowed_services: a.services, rpm_limit: a.rpm };
+            let opts = KeyOptions {
+                name: a.name,
+                credit_limit: a.credit_limit,
+                allowed_services: a.services,
+                rpm_limit: a.rpm,
+            };
             let (key, secret) = auth::create_key(store, &a.account, opts).await.map_err(api)?;
             eprintln!("key id {} created; the key is shown only now:", key.id);
             println!("{secret}");

@@ -33,7 +33,11 @@ pub enum Meter {
     /// Streamed chat: events pass one by one; `[DONE]` is held back until the
     /// request is settled, and the usage event is dropped when the client did
     /// not ask for it (the gateway always asks the node for it).
-    Sse { buf: BytesMut, strip_usage: bool, done: Option<Bytes> },
+    Sse {
+        buf: BytesMut,
+        strip_usage: bool,
+        done: Option<Bytes>,
+    },
     /// JSON answers: forwarded as they come, copied (bounded) for metering.
     Json { copy: Vec<u8>, overflow: bool },
     /// Audio and other bytes: only counted.
@@ -76,11 +80,18 @@ struct ScrapeResult {
 
 impl Meter {
     pub fn sse(strip_usage: bool) -> Meter {
-        Meter::Sse { buf: BytesMut::new(), strip_usage, done: None }
+        Meter::Sse {
+            buf: BytesMut::new(),
+            strip_usage,
+            done: None,
+        }
     }
 
     pub fn json() -> Meter {
-        Meter::Json { copy: Vec::new(), overflow: false }
+        Meter::Json {
+            copy: Vec::new(),
+            overflow: false,
+        }
     }
 
     /// Takes one chunk of the answer; returns what to forward now.
@@ -124,7 +135,12 @@ impl Meter {
                 if !*overflow && !copy.is_empty() {
                     if service_is_scrape {
                         if let Ok(a) = serde_json::from_slice::<ScrapeAnswer>(copy) {
-                            seen.pages_ok = Some(a.results.iter().filter(|r| r.error.as_ref().is_none_or(|e| e.is_null())).count() as u64);
+                            seen.pages_ok = Some(
+                                a.results
+                                    .iter()
+                                    .filter(|r| r.error.as_ref().is_none_or(|e| e.is_null()))
+                                    .count() as u64,
+                            );
                         }
                     } else if let Ok(c) = serde_json::from_slice::<Chunk>(copy) {
                         seen.usage = c.usage;
@@ -184,7 +200,9 @@ fn inspect_event(event: &[u8], seen: &mut Observed) -> EventKind {
         let line_end = rest.iter().position(|b| *b == b'\n').map_or(rest.len(), |p| p + 1);
         let line = &rest[..line_end];
         rest = &rest[line_end..];
-        let Some(data) = line.strip_prefix(b"data:") else { continue };
+        let Some(data) = line.strip_prefix(b"data:") else {
+            continue;
+        };
         let data = data.trim_ascii();
         if data == b"[DONE]" {
             return EventKind::Done;
@@ -208,7 +226,6 @@ fn inspect_event(event: &[u8], seen: &mut Observed) -> EventKind {
     }
     kind
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -253,7 +270,12 @@ mod tests {
     fn usage_is_kept_when_asked() {
         let mut m = Meter::sse(false);
         let mut seen = Observed::default();
-        let out = m.push(Bytes::from(ev(r#"{"choices":[],"usage":{"prompt_tokens":1}}"#)), &mut seen).unwrap();
+        let out = m
+            .push(
+                Bytes::from(ev(r#"{"choices":[],"usage":{"prompt_tokens":1}}"#)),
+                &mut seen,
+            )
+            .unwrap();
         assert!(String::from_utf8_lossy(&out).contains("usage"));
     }
 
@@ -274,7 +296,12 @@ mod tests {
     fn scrape_pages_are_counted() {
         let mut m = Meter::json();
         let mut seen = Observed::default();
-        m.push(Bytes::from_static(br#"{"results":[{"url":"a","markdown":"x"},{"url":"b","error":"boom"},{"url":"c","error":null}]}"#), &mut seen);
+        m.push(
+            Bytes::from_static(
+                br#"{"results":[{"url":"a","markdown":"x"},{"url":"b","error":"boom"},{"url":"c","error":null}]}"#,
+            ),
+            &mut seen,
+        );
         m.finish(&mut seen, true);
         assert_eq!(seen.pages_ok, Some(2));
     }

@@ -76,7 +76,10 @@ impl Metrics {
         for service in Service::ALL {
             for (c, class) in classes.iter().enumerate() {
                 let v = self.requests[idx(service)][c].load(Ordering::Relaxed);
-                let _ = writeln!(out, "cxmpute_requests_total{{service=\"{service}\",status=\"{class}\"}} {v}");
+                let _ = writeln!(
+                    out,
+                    "cxmpute_requests_total{{service=\"{service}\",status=\"{class}\"}} {v}"
+                );
             }
         }
         out.push_str("# HELP cxmpute_request_duration_ms Time to the end of the answer.\n# TYPE cxmpute_request_duration_ms histogram\n");
@@ -85,23 +88,60 @@ impl Metrics {
             let mut cumulative = 0;
             for (b, le) in BUCKETS_MS.iter().enumerate() {
                 cumulative += self.latency_buckets[s][b].load(Ordering::Relaxed);
-                let _ = writeln!(out, "cxmpute_request_duration_ms_bucket{{service=\"{service}\",le=\"{le}\"}} {cumulative}");
+                let _ = writeln!(
+                    out,
+                    "cxmpute_request_duration_ms_bucket{{service=\"{service}\",le=\"{le}\"}} {cumulative}"
+                );
             }
             let count: u64 = self.requests[s].iter().map(|a| a.load(Ordering::Relaxed)).sum();
-            let _ = writeln!(out, "cxmpute_request_duration_ms_bucket{{service=\"{service}\",le=\"+Inf\"}} {count}");
-            let _ = writeln!(out, "cxmpute_request_duration_ms_sum{{service=\"{service}\"}} {}", self.latency_sum_ms[s].load(Ordering::Relaxed));
-            let _ = writeln!(out, "cxmpute_request_duration_ms_count{{service=\"{service}\"}} {count}");
+            let _ = writeln!(
+                out,
+                "cxmpute_request_duration_ms_bucket{{service=\"{service}\",le=\"+Inf\"}} {count}"
+            );
+            let _ = writeln!(
+                out,
+                "cxmpute_request_duration_ms_sum{{service=\"{service}\"}} {}",
+                self.latency_sum_ms[s].load(Ordering::Relaxed)
+            );
+            let _ = writeln!(
+                out,
+                "cxmpute_request_duration_ms_count{{service=\"{service}\"}} {count}"
+            );
         }
         out.push_str("# TYPE cxmpute_tokens_total counter\n");
         for service in Service::ALL {
             let s = idx(service);
-            let _ = writeln!(out, "cxmpute_tokens_total{{service=\"{service}\",direction=\"input\"}} {}", self.input_tokens[s].load(Ordering::Relaxed));
-            let _ = writeln!(out, "cxmpute_tokens_total{{service=\"{service}\",direction=\"output\"}} {}", self.output_tokens[s].load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "cxmpute_tokens_total{{service=\"{service}\",direction=\"input\"}} {}",
+                self.input_tokens[s].load(Ordering::Relaxed)
+            );
+            let _ = writeln!(
+                out,
+                "cxmpute_tokens_total{{service=\"{service}\",direction=\"output\"}} {}",
+                self.output_tokens[s].load(Ordering::Relaxed)
+            );
         }
-        let _ = writeln!(out, "# TYPE cxmpute_retries_total counter\ncxmpute_retries_total {}", self.retries.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# TYPE cxmpute_cancelled_total counter\ncxmpute_cancelled_total {}", self.cancelled.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# TYPE cxmpute_links_opened_total counter\ncxmpute_links_opened_total {}", self.links_opened.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# TYPE cxmpute_links_closed_total counter\ncxmpute_links_closed_total {}", self.links_closed.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "# TYPE cxmpute_retries_total counter\ncxmpute_retries_total {}",
+            self.retries.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE cxmpute_cancelled_total counter\ncxmpute_cancelled_total {}",
+            self.cancelled.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE cxmpute_links_opened_total counter\ncxmpute_links_opened_total {}",
+            self.links_opened.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE cxmpute_links_closed_total counter\ncxmpute_links_closed_total {}",
+            self.links_closed.load(Ordering::Relaxed)
+        );
         out.push_str("# HELP cxmpute_provisions Live provisions per pool.\n# TYPE cxmpute_provisions gauge\n");
         for (service, model, n) in pools.summary() {
             let model = model.replace('\\', "\\\\").replace('"', "\\\"");

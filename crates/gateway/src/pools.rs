@@ -43,7 +43,15 @@ fn now_ms(epoch: Instant) -> u64 {
 }
 
 impl Provision {
-    pub fn new(id: String, device_id: String, account_id: String, service: Service, model: String, transport: Transport, session: u64) -> Self {
+    pub fn new(
+        id: String,
+        device_id: String,
+        account_id: String,
+        service: Service,
+        model: String,
+        transport: Transport,
+        session: u64,
+    ) -> Self {
         Provision {
             id,
             device_id,
@@ -85,7 +93,8 @@ impl Provision {
     pub fn record_failure(&self, epoch: Instant) {
         let n = self.failures.fetch_add(1, Ordering::Relaxed).min(6);
         let backoff = 1_000u64 << n;
-        self.ejected_until_ms.store(now_ms(epoch) + backoff.min(60_000), Ordering::Relaxed);
+        self.ejected_until_ms
+            .store(now_ms(epoch) + backoff.min(60_000), Ordering::Relaxed);
     }
 
     fn available(&self, now: u64) -> bool {
@@ -111,7 +120,11 @@ pub struct Pools {
 
 impl Default for Pools {
     fn default() -> Self {
-        Pools { pools: RwLock::default(), known: RwLock::default(), epoch: Instant::now() }
+        Pools {
+            pools: RwLock::default(),
+            known: RwLock::default(),
+            epoch: Instant::now(),
+        }
     }
 }
 
@@ -189,7 +202,11 @@ impl Pools {
                     b += 1;
                 }
                 let (pa, pb) = (candidates[a], candidates[b]);
-                Some(if pa.score() <= pb.score() { pa.clone() } else { pb.clone() })
+                Some(if pa.score() <= pb.score() {
+                    pa.clone()
+                } else {
+                    pb.clone()
+                })
             }
         }
     }
@@ -214,8 +231,20 @@ mod tests {
     use crate::transport::direct_client;
 
     fn prov(id: &str, session: u64) -> Arc<Provision> {
-        let t = Transport::Direct { base: "http://127.0.0.1:9".into(), token: "t".into(), client: direct_client() };
-        Arc::new(Provision::new(id.into(), format!("dev-{id}"), "acc".into(), Service::Chat, "m".into(), t, session))
+        let t = Transport::Direct {
+            base: "http://127.0.0.1:9".into(),
+            token: "t".into(),
+            client: direct_client(),
+        };
+        Arc::new(Provision::new(
+            id.into(),
+            format!("dev-{id}"),
+            "acc".into(),
+            Service::Chat,
+            "m".into(),
+            t,
+            session,
+        ))
     }
 
     #[tokio::test]

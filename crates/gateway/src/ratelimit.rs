@@ -28,9 +28,10 @@ impl RateLimiter {
         let capacity = f64::from(rpm.max(1));
         let per_sec = capacity / 60.0;
         let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        let bucket = map
-            .entry(key.to_string())
-            .or_insert(Bucket { tokens: capacity, last: now });
+        let bucket = map.entry(key.to_string()).or_insert(Bucket {
+            tokens: capacity,
+            last: now,
+        });
         let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * per_sec).min(capacity);
         bucket.last = now;

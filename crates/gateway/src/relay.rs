@@ -108,7 +108,13 @@ impl Billing {
                 reward,
                 created_at: cxmpute_store::now_millis(),
             };
-            self.state.metrics.record(self.service, status, latency.as_millis() as u64, units.input, units.output);
+            self.state.metrics.record(
+                self.service,
+                status,
+                latency.as_millis() as u64,
+                units.input,
+                units.output,
+            );
             if status == 499 {
                 self.state.metrics.cancelled();
             }
@@ -176,7 +182,9 @@ pub async fn relay(state: &AppState, caller: Caller, fwd: Forward) -> Result<Res
     let mut excluded: Option<String> = None;
     let mut last_error = ApiError::no_provider(&fwd.model);
     for attempt in 0..2 {
-        let Some(provision) = state.pools.pick(fwd.service, &fwd.model, excluded.as_deref()) else { break };
+        let Some(provision) = state.pools.pick(fwd.service, &fwd.model, excluded.as_deref()) else {
+            break;
+        };
         if attempt > 0 {
             state.metrics.retry();
         }
@@ -191,7 +199,10 @@ pub async fn relay(state: &AppState, caller: Caller, fwd: Forward) -> Result<Res
             Ok(res) if res.status().is_server_error() => {
                 tracing::warn!(request_id = %caller.request_id, provision = %provision.id, status = %res.status(), "provider failed");
                 provision.record_failure(state.pools.epoch());
-                last_error = ApiError::bad_gateway(format!("The provider failed to answer (status {}).", res.status().as_u16()));
+                last_error = ApiError::bad_gateway(format!(
+                    "The provider failed to answer (status {}).",
+                    res.status().as_u16()
+                ));
             }
             Ok(res) => {
                 provision.record_success(sent.elapsed());
@@ -216,7 +227,13 @@ pub async fn relay(state: &AppState, caller: Caller, fwd: Forward) -> Result<Res
     Err(last_error)
 }
 
-fn respond(bill: Billing, res: hyper::Response<Incoming>, kind: MeterKind, in_flight: InFlight, request_id: &str) -> Response<Body> {
+fn respond(
+    bill: Billing,
+    res: hyper::Response<Incoming>,
+    kind: MeterKind,
+    in_flight: InFlight,
+    request_id: &str,
+) -> Response<Body> {
     let status = res.status();
     let content_type = res.headers().get(header::CONTENT_TYPE).cloned();
     let is_sse = content_type
@@ -329,7 +346,10 @@ impl HttpBody for MeteredBody {
                         this.begin_settle(StatusCode::BAD_GATEWAY.as_u16(), then);
                     }
                     Poll::Ready(None) => {
-                        let tail = this.meter.finish(&mut this.seen, this.bill.as_ref().is_some_and(|b| b.service == Service::Scrape));
+                        let tail = this.meter.finish(
+                            &mut this.seen,
+                            this.bill.as_ref().is_some_and(|b| b.service == Service::Scrape),
+                        );
                         let status = this.status;
                         this.begin_settle(status, Then::Tail(tail));
                     }
@@ -379,4 +399,3 @@ impl Drop for MeteredBody {
         }
     }
 }
-

@@ -58,7 +58,11 @@ impl Gateway {
     }
 
     /// Serves until `shutdown` resolves, then closes provider links.
-    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         use axum::serve::ListenerExt;
         let state = self.state.clone();
         tokio::spawn(sweep_holds(state.clone()));
@@ -79,7 +83,11 @@ impl Gateway {
 }
 
 /// Runs a gateway on `listener` until `shutdown` resolves.
-pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     Gateway::open(config).await?.serve(listener, shutdown).await
 }
 
@@ -101,16 +109,25 @@ pub fn router(state: AppState) -> Router {
 
 async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     match state.store.ping().await {
-        Ok(()) => (StatusCode::OK, Json(json!({ "status": "ok", "store": state.store.backend() }))),
+        Ok(()) => (
+            StatusCode::OK,
+            Json(json!({ "status": "ok", "store": state.store.backend() })),
+        ),
         Err(e) => {
             tracing::error!(error = %e, "health check: store unreachable");
-            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "unavailable" })))
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "status": "unavailable" })),
+            )
         }
     }
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&state.pools))
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(&state.pools),
+    )
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {

@@ -15,9 +15,16 @@ use hyper_util::rt::TokioExecutor;
 pub type DirectClient = Client<HttpConnector, Full<Bytes>>;
 
 #[derive(Clone)]
+// Cloned once per provision and matched per request; boxing the larger variant
+// would add an indirection on every request for a few bytes of memory.
+#[allow(clippy::large_enum_variant)]
 pub enum Transport {
     Link(SendRequest<Full<Bytes>>),
-    Direct { base: String, token: String, client: DirectClient },
+    Direct {
+        base: String,
+        token: String,
+        client: DirectClient,
+    },
 }
 
 /// Why a forward failed, and whether trying another provision is safe.
@@ -41,7 +48,12 @@ pub fn direct_client() -> DirectClient {
 
 impl Transport {
     /// Sends `path` with `body`; resolves when the response head arrives.
-    pub async fn send(&self, mut req: Request<Full<Bytes>>, path: &str, timeout: Duration) -> Result<Response<Incoming>, ForwardError> {
+    pub async fn send(
+        &self,
+        mut req: Request<Full<Bytes>>,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, ForwardError> {
         let fut = async {
             match self {
                 Transport::Link(sender) => {
@@ -49,8 +61,14 @@ impl Transport {
                         .parse()
                         .map_err(|e| ForwardError::Unreachable(format!("bad path: {e}")))?;
                     let mut sender = sender.clone();
-                    sender.ready().await.map_err(|e| ForwardError::Unreachable(e.to_string()))?;
-                    sender.send_request(req).await.map_err(|e| ForwardError::Unreachable(e.to_string()))
+                    sender
+                        .ready()
+                        .await
+                        .map_err(|e| ForwardError::Unreachable(e.to_string()))?;
+                    sender
+                        .send_request(req)
+                        .await
+                        .map_err(|e| ForwardError::Unreachable(e.to_string()))
                 }
                 Transport::Direct { base, token, client } => {
                     if let Ok(v) = http::HeaderValue::from_str(&format!("Bearer {token}")) {
@@ -59,7 +77,10 @@ impl Transport {
                     *req.uri_mut() = format!("{base}{path}")
                         .parse()
                         .map_err(|e| ForwardError::Unreachable(format!("bad url: {e}")))?;
-                    client.request(req).await.map_err(|e| ForwardError::Unreachable(e.to_string()))
+                    client
+                        .request(req)
+                        .await
+                        .map_err(|e| ForwardError::Unreachable(e.to_string()))
                 }
             }
         };

@@ -30,6 +30,8 @@ impl ErrorBody {
 
     pub fn to_json(&self) -> Vec<u8> {
         // Serialising plain strings cannot fail; the fallback keeps us panic-free.
-        serde_json::to_vec(self).unwrap_or_else(|_| b"{\"error\":{\"message\":\"error\",\"type\":\"api_error\",\"param\":null,\"code\":null}}".to_vec())
+        serde_json::to_vec(self).unwrap_or_else(|_| {
+            b"{\"error\":{\"message\":\"error\",\"type\":\"api_error\",\"param\":null,\"code\":null}}".to_vec()
+        })
     }
 }

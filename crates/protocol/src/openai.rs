@@ -31,7 +31,10 @@ impl ChatRequest {
     }
 
     pub fn wants_usage_chunk(&self) -> bool {
-        self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false)
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
     }
 
     /// The completion budget the client asked for, if any.
@@ -235,10 +238,9 @@ mod tests {
 
     #[test]
     fn chat_keeps_unknown_fields() {
-        let r: ChatRequest = parse_json(
-            br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0.2,"stream":true}"#,
-        )
-        .unwrap();
+        let r: ChatRequest =
+            parse_json(br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0.2,"stream":true}"#)
+                .unwrap();
         assert!(r.is_stream());
         assert_eq!(r.extra["temperature"], 0.2);
         let back = serde_json::to_value(&r).unwrap();
@@ -248,8 +250,7 @@ mod tests {
 
     #[test]
     fn chat_rejects_bad_roles() {
-        let e = parse_json::<ChatRequest>(br#"{"model":"m","messages":[{"role":"robot","content":"x"}]}"#)
-            .unwrap_err();
+        let e = parse_json::<ChatRequest>(br#"{"model":"m","messages":[{"role":"robot","content":"x"}]}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages.0.role"));
     }
 

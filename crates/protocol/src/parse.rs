@@ -14,7 +14,10 @@ pub struct ParseError {
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ParseError> {
     if let Err(e) = std::str::from_utf8(bytes) {
         return Err(ParseError {
-            message: format!("request body is not valid UTF-8 (invalid byte at offset {})", e.valid_up_to()),
+            message: format!(
+                "request body is not valid UTF-8 (invalid byte at offset {})",
+                e.valid_up_to()
+            ),
             param: None,
         });
     }
@@ -26,7 +29,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ParseError> {
             let inner = err.into_inner();
             let message = inner.to_string();
             let param = if let Some(field) = missing_field(&message) {
-                Some(if path == "." { field.to_string() } else { format!("{path}.{field}") })
+                Some(if path == "." {
+                    field.to_string()
+                } else {
+                    format!("{path}.{field}")
+                })
             } else if path == "." || inner.is_syntax() || inner.is_eof() {
                 None
             } else {

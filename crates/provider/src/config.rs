@@ -140,9 +140,15 @@ mod tests {
 
     #[test]
     fn credentials_are_redacted() {
-        let c = NodeConfig { credential: Some("dev_abc.supersecret".into()), ..NodeConfig::default() };
+        let c = NodeConfig {
+            credential: Some("dev_abc.supersecret".into()),
+            ..NodeConfig::default()
+        };
         let shown = format!("{c:?}");
-        assert!(shown.contains("dev_abc.***") && !shown.contains("supersecret"), "{shown}");
+        assert!(
+            shown.contains("dev_abc.***") && !shown.contains("supersecret"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -43,14 +43,25 @@ pub fn parse_gateway(url: &str) -> anyhow::Result<LinkTarget> {
         ),
         _ => anyhow::bail!("the gateway URL must start with http://"),
     }
-    let host = uri.host().context("the gateway URL has no host")?.trim_start_matches('[').trim_end_matches(']').to_string();
+    let host = uri
+        .host()
+        .context("the gateway URL has no host")?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     let port = uri.port_u16().unwrap_or(80);
     let authority = uri.authority().map(|a| a.to_string()).unwrap_or_else(|| host.clone());
     Ok(LinkTarget { host, port, authority })
 }
 
 /// Keeps a link up until `stop` is cancelled. Returns only on stop or refusal.
-pub async fn run(gateway: &str, credential: &str, router: Router, max_streams: u32, stop: CancellationToken) -> Result<(), LinkError> {
+pub async fn run(
+    gateway: &str,
+    credential: &str,
+    router: Router,
+    max_streams: u32,
+    stop: CancellationToken,
+) -> Result<(), LinkError> {
     let target = parse_gateway(gateway)?;
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -74,7 +85,13 @@ pub async fn run(gateway: &str, credential: &str, router: Router, max_streams: u
     }
 }
 
-async fn connect_once(target: &LinkTarget, credential: &str, router: Router, max_streams: u32, stop: CancellationToken) -> Result<(), LinkError> {
+async fn connect_once(
+    target: &LinkTarget,
+    credential: &str,
+    router: Router,
+    max_streams: u32,
+    stop: CancellationToken,
+) -> Result<(), LinkError> {
     let tcp = TcpStream::connect((target.host.as_str(), target.port))
         .await
         .with_context(|| format!("cannot connect to the gateway at {}:{}", target.host, target.port))?;
@@ -93,14 +110,22 @@ async fn connect_once(target: &LinkTarget, credential: &str, router: Router, max
         .header(header::CONNECTION, "Upgrade")
         .header(header::UPGRADE, "websocket")
         .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", base64::engine::general_purpose::STANDARD.encode(nonce))
+        .header(
+            "sec-websocket-key",
+            base64::engine::general_purpose::STANDARD.encode(nonce),
+        )
         .header(header::AUTHORIZATION, format!("Bearer {credential}"))
         .body(Empty::new())
         .context("building the link request")?;
     let res = sender.send_request(req).await.context("sending the link request")?;
     let status = res.status();
     if status != http::StatusCode::SWITCHING_PROTOCOLS {
-        let body = res.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body = res
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         let text = String::from_utf8_lossy(&body).chars().take(500).collect::<String>();
         return Err(match status.as_u16() {
             401 | 403 => LinkError::Refused(format!("{status}: {text}")),

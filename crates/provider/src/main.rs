@@ -68,7 +68,9 @@ struct StartArgs {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CXMPUTE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         b.json().init();
     } else {

@@ -39,7 +39,10 @@ pub async fn build_engines(config: &NodeConfig) -> anyhow::Result<Engines> {
         None
     };
     let scrape = if config.scrape {
-        let cfg = ScrapeConfig { allow_loopback: config.scrape_allow_loopback, ..ScrapeConfig::default() };
+        let cfg = ScrapeConfig {
+            allow_loopback: config.scrape_allow_loopback,
+            ..ScrapeConfig::default()
+        };
         Some(Arc::new(ScrapeEngine::new(cfg)?))
     } else {
         None
@@ -53,7 +56,12 @@ pub async fn build_engines(config: &NodeConfig) -> anyhow::Result<Engines> {
         None => None,
     };
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-    Ok(Engines { minilm, cpu_slots: Arc::new(Semaphore::new(cpus.max(1))), scrape, upstream })
+    Ok(Engines {
+        minilm,
+        cpu_slots: Arc::new(Semaphore::new(cpus.max(1))),
+        scrape,
+        upstream,
+    })
 }
 
 /// Runs the node until `shutdown` is cancelled, then drains.
@@ -67,8 +75,15 @@ pub async fn run_with_engines(config: NodeConfig, engines: Engines, shutdown: Ca
     config.validate()?;
     let credential = config.credential.clone().unwrap_or_default();
     let offers = engines.offers();
-    anyhow::ensure!(!offers.is_empty(), "this node has nothing to offer: enable an engine or give it an upstream");
-    let hello = Hello { node_version: env!("CARGO_PKG_VERSION").into(), offers, max_concurrency: config.max_concurrency };
+    anyhow::ensure!(
+        !offers.is_empty(),
+        "this node has nothing to offer: enable an engine or give it an upstream"
+    );
+    let hello = Hello {
+        node_version: env!("CARGO_PKG_VERSION").into(),
+        offers,
+        max_concurrency: config.max_concurrency,
+    };
     for o in &hello.offers {
         tracing::info!(service = %o.service, model = %o.model, "offering");
     }
@@ -82,11 +97,15 @@ pub async fn run_with_engines(config: NodeConfig, engines: Engines, shutdown: Ca
     let router = server::router(state.clone());
     let serving = CancellationToken::new();
     if let Some(addr) = config.listen {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
         tracing::info!(addr = %listener.local_addr()?, "local router listening");
         let (router, stop) = (router.clone(), serving.clone());
         tokio::spawn(async move {
-            let _ = axum::serve(listener, router).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
         });
     }
     let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build()?;
@@ -96,13 +115,19 @@ pub async fn run_with_engines(config: NodeConfig, engines: Engines, shutdown: Ca
             let res = http
                 .post(format!("{gateway}{REGISTER_PATH}"))
                 .bearer_auth(&credential)
-                .json(&Register { url: url.clone(), token: token.clone() })
+                .json(&Register {
+                    url: url.clone(),
+                    token: token.clone(),
+                })
                 .send()
                 .await
                 .context("cannot reach the gateway to register")?;
             let status = res.status();
             let text = res.text().await.unwrap_or_default();
-            anyhow::ensure!(status.is_success(), "the gateway refused the registration ({status}): {text}");
+            anyhow::ensure!(
+                status.is_success(),
+                "the gateway refused the registration ({status}): {text}"
+            );
             tracing::info!(url = %url, "registered in direct mode");
             None
         }
@@ -110,7 +135,9 @@ pub async fn run_with_engines(config: NodeConfig, engines: Engines, shutdown: Ca
             let (router, stop) = (router.clone(), serving.clone());
             let max_streams = config.max_concurrency;
             let gw = gateway.clone();
-            Some(tokio::spawn(async move { link::run(&gw, &credential, router, max_streams, stop).await }))
+            Some(tokio::spawn(async move {
+                link::run(&gw, &credential, router, max_streams, stop).await
+            }))
         }
     };
     let mut link_task = link_task;
@@ -130,7 +157,14 @@ pub async fn run_with_engines(config: NodeConfig, engines: Engines, shutdown: Ca
     } else {
         shutdown.cancelled().await;
     }
-    drain(&http, &gateway, config.credential.as_deref().unwrap_or_default(), &state, Duration::from_secs(config.drain_timeout_secs)).await;
+    drain(
+        &http,
+        &gateway,
+        config.credential.as_deref().unwrap_or_default(),
+        &state,
+        Duration::from_secs(config.drain_timeout_secs),
+    )
+    .await;
     serving.cancel();
     if let Some(task) = link_task {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
@@ -142,7 +176,13 @@ pub async fn run_with_engines(config: NodeConfig, engines: Engines, shutdown: Ca
 /// Tells the gateway to stop sending work, then waits for in-flight requests.
 async fn drain(http: &reqwest::Client, gateway: &str, credential: &str, state: &NodeState, deadline: Duration) {
     tracing::info!(in_flight = state.in_flight.load(Ordering::SeqCst), "draining");
-    match http.post(format!("{gateway}{DRAIN_PATH}")).bearer_auth(credential).timeout(Duration::from_secs(3)).send().await {
+    match http
+        .post(format!("{gateway}{DRAIN_PATH}"))
+        .bearer_auth(credential)
+        .timeout(Duration::from_secs(3))
+        .send()
+        .await
+    {
         Ok(r) if r.status().is_success() => {}
         Ok(r) => tracing::warn!(status = %r.status(), "the gateway did not accept the drain notice"),
         Err(e) => tracing::warn!(error = %e, "could not tell the gateway we are draining"),

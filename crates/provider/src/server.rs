@@ -42,7 +42,13 @@ pub fn router(state: NodeState) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/audio/speech", post(speech))
         .route("/v1/scrape", post(scrape))
-        .fallback(|| async { error_response(StatusCode::NOT_FOUND, "invalid_request_error", "no such route on this node") })
+        .fallback(|| async {
+            error_response(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "no such route on this node",
+            )
+        })
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
 }
@@ -57,12 +63,21 @@ async fn guard(State(state): State<NodeState>, req: Request, next: Next) -> Resp
             .and_then(|v| v.strip_prefix("Bearer "))
             .is_some_and(|t| t.as_bytes() == token.as_bytes());
         if !ok {
-            return error_response(StatusCode::UNAUTHORIZED, "invalid_request_error", "this node answers only its gateway");
+            return error_response(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "this node answers only its gateway",
+            );
         }
     }
     state.in_flight.fetch_add(1, Ordering::SeqCst);
     let counter = InFlight(state.in_flight.clone());
-    next.run(req).await.map(|body| Body::new(Counted { inner: body, _counter: counter }))
+    next.run(req).await.map(|body| {
+        Body::new(Counted {
+            inner: body,
+            _counter: counter,
+        })
+    })
 }
 
 struct InFlight(Arc<AtomicUsize>);
@@ -83,7 +98,10 @@ impl http_body::Body for Counted {
     type Data = Bytes;
     type Error = axum::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 
@@ -120,7 +138,11 @@ fn bad_request(message: &str) -> Response<Body> {
 }
 
 fn unknown_model(model: &str) -> Response<Body> {
-    error_response(StatusCode::NOT_FOUND, "invalid_request_error", &format!("this node does not serve '{model}'"))
+    error_response(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        &format!("this node does not serve '{model}'"),
+    )
 }
 
 async fn via_upstream(state: &NodeState, service: &str, path: &str, body: Bytes) -> Response<Body> {
@@ -147,7 +169,11 @@ async fn embeddings(State(state): State<NodeState>, body: Bytes) -> Response<Bod
         Ok(r) => r,
         Err(e) => return bad_request(&e.message),
     };
-    let builtin = state.engines.minilm.as_ref().filter(|_| canonical_embedding_model(&req.model).is_some());
+    let builtin = state
+        .engines
+        .minilm
+        .as_ref()
+        .filter(|_| canonical_embedding_model(&req.model).is_some());
     let Some(engine) = builtin.cloned() else {
         return match &state.engines.upstream {
             Some(up) if up.serves("embeddings", &req.model) => up.forward("/embeddings", body).await,
@@ -163,20 +189,37 @@ async fn embeddings(State(state): State<NodeState>, body: Bytes) -> Response<Bod
     };
     if let Some(d) = req.dimensions {
         if d as usize != engine.dimensions() {
-            return bad_request(&format!("this model has {} dimensions and cannot change them", engine.dimensions()));
+            return bad_request(&format!(
+                "this model has {} dimensions and cannot change them",
+                engine.dimensions()
+            ));
         }
     }
     let Ok(_slot) = state.engines.cpu_slots.clone().acquire_owned().await else {
-        return error_response(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the node is shutting down");
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "the node is shutting down",
+        );
     };
     let result = tokio::task::spawn_blocking(move || engine.embed(&texts)).await;
     let embedded = match result {
         Ok(Ok(e)) => e,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "embedding failed");
-            return error_response(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the embedding engine failed");
+            return error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "the embedding engine failed",
+            );
         }
-        Err(_) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the embedding engine failed"),
+        Err(_) => {
+            return error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "the embedding engine failed",
+            )
+        }
     };
     let base64 = req.encoding_format == Some(EncodingFormat::Base64);
     let data: Vec<_> = embedded

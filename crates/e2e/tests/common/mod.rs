@@ -39,7 +39,11 @@ impl Db {
     pub async fn sqlite() -> Db {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("gateway.db").display());
-        Db { url, _dir: Some(dir), pg: None }
+        Db {
+            url,
+            _dir: Some(dir),
+            pg: None,
+        }
     }
 
     /// A fresh PostgreSQL database, or None when no server is configured.
@@ -51,9 +55,16 @@ impl Db {
         use sqlx::Connection;
         let name = format!("cx_e2e_{}", rand::random::<u32>());
         let mut conn = sqlx::PgConnection::connect(&base).await.expect("connect to PostgreSQL");
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
         let (prefix, _) = base.rsplit_once('/').expect("database URL with a path");
-        Some(Db { url: format!("{prefix}/{name}"), _dir: None, pg: Some((base, name)) })
+        Some(Db {
+            url: format!("{prefix}/{name}"),
+            _dir: None,
+            pg: Some((base, name)),
+        })
     }
 
     pub async fn store(&self) -> Arc<dyn Store> {
@@ -66,11 +77,16 @@ impl Drop for Db {
         if let Some((base, name)) = self.pg.take() {
             // Best effort, on a thread of its own: Drop cannot be async.
             let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
                 rt.block_on(async {
                     use sqlx::Connection;
                     if let Ok(mut c) = sqlx::PgConnection::connect(&base).await {
-                        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut c).await;
+                        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                            .execute(&mut c)
+                            .await;
                     }
                 });
             })
@@ -80,7 +96,11 @@ impl Drop for Db {
 }
 
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(60)).build().unwrap()
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
 }
 
 pub struct Gateway {
@@ -98,10 +118,19 @@ impl Gateway {
 
     pub async fn start_on(db_url: &str, port: u16) -> Gateway {
         let mut child = Command::new(bin("cxmpute-gateway"))
-            .args(["--database-url", db_url, "serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args([
+                "--database-url",
+                db_url,
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
             .env("CXMPUTE_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("CXMPUTE_ALLOW_PRIVATE_DIRECT_URLS", "1")
-            .env("CXMPUTE_LOG", std::env::var("CXMPUTE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "CXMPUTE_LOG",
+                std::env::var("CXMPUTE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -119,7 +148,13 @@ impl Gateway {
         .await
         .expect("gateway did not start in 60 s");
         let port = url.rsplit(':').next().unwrap().parse().unwrap();
-        Gateway { child, url, port, db_url: db_url.to_string(), http: client() }
+        Gateway {
+            child,
+            url,
+            port,
+            db_url: db_url.to_string(),
+            http: client(),
+        }
     }
 
     pub fn kill(&mut self) {
@@ -127,7 +162,10 @@ impl Gateway {
     }
 
     pub async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let mut req = self.http.request(method, format!("{}/admin{path}", self.url)).bearer_auth(ADMIN_TOKEN);
+        let mut req = self
+            .http
+            .request(method, format!("{}/admin{path}", self.url))
+            .bearer_auth(ADMIN_TOKEN);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -140,26 +178,45 @@ impl Gateway {
 
     /// A new account with `credits`, and an API key for it.
     pub async fn account(&self, credits: i64, key_opts: Value) -> (String, String) {
-        let acc = self.admin(reqwest::Method::POST, "/accounts", Some(json!({"name": "e2e"}))).await;
+        let acc = self
+            .admin(reqwest::Method::POST, "/accounts", Some(json!({"name": "e2e"})))
+            .await;
         let id = acc["id"].as_str().unwrap().to_string();
         if credits > 0 {
-            self.admin(reqwest::Method::POST, &format!("/accounts/{id}/deposit"), Some(json!({"amount": credits}))).await;
+            self.admin(
+                reqwest::Method::POST,
+                &format!("/accounts/{id}/deposit"),
+                Some(json!({"amount": credits})),
+            )
+            .await;
         }
-        let key = self.admin(reqwest::Method::POST, &format!("/accounts/{id}/keys"), Some(key_opts)).await;
+        let key = self
+            .admin(reqwest::Method::POST, &format!("/accounts/{id}/keys"), Some(key_opts))
+            .await;
         (id, key["key"].as_str().unwrap().to_string())
     }
 
     /// A provider account with a device; returns (account id, credential).
     pub async fn device(&self) -> (String, String) {
-        let acc = self.admin(reqwest::Method::POST, "/accounts", Some(json!({"name": "provider"}))).await;
+        let acc = self
+            .admin(reqwest::Method::POST, "/accounts", Some(json!({"name": "provider"})))
+            .await;
         let id = acc["id"].as_str().unwrap().to_string();
-        let dev = self.admin(reqwest::Method::POST, &format!("/accounts/{id}/devices"), Some(json!({"name": "node"}))).await;
+        let dev = self
+            .admin(
+                reqwest::Method::POST,
+                &format!("/accounts/{id}/devices"),
+                Some(json!({"name": "node"})),
+            )
+            .await;
         (id, dev["credential"].as_str().unwrap().to_string())
     }
 
     /// How many providers serve `model` (0 when it is not listed).
     pub async fn providers(&self, model: &str) -> u64 {
-        let Ok(res) = self.http.get(format!("{}/v1/models", self.url)).send().await else { return 0 };
+        let Ok(res) = self.http.get(format!("{}/v1/models", self.url)).send().await else {
+            return 0;
+        };
         let v: Value = res.json().await.unwrap_or(Value::Null);
         v["data"]
             .as_array()
@@ -175,7 +232,10 @@ impl Gateway {
             if self.providers(model).await == n {
                 return started.elapsed();
             }
-            assert!(started.elapsed() < timeout, "{model} did not reach {n} providers within {timeout:?}");
+            assert!(
+                started.elapsed() < timeout,
+                "{model} did not reach {n} providers within {timeout:?}"
+            );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
@@ -200,9 +260,14 @@ impl Node {
         }
         cmd.args(args.iter().filter(|a| **a != "--embeddings"))
             .env("CXMPUTE_CREDENTIAL", credential)
-            .env("CXMPUTE_LOG", std::env::var("CXMPUTE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "CXMPUTE_LOG",
+                std::env::var("CXMPUTE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .kill_on_drop(true);
-        Node { child: cmd.spawn().expect("spawn cxmpute-provider") }
+        Node {
+            child: cmd.spawn().expect("spawn cxmpute-provider"),
+        }
     }
 
     pub fn kill(&mut self) {
@@ -211,7 +276,9 @@ impl Node {
 
     pub fn terminate(&self) {
         if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
         }
     }
 }
@@ -219,7 +286,11 @@ impl Node {
 /// Reads an SSE body into its `data:` payloads.
 pub fn sse_events(body: &str) -> Vec<String> {
     body.split("\n\n")
-        .filter_map(|ev| ev.lines().find_map(|l| l.strip_prefix("data:")).map(|d| d.trim().to_string()))
+        .filter_map(|ev| {
+            ev.lines()
+                .find_map(|l| l.strip_prefix("data:"))
+                .map(|d| d.trim().to_string())
+        })
         .collect()
 }
 

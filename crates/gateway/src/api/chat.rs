@@ -43,6 +43,13 @@ pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Bod
         let rewritten = serde_json::to_vec(&req).map_err(|_| ApiError::internal())?;
         (rewritten.into(), MeterKind::Sse { strip_usage: true })
     };
-    let fwd = Forward { service: Service::Chat, model: req.model, path: "/v1/chat/completions", body, meter, bounds };
+    let fwd = Forward {
+        service: Service::Chat,
+        model: req.model,
+        path: "/v1/chat/completions",
+        body,
+        meter,
+        bounds,
+    };
     relay(&state, caller, fwd).await
 }

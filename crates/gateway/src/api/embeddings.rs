@@ -32,6 +32,13 @@ pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Bod
         inputs: req.input.count() as u64,
         ..Bounds::default()
     };
-    let fwd = Forward { service: Service::Embeddings, model: req.model, path: "/v1/embeddings", body: bytes, meter: MeterKind::Json, bounds };
+    let fwd = Forward {
+        service: Service::Embeddings,
+        model: req.model,
+        path: "/v1/embeddings",
+        body: bytes,
+        meter: MeterKind::Json,
+        bounds,
+    };
     relay(&state, caller, fwd).await
 }

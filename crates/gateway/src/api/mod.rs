@@ -32,7 +32,12 @@ pub fn routes() -> Router<AppState> {
 }
 
 /// The steps every API call starts with: key, permissions, rate limit, body.
-pub async fn begin(state: &AppState, headers: &HeaderMap, body: Body, service: Service) -> Result<(Caller, Bytes), ApiError> {
+pub async fn begin(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    service: Service,
+) -> Result<(Caller, Bytes), ApiError> {
     let token = auth::bearer(headers).ok_or_else(ApiError::missing_key)?;
     let auth = state.keys.authenticate(state.store.as_ref(), token).await?;
     if let Some(allowed) = &auth.key.allowed_services {

@@ -20,7 +20,12 @@ fn entry(service: cxmpute_store::Service, model: &str, providers: usize) -> Valu
 
 /// Models are listed without authentication, as the list is public anyway.
 pub async fn list(State(state): State<AppState>) -> Json<Value> {
-    let data: Vec<Value> = state.pools.summary().into_iter().map(|(s, m, n)| entry(s, &m, n)).collect();
+    let data: Vec<Value> = state
+        .pools
+        .summary()
+        .into_iter()
+        .map(|(s, m, n)| entry(s, &m, n))
+        .collect();
     Json(json!({ "object": "list", "data": data }))
 }
 

@@ -23,10 +23,22 @@ pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Bod
         return Err(ApiError::bad_request("Provide at least one URL in 'urls'.").with_param("urls"));
     }
     if req.urls.len() > MAX_URLS {
-        return Err(ApiError::bad_request(format!("Too many URLs: at most {MAX_URLS} per request.")).with_param("urls"));
+        return Err(
+            ApiError::bad_request(format!("Too many URLs: at most {MAX_URLS} per request.")).with_param("urls"),
+        );
     }
-    let bounds = Bounds { pages_max: req.urls.len() as u64, ..Bounds::default() };
+    let bounds = Bounds {
+        pages_max: req.urls.len() as u64,
+        ..Bounds::default()
+    };
     let model = req.model.unwrap_or_else(|| SCRAPE_MODEL.to_string());
-    let fwd = Forward { service: Service::Scrape, model, path: "/v1/scrape", body: bytes, meter: MeterKind::Json, bounds };
+    let fwd = Forward {
+        service: Service::Scrape,
+        model,
+        path: "/v1/scrape",
+        body: bytes,
+        meter: MeterKind::Json,
+        bounds,
+    };
     relay(&state, caller, fwd).await
 }

@@ -48,23 +48,43 @@ pub async fn legacy(State(state): State<AppState>, headers: HeaderMap, body: Bod
     forward(&state, caller, req, bytes).await
 }
 
-async fn forward(state: &AppState, caller: crate::relay::Caller, req: SpeechRequest, bytes: bytes::Bytes) -> Result<Response<Body>, ApiError> {
+async fn forward(
+    state: &AppState,
+    caller: crate::relay::Caller,
+    req: SpeechRequest,
+    bytes: bytes::Bytes,
+) -> Result<Response<Body>, ApiError> {
     if req.input.is_empty() {
         return Err(ApiError::bad_request("'input' must not be empty").with_param("input"));
     }
     let characters = req.input.chars().count();
     if characters > MAX_CHARACTERS {
-        return Err(ApiError::bad_request(format!("'input' is longer than {MAX_CHARACTERS} characters")).with_param("input"));
+        return Err(
+            ApiError::bad_request(format!("'input' is longer than {MAX_CHARACTERS} characters")).with_param("input"),
+        );
     }
     if let Some(f) = &req.response_format {
         if !FORMATS.contains(&f.as_str()) {
-            return Err(ApiError::bad_request(format!("'response_format' must be one of {}", FORMATS.join(", "))).with_param("response_format"));
+            return Err(
+                ApiError::bad_request(format!("'response_format' must be one of {}", FORMATS.join(", ")))
+                    .with_param("response_format"),
+            );
         }
     }
     if req.speed.is_some_and(|s| !(0.25..=4.0).contains(&s)) {
         return Err(ApiError::bad_request("'speed' must be between 0.25 and 4.0").with_param("speed"));
     }
-    let bounds = Bounds { characters: characters as u64, ..Bounds::default() };
-    let fwd = Forward { service: Service::Speech, model: req.model, path: "/v1/audio/speech", body: bytes, meter: MeterKind::Opaque, bounds };
+    let bounds = Bounds {
+        characters: characters as u64,
+        ..Bounds::default()
+    };
+    let fwd = Forward {
+        service: Service::Speech,
+        model: req.model,
+        path: "/v1/audio/speech",
+        body: bytes,
+        meter: MeterKind::Opaque,
+        bounds,
+    };
     relay(state, caller, fwd).await
 }

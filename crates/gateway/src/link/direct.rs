@@ -73,7 +73,11 @@ async fn check_url(url: &str, allow_private: bool) -> Result<String, ApiError> {
     Ok(url.trim_end_matches('/').to_string())
 }
 
-pub async fn register_direct(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn register_direct(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let token = auth::bearer(&headers).ok_or_else(ApiError::missing_key)?;
     let device = auth::authenticate_device(state.store.as_ref(), token).await?;
     let req: Register = parse_json(&body).map_err(ApiError::invalid_body)?;
@@ -83,7 +87,11 @@ pub async fn register_direct(State(state): State<AppState>, headers: HeaderMap, 
     if req.token.len() < 16 || req.token.len() > 256 {
         return Err(ApiError::bad_request("'token' must be 16-256 characters").with_param("token"));
     }
-    let transport = Transport::Direct { base: base.clone(), token: req.token, client: state.direct.clone() };
+    let transport = Transport::Direct {
+        base: base.clone(),
+        token: req.token,
+        client: state.direct.clone(),
+    };
     let session = state.new_session();
     let n = register::register(&state, &device, transport.clone(), session, Some(&base))
         .await
@@ -133,7 +141,19 @@ mod tests {
 
     #[test]
     fn internal_addresses_are_recognised() {
-        for ip in ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0", "100.64.0.1", "::1", "fe80::1", "fd00::1", "::ffff:10.0.0.1"] {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:10.0.0.1",
+        ] {
             assert!(is_internal_ip(ip.parse().unwrap()), "{ip}");
         }
         for ip in ["8.8.8.8", "1.1.1.1", "2606:4700::1111"] {
@@ -144,7 +164,10 @@ mod tests {
     #[tokio::test]
     async fn loopback_urls_need_the_operator_switch() {
         assert!(check_url("http://127.0.0.1:9", false).await.is_err());
-        assert_eq!(check_url("http://127.0.0.1:9/", true).await.unwrap(), "http://127.0.0.1:9");
+        assert_eq!(
+            check_url("http://127.0.0.1:9/", true).await.unwrap(),
+            "http://127.0.0.1:9"
+        );
         assert!(check_url("ftp://127.0.0.1", true).await.is_err());
     }
 }

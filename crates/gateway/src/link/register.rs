@@ -28,7 +28,13 @@ pub async fn hello(transport: &Transport) -> anyhow::Result<Hello> {
 }
 
 /// Registers the node's provisions in the store and the pools; returns how many.
-pub async fn register(state: &AppState, device: &Device, transport: Transport, session: u64, endpoint: Option<&str>) -> anyhow::Result<usize> {
+pub async fn register(
+    state: &AppState,
+    device: &Device,
+    transport: Transport,
+    session: u64,
+    endpoint: Option<&str>,
+) -> anyhow::Result<usize> {
     let hello = hello(&transport).await?;
     let mut provisions = Vec::new();
     for offer in &hello.offers {
@@ -54,7 +60,10 @@ pub async fn register(state: &AppState, device: &Device, transport: Transport, s
             session,
         )));
     }
-    state.store.touch_device(&device.id, cxmpute_store::now_millis()).await?;
+    state
+        .store
+        .touch_device(&device.id, cxmpute_store::now_millis())
+        .await?;
     let n = provisions.len();
     state.pools.add(provisions);
     Ok(n)

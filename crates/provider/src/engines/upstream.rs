@@ -65,7 +65,9 @@ impl Upstream {
             .with_context(|| format!("the upstream at {base} refused GET /models"))?
             .json()
             .await
-            .with_context(|| format!("the upstream at {base} answered GET /models with something that is not a model list"))?;
+            .with_context(|| {
+                format!("the upstream at {base} answered GET /models with something that is not a model list")
+            })?;
         let configured = !(overrides.chat.is_empty() && overrides.embeddings.is_empty() && overrides.speech.is_empty());
         let mut offers = Vec::new();
         for m in list.data {
@@ -82,9 +84,17 @@ impl Upstream {
             } else {
                 guess_service(&m.id)
             };
-            offers.push(Offer { service: service.into(), model: m.id });
+            offers.push(Offer {
+                service: service.into(),
+                model: m.id,
+            });
         }
-        Ok(Upstream { base, api_key, client, offers })
+        Ok(Upstream {
+            base,
+            api_key,
+            client,
+            offers,
+        })
     }
 
     pub fn serves(&self, service: &str, model: &str) -> bool {
@@ -105,7 +115,11 @@ impl Upstream {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "upstream unreachable");
-                return error_response(StatusCode::BAD_GATEWAY, "server_error", "the node's upstream server could not be reached");
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "server_error",
+                    "the node's upstream server could not be reached",
+                );
             }
         };
         let status = StatusCode::from_u16(res.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
