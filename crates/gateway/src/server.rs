@@ -91,6 +91,43 @@ pub async fn run(
     Gateway::open(config).await?.serve(listener, shutdown).await
 }
 
+/// Every (method, path) the router serves; `tests/openapi.rs` checks this list
+/// against `docs/openapi.json` and against the router itself.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/{id}"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/embeddings"),
+    ("POST", "/v1/audio/speech"),
+    ("POST", "/v1/tts"),
+    ("POST", "/v1/scrape"),
+    ("GET", "/api/v1/models"),
+    ("GET", "/api/v1/models/{id}"),
+    ("POST", "/api/v1/chat/completions"),
+    ("POST", "/api/v1/embeddings"),
+    ("POST", "/api/v1/audio/speech"),
+    ("POST", "/api/v1/tts"),
+    ("POST", "/api/v1/scrape"),
+    ("GET", "/v1/provider/link"),
+    ("POST", "/v1/provider/register"),
+    ("POST", "/v1/provider/drain"),
+    ("POST", "/admin/accounts"),
+    ("GET", "/admin/accounts"),
+    ("GET", "/admin/accounts/{id}"),
+    ("POST", "/admin/accounts/{id}/deposit"),
+    ("POST", "/admin/accounts/{id}/suspend"),
+    ("POST", "/admin/accounts/{id}/unsuspend"),
+    ("POST", "/admin/accounts/{id}/keys"),
+    ("GET", "/admin/accounts/{id}/keys"),
+    ("POST", "/admin/accounts/{id}/devices"),
+    ("GET", "/admin/accounts/{id}/devices"),
+    ("GET", "/admin/accounts/{id}/usage"),
+    ("DELETE", "/admin/keys/{id}"),
+    ("GET", "/admin/provisions"),
+    ("GET", "/healthz"),
+    ("GET", "/metrics"),
+];
+
 pub fn router(state: AppState) -> Router {
     let api = crate::api::routes();
     Router::new()

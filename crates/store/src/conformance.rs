@@ -16,10 +16,7 @@ pub use accounts::*;
 pub use concurrency::*;
 pub use credits::*;
 
-use crate::{
-    now_millis, Account, ApiKey, Device, HoldRequest, LedgerKind, NewApiKey, Service, Store,
-    UsageRecord,
-};
+use crate::{now_millis, Account, ApiKey, Device, HoldRequest, LedgerKind, NewApiKey, Service, Store, UsageRecord};
 
 /// Expands into one `#[tokio::test]` per conformance function. `$runner` is an
 /// async function `run(test)` that builds a fresh store, awaits
@@ -104,13 +101,7 @@ pub fn hold_of(request_id: &str, key: &ApiKey, amount: i64) -> HoldRequest {
 }
 
 /// A successful chat request answered by `provider` (if any).
-pub fn usage_of(
-    request_id: &str,
-    key: &ApiKey,
-    cost: i64,
-    reward: i64,
-    provider: Option<&Device>,
-) -> UsageRecord {
+pub fn usage_of(request_id: &str, key: &ApiKey, cost: i64, reward: i64, provider: Option<&Device>) -> UsageRecord {
     UsageRecord {
         request_id: request_id.to_string(),
         account_id: key.account_id.clone(),

@@ -89,12 +89,7 @@ pub enum Service {
 }
 
 impl Service {
-    pub const ALL: [Service; 4] = [
-        Service::Chat,
-        Service::Embeddings,
-        Service::Speech,
-        Service::Scrape,
-    ];
+    pub const ALL: [Service; 4] = [Service::Chat, Service::Embeddings, Service::Speech, Service::Scrape];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -328,13 +323,7 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke_api_key(&self, key_id: &str) -> Result<bool>;
 
     // Provider devices and provisions
-    async fn create_device(
-        &self,
-        account_id: &str,
-        name: &str,
-        id: &str,
-        access_key_hash: &str,
-    ) -> Result<Device>;
+    async fn create_device(&self, account_id: &str, name: &str, id: &str, access_key_hash: &str) -> Result<Device>;
     async fn device(&self, id: &str) -> Result<Option<Device>>;
     async fn devices(&self, account_id: &str) -> Result<Vec<Device>>;
     async fn touch_device(&self, id: &str, at: Millis) -> Result<()>;

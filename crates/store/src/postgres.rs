@@ -19,13 +19,13 @@ use sqlx::{ConnectOptions, Connection};
 
 use crate::error::on_insert;
 use crate::rows::{
-    convert_all, parse_models, services_to_text, AccountRow, ApiKeyRow, DeviceRow, KeyAuthRow,
-    LedgerRow, ProvisionRow, RollupRow, UsageRow,
+    convert_all, parse_models, services_to_text, AccountRow, ApiKeyRow, DeviceRow, KeyAuthRow, LedgerRow, ProvisionRow,
+    RollupRow, UsageRow,
 };
 use crate::{
-    ids::new_id, now_millis, redact_url, rules, Account, ApiKey, DailyRollup, Device,
-    HoldOutcome, HoldRequest, KeyAuth, LedgerEntry, LedgerKind, Millis, NewApiKey,
-    ProvisionRecord, Result, Service, SettleOutcome, Store, StoreError, UsageRecord,
+    ids::new_id, now_millis, redact_url, rules, Account, ApiKey, DailyRollup, Device, HoldOutcome, HoldRequest,
+    KeyAuth, LedgerEntry, LedgerKind, Millis, NewApiKey, ProvisionRecord, Result, Service, SettleOutcome, Store,
+    StoreError, UsageRecord,
 };
 
 const POOL_SIZE: u32 = 16;
@@ -75,9 +75,7 @@ fn parse_url(url: &str) -> Result<PgConnectOptions> {
 /// restricted so it can be spliced into SQL without quoting concerns.
 fn check_schema_name(schema: &str) -> Result<()> {
     let mut chars = schema.chars();
-    let valid_start = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    let valid_start = chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_');
     let valid_rest = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if !valid_start || !valid_rest || schema.len() > 63 {
         return Err(StoreError::InvalidInput(format!(
@@ -98,7 +96,7 @@ where
     loop {
         match op().await {
             Err(StoreError::Database(e)) if is_transient(&e) && attempt < ATTEMPTS => {
-                tracing::debug!(attempt, error = %e, "retrying transaction");eprintln!("RETRY {e}");
+                tracing::debug!(attempt, error = %e, "retrying transaction");
                 tokio::time::sleep(Duration::from_millis(5 << attempt)).await;
                 attempt += 1;
             }
@@ -129,13 +127,7 @@ impl Store for PgStore {
         .bind(now_millis())
         .fetch_one(&self.pool)
         .await
-        .map_err(|e| {
-            on_insert(
-                e,
-                || "an account with this email exists".into(),
-                String::new,
-            )
-        })?;
+        .map_err(|e| on_insert(e, || "an account with this email exists".into(), String::new))?;
         Ok(row.into())
     }
 
@@ -155,14 +147,12 @@ impl Store for PgStore {
     }
 
     async fn set_suspended(&self, id: &str, reason: Option<&str>) -> Result<()> {
-        let done = sqlx::query(
-            "UPDATE accounts SET suspended = $2, suspended_reason = $3 WHERE id = $1",
-        )
-        .bind(id)
-        .bind(reason.is_some())
-        .bind(reason)
-        .execute(&self.pool)
-        .await?;
+        let done = sqlx::query("UPDATE accounts SET suspended = $2, suspended_reason = $3 WHERE id = $1")
+            .bind(id)
+            .bind(reason.is_some())
+            .bind(reason)
+            .execute(&self.pool)
+            .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(format!("account {id}")));
         }
@@ -182,11 +172,10 @@ impl Store for PgStore {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(balance) = balance else {
-            let exists: bool =
-                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = $1)")
-                    .bind(account_id)
-                    .fetch_one(&mut *tx)
-                    .await?;
+            let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = $1)")
+                .bind(account_id)
+                .fetch_one(&mut *tx)
+                .await?;
             return Err(if exists {
                 StoreError::InvalidInput("deposit would overflow the balance".into())
             } else {
@@ -248,12 +237,11 @@ impl Store for PgStore {
     }
 
     async fn api_keys(&self, account_id: &str) -> Result<Vec<ApiKey>> {
-        let rows: Vec<ApiKeyRow> = sqlx::query_as(
-            "SELECT * FROM api_keys WHERE account_id = $1 ORDER BY created_at, id",
-        )
-        .bind(account_id)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<ApiKeyRow> =
+            sqlx::query_as("SELECT * FROM api_keys WHERE account_id = $1 ORDER BY created_at, id")
+                .bind(account_id)
+                .fetch_all(&self.pool)
+                .await?;
         convert_all(rows)
     }
 
@@ -270,23 +258,15 @@ impl Store for PgStore {
 
     async fn revoke_api_key(&self, key_id: &str) -> Result<bool> {
         // COALESCE keeps the first revocation time when revoked twice.
-        let done = sqlx::query(
-            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1",
-        )
-        .bind(key_id)
-        .bind(now_millis())
-        .execute(&self.pool)
-        .await?;
+        let done = sqlx::query("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1")
+            .bind(key_id)
+            .bind(now_millis())
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected() > 0)
     }
 
-    async fn create_device(
-        &self,
-        account_id: &str,
-        name: &str,
-        id: &str,
-        access_key_hash: &str,
-    ) -> Result<Device> {
+    async fn create_device(&self, account_id: &str, name: &str, id: &str, access_key_hash: &str) -> Result<Device> {
         let row: DeviceRow = sqlx::query_as(
             "INSERT INTO devices (id, account_id, name, access_key_hash, created_at) \
              VALUES ($1, $2, $3, $4, $5) RETURNING *",
@@ -311,12 +291,11 @@ impl Store for PgStore {
     }
 
     async fn devices(&self, account_id: &str) -> Result<Vec<Device>> {
-        let rows: Vec<DeviceRow> = sqlx::query_as(
-            "SELECT * FROM devices WHERE account_id = $1 ORDER BY created_at, id",
-        )
-        .bind(account_id)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<DeviceRow> =
+            sqlx::query_as("SELECT * FROM devices WHERE account_id = $1 ORDER BY created_at, id")
+                .bind(account_id)
+                .fetch_all(&self.pool)
+                .await?;
         Ok(rows.into_iter().map(Device::from).collect())
     }
 
@@ -371,10 +350,9 @@ impl Store for PgStore {
     }
 
     async fn provisions(&self) -> Result<Vec<ProvisionRecord>> {
-        let rows: Vec<ProvisionRow> =
-            sqlx::query_as("SELECT * FROM provisions ORDER BY device_id, service, model")
-                .fetch_all(&self.pool)
-                .await?;
+        let rows: Vec<ProvisionRow> = sqlx::query_as("SELECT * FROM provisions ORDER BY device_id, service, model")
+            .fetch_all(&self.pool)
+            .await?;
         convert_all(rows)
     }
 
@@ -414,11 +392,10 @@ impl Store for PgStore {
     }
 
     async fn usage(&self, request_id: &str) -> Result<Option<UsageRecord>> {
-        let row: Option<UsageRow> =
-            sqlx::query_as("SELECT * FROM usage_records WHERE request_id = $1")
-                .bind(request_id)
-                .fetch_optional(&self.pool)
-                .await?;
+        let row: Option<UsageRow> = sqlx::query_as("SELECT * FROM usage_records WHERE request_id = $1")
+            .bind(request_id)
+            .fetch_optional(&self.pool)
+            .await?;
         row.map(UsageRecord::try_from).transpose()
     }
 
@@ -457,12 +434,12 @@ impl Store for PgStore {
     }
 
     async fn held_amount(&self, account_id: &str) -> Result<i64> {
-        Ok(sqlx::query_scalar(
-            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM holds WHERE account_id = $1",
+        Ok(
+            sqlx::query_scalar("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM holds WHERE account_id = $1")
+                .bind(account_id)
+                .fetch_one(&self.pool)
+                .await?,
         )
-        .bind(account_id)
-        .fetch_one(&self.pool)
-        .await?)
     }
 
     async fn ping(&self) -> Result<()> {

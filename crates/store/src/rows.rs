@@ -8,8 +8,8 @@
 use sqlx::FromRow;
 
 use crate::{
-    Account, ApiKey, DailyRollup, Device, KeyAuth, LedgerEntry, LedgerKind, ProvisionRecord,
-    Result, Service, StoreError, UsageRecord,
+    Account, ApiKey, DailyRollup, Device, KeyAuth, LedgerEntry, LedgerKind, ProvisionRecord, Result, Service,
+    StoreError, UsageRecord,
 };
 
 #[derive(FromRow)]
@@ -59,9 +59,7 @@ impl TryFrom<ApiKeyRow> for ApiKey {
     fn try_from(r: ApiKeyRow) -> Result<Self> {
         let rpm_limit = r
             .rpm_limit
-            .map(|n| {
-                u32::try_from(n).map_err(|_| StoreError::Corrupt(format!("rpm_limit {n}")))
-            })
+            .map(|n| u32::try_from(n).map_err(|_| StoreError::Corrupt(format!("rpm_limit {n}"))))
             .transpose()?;
         Ok(ApiKey {
             allowed_services: r.allowed_services.as_deref().map(parse_services).transpose()?,
@@ -280,19 +278,11 @@ pub(crate) fn parse_models(rows: Vec<(String, String)>) -> Result<Vec<(Service, 
 /// Stored as a comma-separated list; `None` (every service) stays NULL, while
 /// an empty list (no service) is stored as `''` so the two are not confused.
 pub(crate) fn services_to_text(services: Option<&[Service]>) -> Option<String> {
-    services.map(|list| {
-        list.iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>()
-            .join(",")
-    })
+    services.map(|list| list.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","))
 }
 
 fn parse_services(text: &str) -> Result<Vec<Service>> {
-    text.split(',')
-        .filter(|s| !s.is_empty())
-        .map(parse_service)
-        .collect()
+    text.split(',').filter(|s| !s.is_empty()).map(parse_service).collect()
 }
 
 fn parse_service(text: &str) -> Result<Service> {

@@ -12,20 +12,18 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Sqlite, Transaction};
 
 use crate::error::on_insert;
 use crate::rows::{
-    convert_all, parse_models, services_to_text, AccountRow, ApiKeyRow, DeviceRow, KeyAuthRow,
-    LedgerRow, ProvisionRow, RollupRow, UsageRow,
+    convert_all, parse_models, services_to_text, AccountRow, ApiKeyRow, DeviceRow, KeyAuthRow, LedgerRow, ProvisionRow,
+    RollupRow, UsageRow,
 };
 use crate::{
-    ids::new_id, now_millis, redact_url, rules, Account, ApiKey, DailyRollup, Device,
-    HoldOutcome, HoldRequest, KeyAuth, LedgerEntry, LedgerKind, Millis, NewApiKey,
-    ProvisionRecord, Result, Service, SettleOutcome, Store, StoreError, UsageRecord,
+    ids::new_id, now_millis, redact_url, rules, Account, ApiKey, DailyRollup, Device, HoldOutcome, HoldRequest,
+    KeyAuth, LedgerEntry, LedgerKind, Millis, NewApiKey, ProvisionRecord, Result, Service, SettleOutcome, Store,
+    StoreError, UsageRecord,
 };
 
 const READERS: u32 = 8;
@@ -79,9 +77,7 @@ impl SqliteStore {
                 .await?;
             SqliteStore { writer, reader }
         };
-        sqlx::migrate!("./migrations/sqlite")
-            .run(&store.writer)
-            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&store.writer).await?;
         Ok(store)
     }
 
@@ -114,13 +110,7 @@ impl Store for SqliteStore {
         .bind(now_millis())
         .fetch_one(&self.writer)
         .await
-        .map_err(|e| {
-            on_insert(
-                e,
-                || "an account with this email exists".into(),
-                String::new,
-            )
-        })?;
+        .map_err(|e| on_insert(e, || "an account with this email exists".into(), String::new))?;
         Ok(row.into())
     }
 
@@ -140,14 +130,12 @@ impl Store for SqliteStore {
     }
 
     async fn set_suspended(&self, id: &str, reason: Option<&str>) -> Result<()> {
-        let done = sqlx::query(
-            "UPDATE accounts SET suspended = $2, suspended_reason = $3 WHERE id = $1",
-        )
-        .bind(id)
-        .bind(reason.is_some())
-        .bind(reason)
-        .execute(&self.writer)
-        .await?;
+        let done = sqlx::query("UPDATE accounts SET suspended = $2, suspended_reason = $3 WHERE id = $1")
+            .bind(id)
+            .bind(reason.is_some())
+            .bind(reason)
+            .execute(&self.writer)
+            .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(format!("account {id}")));
         }
@@ -167,11 +155,10 @@ impl Store for SqliteStore {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(balance) = balance else {
-            let exists: bool =
-                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = $1)")
-                    .bind(account_id)
-                    .fetch_one(&mut *tx)
-                    .await?;
+            let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = $1)")
+                .bind(account_id)
+                .fetch_one(&mut *tx)
+                .await?;
             return Err(if exists {
                 StoreError::InvalidInput("deposit would overflow the balance".into())
             } else {
@@ -233,12 +220,11 @@ impl Store for SqliteStore {
     }
 
     async fn api_keys(&self, account_id: &str) -> Result<Vec<ApiKey>> {
-        let rows: Vec<ApiKeyRow> = sqlx::query_as(
-            "SELECT * FROM api_keys WHERE account_id = $1 ORDER BY created_at, id",
-        )
-        .bind(account_id)
-        .fetch_all(&self.reader)
-        .await?;
+        let rows: Vec<ApiKeyRow> =
+            sqlx::query_as("SELECT * FROM api_keys WHERE account_id = $1 ORDER BY created_at, id")
+                .bind(account_id)
+                .fetch_all(&self.reader)
+                .await?;
         convert_all(rows)
     }
 
@@ -255,23 +241,15 @@ impl Store for SqliteStore {
 
     async fn revoke_api_key(&self, key_id: &str) -> Result<bool> {
         // COALESCE keeps the first revocation time when revoked twice.
-        let done = sqlx::query(
-            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1",
-        )
-        .bind(key_id)
-        .bind(now_millis())
-        .execute(&self.writer)
-        .await?;
+        let done = sqlx::query("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1")
+            .bind(key_id)
+            .bind(now_millis())
+            .execute(&self.writer)
+            .await?;
         Ok(done.rows_affected() > 0)
     }
 
-    async fn create_device(
-        &self,
-        account_id: &str,
-        name: &str,
-        id: &str,
-        access_key_hash: &str,
-    ) -> Result<Device> {
+    async fn create_device(&self, account_id: &str, name: &str, id: &str, access_key_hash: &str) -> Result<Device> {
         let row: DeviceRow = sqlx::query_as(
             "INSERT INTO devices (id, account_id, name, access_key_hash, created_at) \
              VALUES ($1, $2, $3, $4, $5) RETURNING *",
@@ -296,12 +274,11 @@ impl Store for SqliteStore {
     }
 
     async fn devices(&self, account_id: &str) -> Result<Vec<Device>> {
-        let rows: Vec<DeviceRow> = sqlx::query_as(
-            "SELECT * FROM devices WHERE account_id = $1 ORDER BY created_at, id",
-        )
-        .bind(account_id)
-        .fetch_all(&self.reader)
-        .await?;
+        let rows: Vec<DeviceRow> =
+            sqlx::query_as("SELECT * FROM devices WHERE account_id = $1 ORDER BY created_at, id")
+                .bind(account_id)
+                .fetch_all(&self.reader)
+                .await?;
         Ok(rows.into_iter().map(Device::from).collect())
     }
 
@@ -356,10 +333,9 @@ impl Store for SqliteStore {
     }
 
     async fn provisions(&self) -> Result<Vec<ProvisionRecord>> {
-        let rows: Vec<ProvisionRow> =
-            sqlx::query_as("SELECT * FROM provisions ORDER BY device_id, service, model")
-                .fetch_all(&self.reader)
-                .await?;
+        let rows: Vec<ProvisionRow> = sqlx::query_as("SELECT * FROM provisions ORDER BY device_id, service, model")
+            .fetch_all(&self.reader)
+            .await?;
         convert_all(rows)
     }
 
@@ -399,11 +375,10 @@ impl Store for SqliteStore {
     }
 
     async fn usage(&self, request_id: &str) -> Result<Option<UsageRecord>> {
-        let row: Option<UsageRow> =
-            sqlx::query_as("SELECT * FROM usage_records WHERE request_id = $1")
-                .bind(request_id)
-                .fetch_optional(&self.reader)
-                .await?;
+        let row: Option<UsageRow> = sqlx::query_as("SELECT * FROM usage_records WHERE request_id = $1")
+            .bind(request_id)
+            .fetch_optional(&self.reader)
+            .await?;
         row.map(UsageRecord::try_from).transpose()
     }
 
@@ -442,12 +417,12 @@ impl Store for SqliteStore {
     }
 
     async fn held_amount(&self, account_id: &str) -> Result<i64> {
-        Ok(sqlx::query_scalar(
-            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM holds WHERE account_id = $1",
+        Ok(
+            sqlx::query_scalar("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM holds WHERE account_id = $1")
+                .bind(account_id)
+                .fetch_one(&self.reader)
+                .await?,
         )
-        .bind(account_id)
-        .fetch_one(&self.reader)
-        .await?)
     }
 
     async fn ping(&self) -> Result<()> {

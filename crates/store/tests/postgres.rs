@@ -26,9 +26,7 @@ where
 {
     let Some(url) = database_url() else { return };
     let schema = cxmpute_store::ids::new_id("test_");
-    let store = PgStore::connect_with_schema(&url, &schema)
-        .await
-        .expect("connect");
+    let store = PgStore::connect_with_schema(&url, &schema).await.expect("connect");
     // Run on a task so a failing test still gets its schema dropped.
     let outcome = tokio::spawn(test(Arc::new(store))).await;
     let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");

@@ -48,10 +48,7 @@ pub async fn accounts_and_deposits(s: Arc<dyn Store>) {
     assert!(ledger[0].created_at >= ledger[1].created_at, "newest first");
     assert_eq!(s.ledger(&a.id, 1).await.expect("ledger").len(), 1);
     assert!(s.ledger(&a.id, -1).await.expect("ledger").is_empty());
-    assert_eq!(
-        s.ledger_sum(&a.id, LedgerKind::Deposit).await.expect("sum"),
-        1_500
-    );
+    assert_eq!(s.ledger_sum(&a.id, LedgerKind::Deposit).await.expect("sum"), 1_500);
     assert_eq!(s.ledger_sum(&a.id, LedgerKind::Charge).await.expect("sum"), 0);
     assert_eq!(s.held_amount(&a.id).await.expect("held"), 0);
     super::assert_invariant(s, &a.id).await;
@@ -100,10 +97,7 @@ pub async fn api_keys_and_auth(s: Arc<dyn Store>) {
     assert_eq!(key.secret_hash, crate::ids::hash_secret("secret"));
     assert_eq!(key.credit_limit, Some(5_000));
     assert_eq!(key.spent, 0);
-    assert_eq!(
-        key.allowed_services,
-        Some(vec![Service::Chat, Service::Embeddings])
-    );
+    assert_eq!(key.allowed_services, Some(vec![Service::Chat, Service::Embeddings]));
     assert_eq!(key.rpm_limit, Some(60));
     assert_eq!(key.revoked_at, None);
     assert_eq!(key.last_used_at, None);

@@ -54,10 +54,7 @@ pub async fn concurrent_holds_and_settles(s: Arc<dyn Store>) {
     assert_eq!(balance(&*s, &user.id).await, 50 * 400);
     assert_eq!(balance(&*s, &provider.id).await, 50 * 300);
     assert_eq!(s.held_amount(&user.id).await.expect("held"), 0);
-    assert_eq!(
-        s.ledger_sum(&user.id, LedgerKind::Charge).await.expect("sum"),
-        -30_000
-    );
+    assert_eq!(s.ledger_sum(&user.id, LedgerKind::Charge).await.expect("sum"), -30_000);
     assert_eq!(
         s.ledger_sum(&provider.id, LedgerKind::Reward).await.expect("sum"),
         15_000
@@ -65,13 +62,7 @@ pub async fn concurrent_holds_and_settles(s: Arc<dyn Store>) {
     let k = s.key_auth("k").await.expect("auth").expect("key").key;
     assert_eq!(k.spent, 30_000);
     let day = crate::day_of(crate::now_millis());
-    let requests: i64 = s
-        .rollups(&day)
-        .await
-        .expect("rollups")
-        .iter()
-        .map(|r| r.requests)
-        .sum();
+    let requests: i64 = s.rollups(&day).await.expect("rollups").iter().map(|r| r.requests).sum();
     // Tolerates the test straddling midnight, when some land on the next day.
     assert!((1..=50).contains(&requests), "{requests} requests rolled up");
     assert_invariant(&*s, &user.id).await;
@@ -128,10 +119,7 @@ pub async fn concurrent_double_settle(s: Arc<dyn Store>) {
         })
         .collect();
     let outcomes = join_all(tasks).await;
-    let settled = outcomes
-        .iter()
-        .filter(|o| **o == SettleOutcome::Settled)
-        .count();
+    let settled = outcomes.iter().filter(|o| **o == SettleOutcome::Settled).count();
     assert_eq!(settled, 1);
     assert_eq!(balance(&*s, &user.id).await, 9_400);
     assert_eq!(balance(&*s, &provider.id).await, 300);

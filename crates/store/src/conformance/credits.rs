@@ -3,16 +3,17 @@
 use std::sync::Arc;
 
 use super::{account_with, assert_invariant, balance, device_of, hold_of, key_of, usage_of};
-use crate::{
-    day_of, HoldOutcome, LedgerKind, Service, SettleOutcome, Store, StoreError,
-};
+use crate::{day_of, HoldOutcome, LedgerKind, Service, SettleOutcome, Store, StoreError};
 
 pub async fn hold_and_release(s: Arc<dyn Store>) {
     let s = &*s;
     let a = account_with(s, "a", 10_000).await;
     let key = key_of(s, &a, "k", Some(100_000)).await;
 
-    assert_eq!(s.hold(hold_of("r1", &key, 3_000)).await.expect("hold"), HoldOutcome::Held);
+    assert_eq!(
+        s.hold(hold_of("r1", &key, 3_000)).await.expect("hold"),
+        HoldOutcome::Held
+    );
     assert_eq!(balance(s, &a.id).await, 7_000);
     assert_eq!(s.held_amount(&a.id).await.expect("held"), 3_000);
     assert_invariant(s, &a.id).await;
@@ -34,9 +35,15 @@ pub async fn hold_and_release(s: Arc<dyn Store>) {
 
     // The released reservation no longer counts against the key's limit.
     let limited = key_of(s, &a, "k2", Some(5_000)).await;
-    assert_eq!(s.hold(hold_of("r2", &limited, 5_000)).await.expect("hold"), HoldOutcome::Held);
+    assert_eq!(
+        s.hold(hold_of("r2", &limited, 5_000)).await.expect("hold"),
+        HoldOutcome::Held
+    );
     s.release("r2").await.expect("release");
-    assert_eq!(s.hold(hold_of("r3", &limited, 5_000)).await.expect("hold"), HoldOutcome::Held);
+    assert_eq!(
+        s.hold(hold_of("r3", &limited, 5_000)).await.expect("hold"),
+        HoldOutcome::Held
+    );
 }
 
 pub async fn hold_refusals(s: Arc<dyn Store>) {
@@ -46,7 +53,10 @@ pub async fn hold_refusals(s: Arc<dyn Store>) {
 
     let r = s.hold(hold_of("big", &key, 1_001)).await.expect("hold");
     assert_eq!(r, HoldOutcome::InsufficientBalance);
-    assert_eq!(s.hold(hold_of("all", &key, 1_000)).await.expect("hold"), HoldOutcome::Held);
+    assert_eq!(
+        s.hold(hold_of("all", &key, 1_000)).await.expect("hold"),
+        HoldOutcome::Held
+    );
     let r = s.hold(hold_of("one-more", &key, 1)).await.expect("hold");
     assert_eq!(r, HoldOutcome::InsufficientBalance);
     s.release("all").await.expect("release");
@@ -79,7 +89,10 @@ pub async fn key_credit_limit(s: Arc<dyn Store>) {
     let a = account_with(s, "a", 100_000).await;
     let key = key_of(s, &a, "k", Some(1_500)).await;
 
-    assert_eq!(s.hold(hold_of("r1", &key, 1_000)).await.expect("hold"), HoldOutcome::Held);
+    assert_eq!(
+        s.hold(hold_of("r1", &key, 1_000)).await.expect("hold"),
+        HoldOutcome::Held
+    );
     let r = s.hold(hold_of("r2", &key, 600)).await.expect("hold");
     assert_eq!(r, HoldOutcome::KeyLimitReached);
     assert_eq!(balance(s, &a.id).await, 99_000, "the refused hold was rolled back");
@@ -90,7 +103,10 @@ pub async fn key_credit_limit(s: Arc<dyn Store>) {
     assert_eq!(s.settle(usage).await.expect("settle"), SettleOutcome::Settled);
     let k = s.key_auth("k").await.expect("auth").expect("key").key;
     assert_eq!(k.spent, 400);
-    assert_eq!(s.hold(hold_of("r3", &key, 1_100)).await.expect("hold"), HoldOutcome::Held);
+    assert_eq!(
+        s.hold(hold_of("r3", &key, 1_100)).await.expect("hold"),
+        HoldOutcome::Held
+    );
     let r = s.hold(hold_of("r4", &key, 1)).await.expect("hold");
     assert_eq!(r, HoldOutcome::KeyLimitReached);
     assert_invariant(s, &a.id).await;
@@ -103,7 +119,10 @@ pub async fn settle_with_hold(s: Arc<dyn Store>) {
     let key = key_of(s, &user, "k", None).await;
     let device = device_of(s, &provider, "dev_1").await;
 
-    assert_eq!(s.hold(hold_of("r1", &key, 1_000)).await.expect("hold"), HoldOutcome::Held);
+    assert_eq!(
+        s.hold(hold_of("r1", &key, 1_000)).await.expect("hold"),
+        HoldOutcome::Held
+    );
     let usage = usage_of("r1", &key, 600, 300, Some(&device));
     assert_eq!(s.settle(usage.clone()).await.expect("settle"), SettleOutcome::Settled);
 
@@ -130,7 +149,10 @@ pub async fn settle_with_hold(s: Arc<dyn Store>) {
     assert_invariant(s, &provider.id).await;
 
     // A free request settles without a charge entry.
-    assert_eq!(s.hold(hold_of("free", &key, 500)).await.expect("hold"), HoldOutcome::Held);
+    assert_eq!(
+        s.hold(hold_of("free", &key, 500)).await.expect("hold"),
+        HoldOutcome::Held
+    );
     let free = usage_of("free", &key, 0, 0, Some(&device));
     assert_eq!(s.settle(free).await.expect("settle"), SettleOutcome::Settled);
     assert_eq!(balance(s, &user.id).await, 9_400);
@@ -293,7 +315,10 @@ pub async fn usage_history_and_rollups(s: Arc<dyn Store>) {
         .find(|r| r.service == Service::Embeddings)
         .expect("embeddings rollup");
     assert_eq!((emb.model.as_str(), emb.requests, emb.cost), ("bge", 1, 10));
-    let none = rollups.iter().find(|r| r.device_id.is_empty()).expect("no-device rollup");
+    let none = rollups
+        .iter()
+        .find(|r| r.device_id.is_empty())
+        .expect("no-device rollup");
     assert_eq!((none.requests, none.errors, none.cost), (1, 1, 0));
     let next = s.rollups("2023-11-15").await.expect("rollups");
     assert_eq!(next.len(), 1);
@@ -319,7 +344,10 @@ pub async fn expired_holds(s: Arc<dyn Store>) {
     assert_eq!(balance(s, &a.id).await, 9_000);
     assert_eq!(s.release_expired_holds(now).await.expect("expire"), 0);
     // The key's reservation went back too: 9 000 more fit under its limit.
-    assert_eq!(s.hold(hold_of("big", &key, 9_000)).await.expect("hold"), HoldOutcome::Held);
+    assert_eq!(
+        s.hold(hold_of("big", &key, 9_000)).await.expect("hold"),
+        HoldOutcome::Held
+    );
 
     assert_eq!(s.release_all_holds().await.expect("release all"), 2);
     assert_eq!(s.held_amount(&a.id).await.expect("held"), 0);

@@ -10,8 +10,7 @@ use sqlx::{Postgres, Transaction};
 
 use super::{retrying, PgStore};
 use crate::{
-    day_of, now_millis, rules, HoldOutcome, HoldRequest, LedgerKind, Result, SettleOutcome,
-    StoreError, UsageRecord,
+    day_of, now_millis, rules, HoldOutcome, HoldRequest, LedgerKind, Result, SettleOutcome, StoreError, UsageRecord,
 };
 
 impl PgStore {
@@ -55,13 +54,11 @@ impl PgStore {
         }
         // The check and the debit are one statement: a concurrent hold waits for
         // this row and re-checks the balance it leaves.
-        let debited = sqlx::query(
-            "UPDATE accounts SET balance = balance - $2 WHERE id = $1 AND balance >= $2",
-        )
-        .bind(&hold.account_id)
-        .bind(hold.amount)
-        .execute(&mut *tx)
-        .await?;
+        let debited = sqlx::query("UPDATE accounts SET balance = balance - $2 WHERE id = $1 AND balance >= $2")
+            .bind(&hold.account_id)
+            .bind(hold.amount)
+            .execute(&mut *tx)
+            .await?;
         if debited.rows_affected() == 0 {
             tx.rollback().await?;
             return Ok(HoldOutcome::InsufficientBalance);
@@ -161,12 +158,11 @@ impl PgStore {
 /// Deletes a hold and gives its amount back to the balance and the key's
 /// headroom. Returns the amount, or `None` when there was no hold.
 async fn return_hold(tx: &mut Transaction<'static, Postgres>, request_id: &str) -> Result<Option<i64>> {
-    let hold: Option<(String, String, i64)> = sqlx::query_as(
-        "DELETE FROM holds WHERE request_id = $1 RETURNING account_id, key_id, amount",
-    )
-    .bind(request_id)
-    .fetch_optional(&mut **tx)
-    .await?;
+    let hold: Option<(String, String, i64)> =
+        sqlx::query_as("DELETE FROM holds WHERE request_id = $1 RETURNING account_id, key_id, amount")
+            .bind(request_id)
+            .fetch_optional(&mut **tx)
+            .await?;
     let Some((account_id, key_id, amount)) = hold else {
         return Ok(None);
     };
@@ -184,11 +180,7 @@ async fn return_hold(tx: &mut Transaction<'static, Postgres>, request_id: &str) 
 }
 
 /// Returns false when a record for the request exists already.
-async fn insert_usage(
-    tx: &mut Transaction<'static, Postgres>,
-    u: &UsageRecord,
-    reward: i64,
-) -> Result<bool> {
+async fn insert_usage(tx: &mut Transaction<'static, Postgres>, u: &UsageRecord, reward: i64) -> Result<bool> {
     let done = sqlx::query(
         "INSERT INTO usage_records (request_id, account_id, key_id, device_id, \
          provider_account_id, provision_id, service, model, input_tokens, output_tokens, \
@@ -249,12 +241,7 @@ async fn move_credits(
     Ok(())
 }
 
-async fn add_to_rollup(
-    tx: &mut Transaction<'static, Postgres>,
-    u: &UsageRecord,
-    cost: i64,
-    reward: i64,
-) -> Result<()> {
+async fn add_to_rollup(tx: &mut Transaction<'static, Postgres>, u: &UsageRecord, cost: i64, reward: i64) -> Result<()> {
     sqlx::query(
         "INSERT INTO daily_rollups (day, account_id, device_id, service, model, requests, \
          errors, input_tokens, output_tokens, cost, reward) \

@@ -1,0 +1,280 @@
+#!/usr/bin/env python3
+"""Turns the raw results of bench/run.sh into a table and a JSON file.
+
+Inputs: a folder of loadgen JSON files (one per run, named <phase>_<run>.json)
+and a file of "name value" lines (CPU ticks, memory samples). Output: the
+table on stdout and the JSON at --out. Standard library only.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+PHASES = ("upstream", "link", "direct")
+
+# Targets from the issue (2-core machine).
+TARGET_ADDED_P50_US = 150
+TARGET_ADDED_P99_US = 500
+TARGET_RPS_C64 = 10_000
+TARGET_GATEWAY_CPU_US = 50
+TARGET_RSS_BYTES = 100_000_000
+
+
+def load_runs(folder):
+    runs = {}
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            runs[path.stem] = json.loads(path.read_text() or "{}")
+        except json.JSONDecodeError:
+            runs[path.stem] = {"failed": True}
+    return runs
+
+
+def load_values(path):
+    values = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            name, value = line.split(None, 1)
+            values[name] = int(value)
+    return values
+
+
+def pct(run, field, p):
+    block = (run or {}).get(field) or {}
+    return block.get(p)
+
+
+def machine():
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_kb = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(mem_kb / 1024 / 1024, 1) if mem_kb else None,
+        "kernel": platform.release(),
+    }
+
+
+def summarize_phase(phase, runs, values, clk_tck):
+    r = lambda name: runs.get(f"{phase}_{name}") or {}
+    s = {
+        "c1_latency_p50_us": pct(r("c1"), "latency_us", "p50"),
+        "c1_latency_p99_us": pct(r("c1"), "latency_us", "p99"),
+        "c1_rps": r("c1").get("ok_rps"),
+        "c16_rps": r("c16").get("ok_rps"),
+        "c64_rps": r("c64").get("ok_rps"),
+        "c64_latency_p50_us": pct(r("c64"), "latency_us", "p50"),
+        "c64_latency_p99_us": pct(r("c64"), "latency_us", "p99"),
+        "stream_c1_ttfb_p50_us": pct(r("stream_c1"), "ttfb_us", "p50"),
+        "stream_c1_ttfb_p99_us": pct(r("stream_c1"), "ttfb_us", "p99"),
+        "stream_c16_ttfb_p50_us": pct(r("stream_c16"), "ttfb_us", "p50"),
+        "stream_c16_ttfb_p99_us": pct(r("stream_c16"), "ttfb_us", "p99"),
+        "stream_c16_rps": r("stream_c16").get("ok_rps"),
+        "cpu_run_requests": r("cpu").get("requests"),
+        "cpu_run_rps": r("cpu").get("ok_rps"),
+    }
+    requests = r("cpu").get("requests") or 0
+    if requests:
+        for proc in ("gateway", "node", "upstream"):
+            ticks = values.get(f"{phase}_cpu_ticks_{proc}")
+            if ticks is not None:
+                s[f"{proc}_cpu_us_per_request"] = round(ticks * 1e6 / clk_tck / requests, 1)
+        busy = values.get(f"{phase}_cpu_machine_busy_ticks")
+        total = values.get(f"{phase}_cpu_machine_total_ticks")
+        if busy is not None and total:
+            s["machine_busy_percent"] = round(100 * busy / total, 1)
+            # All processes together, loadgen included (whole machine).
+            s["machine_cpu_us_per_request"] = round(busy * 1e6 / clk_tck / requests, 1)
+    return s
+
+
+def ratio(a, b, digits=3):
+    if a is None or not b:
+        return None
+    return round(a / b, digits)
+
+
+def diff(a, b):
+    if a is None or b is None:
+        return None
+    return a - b
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", required=True)
+    ap.add_argument("--values", required=True)
+    ap.add_argument("--clk-tck", type=int, required=True)
+    ap.add_argument("--scale", type=int, default=1)
+    ap.add_argument("--duration", type=int, default=5)
+    ap.add_argument("--streams", type=int, default=1000)
+    ap.add_argument("--node-max-concurrency", type=int, default=1024)
+    ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--dirty", default="0")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+
+    runs = load_runs(a.runs)
+    values = load_values(a.values)
+    phases = {p: summarize_phase(p, runs, values, a.clk_tck) for p in PHASES}
+    up = phases["upstream"]
+    for p in ("link", "direct"):
+        s = phases[p]
+        s["added_latency_p50_us"] = diff(s["c1_latency_p50_us"], up["c1_latency_p50_us"])
+        s["added_latency_p99_us"] = diff(s["c1_latency_p99_us"], up["c1_latency_p99_us"])
+        s["added_ttfb_c1_p50_us"] = diff(s["stream_c1_ttfb_p50_us"], up["stream_c1_ttfb_p50_us"])
+        s["added_ttfb_c16_p50_us"] = diff(s["stream_c16_ttfb_p50_us"], up["stream_c16_ttfb_p50_us"])
+        s["c16_rps_vs_upstream"] = ratio(s["c16_rps"], up["c16_rps"])
+        s["c64_rps_vs_upstream"] = ratio(s["c64_rps"], up["c64_rps"])
+        s["c1_p50_vs_upstream"] = ratio(s["c1_latency_p50_us"], up["c1_latency_p50_us"], 2)
+
+    streams = runs.get("link_streams") or {}
+    memory = {
+        "streams": a.streams,
+        "streams_ok": streams.get("ok"),
+        "streams_errors": streams.get("errors"),
+        "streams_statuses": streams.get("statuses"),
+        "streams_first_error": streams.get("first_error"),
+        "stream_latency_p50_ms": round(pct(streams, "latency_us", "p50") / 1000, 1)
+        if pct(streams, "latency_us", "p50") is not None
+        else None,
+        "stream_latency_max_ms": round(pct(streams, "latency_us", "max") / 1000, 1)
+        if pct(streams, "latency_us", "max") is not None
+        else None,
+        "client_connections_open_at_3s": values.get("mem_open_conns_3s"),
+        "gateway_rss_idle_mib": round(values.get("mem_rss_idle_kb", 0) / 1024, 1),
+        "gateway_rss_at_3s_mib": round(values.get("mem_rss_3s_kb", 0) / 1024, 1),
+        "gateway_rss_peak_mib": round(values.get("mem_rss_peak_kb", 0) / 1024, 1),
+        "gateway_rss_after_mib": round(values.get("mem_rss_after_kb", 0) / 1024, 1),
+        "wall_s": values.get("mem_streams_wall_s"),
+        "hung": bool(values.get("mem_streams_hung")),
+    }
+
+    link = phases["link"]
+    rss_peak_bytes = values.get("mem_rss_peak_kb", 0) * 1024
+
+    def target(name, value, goal, ok):
+        return {"name": name, "value": value, "target": goal, "pass": None if value is None else ok}
+
+    targets = [
+        target("added latency p50 at concurrency 1 (link), us", link["added_latency_p50_us"],
+               f"<= {TARGET_ADDED_P50_US}",
+               link["added_latency_p50_us"] is not None and link["added_latency_p50_us"] <= TARGET_ADDED_P50_US),
+        target("added latency p99 at concurrency 1 (link), us", link["added_latency_p99_us"],
+               f"<= {TARGET_ADDED_P99_US}",
+               link["added_latency_p99_us"] is not None and link["added_latency_p99_us"] <= TARGET_ADDED_P99_US),
+        target("requests/s at concurrency 64 (link)", round(link["c64_rps"]) if link["c64_rps"] else None,
+               f">= {TARGET_RPS_C64}", (link["c64_rps"] or 0) >= TARGET_RPS_C64),
+        target("gateway CPU per request (link), us", link.get("gateway_cpu_us_per_request"),
+               f"<= {TARGET_GATEWAY_CPU_US}",
+               link.get("gateway_cpu_us_per_request") is not None
+               and link["gateway_cpu_us_per_request"] <= TARGET_GATEWAY_CPU_US),
+        target(f"gateway RSS peak with {a.streams} open streams, MB (10^6 B)",
+               round(rss_peak_bytes / 1e6, 1) if rss_peak_bytes else None,
+               f"< {TARGET_RSS_BYTES // 1_000_000}",
+               0 < rss_peak_bytes < TARGET_RSS_BYTES and not memory["hung"]
+               and (memory["streams_ok"] or 0) == a.streams),
+    ]
+
+    errors = {
+        name: {"errors": run.get("errors"), "statuses": run.get("statuses"), "first_error": run.get("first_error")}
+        for name, run in runs.items()
+        if run.get("failed") or run.get("errors")
+    }
+
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "commit": a.commit,
+        "uncommitted_files": int(a.dirty or 0),
+        "settings": {
+            "scale": a.scale,
+            "throughput_run_s": a.duration,
+            "node_max_concurrency": a.node_max_concurrency,
+            "clk_tck": a.clk_tck,
+            "body": {"model": "fake-chat", "max_tokens": 4,
+                     "messages": [{"role": "user", "content": "hello there"}]},
+        },
+        "summary": phases,
+        "memory": memory,
+        "targets": targets,
+        "errors": errors,
+        "runs": runs,
+    }
+    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result)
+    print(f"\nwritten: {a.out}")
+
+
+def fmt(v, unit=""):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        v = round(v) if abs(v) >= 100 else round(v, 2)
+    return f"{v:,}{unit}" if isinstance(v, int) else f"{v}{unit}"
+
+
+def print_table(res):
+    s = res["summary"]
+    up, link, direct = s["upstream"], s["link"], s["direct"]
+    rows = [
+        ("latency c1 p50 (us)", "c1_latency_p50_us"),
+        ("latency c1 p99 (us)", "c1_latency_p99_us"),
+        ("added latency c1 p50 (us)", "added_latency_p50_us"),
+        ("added latency c1 p99 (us)", "added_latency_p99_us"),
+        ("requests/s c1", "c1_rps"),
+        ("requests/s c16", "c16_rps"),
+        ("requests/s c64", "c64_rps"),
+        ("  vs upstream (c64)", "c64_rps_vs_upstream"),
+        ("latency c64 p50 (us)", "c64_latency_p50_us"),
+        ("latency c64 p99 (us)", "c64_latency_p99_us"),
+        ("stream TTFB c1 p50 (us)", "stream_c1_ttfb_p50_us"),
+        ("stream TTFB c1 p99 (us)", "stream_c1_ttfb_p99_us"),
+        ("stream TTFB c16 p50 (us)", "stream_c16_ttfb_p50_us"),
+        ("stream TTFB c16 p99 (us)", "stream_c16_ttfb_p99_us"),
+        ("gateway CPU/request (us)", "gateway_cpu_us_per_request"),
+        ("node CPU/request (us)", "node_cpu_us_per_request"),
+        ("upstream CPU/request (us)", "upstream_cpu_us_per_request"),
+        ("machine CPU/request (us)", "machine_cpu_us_per_request"),
+        ("machine busy in CPU run (%)", "machine_busy_percent"),
+    ]
+    w = max(len(r[0]) for r in rows)
+    print(f"\n{'':<{w}}  {'upstream':>10}  {'link':>10}  {'direct':>10}")
+    for label, key in rows:
+        print(f"{label:<{w}}  {fmt(up.get(key)):>10}  {fmt(link.get(key)):>10}  {fmt(direct.get(key)):>10}")
+    m = res["memory"]
+    print(
+        f"\ngateway RSS with {m['streams']} slow streams (link): idle {m['gateway_rss_idle_mib']} MiB, "
+        f"~3 s {m['gateway_rss_at_3s_mib']} MiB, peak {m['gateway_rss_peak_mib']} MiB, "
+        f"after {m['gateway_rss_after_mib']} MiB; {fmt(m['client_connections_open_at_3s'])} connections open at ~3 s; "
+        f"{fmt(m['streams_ok'])} ok, {fmt(m['streams_errors'])} errors, stream p50 {fmt(m['stream_latency_p50_ms'])} ms, "
+        f"max {fmt(m['stream_latency_max_ms'])} ms"
+    )
+    print("\ntargets (2-core machine):")
+    for t in res["targets"]:
+        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
+        print(f"  {verdict:<4}  {t['name']}: {fmt(t['value'])} (target {t['target']})")
+    if res["errors"]:
+        print("\nruns with errors:")
+        for name, e in res["errors"].items():
+            print(f"  {name}: {e}")
+
+
+if __name__ == "__main__":
+    main()
