@@ -173,28 +173,31 @@ measure() {
     local phase=$1 url=$2
     shift 2
     echo "== $phase: latency at concurrency 1" >&2
-    lg "${phase}_c1" --url "$url" "$@" --body-file "$BODY" -c 1 --warmup 2000 -n "$(scaled 10000)"
+    lg "${phase}_c1" --url "$url" "$@" --body-file "$BODY" -c 1 --warmup 2000 -n "$(scaled 10000)" --duration-secs 15
     echo "== $phase: throughput" >&2
     lg "${phase}_c16" --url "$url" "$@" --body-file "$BODY" -c 16 --warmup 2000 --duration-secs "$DURATION"
     lg "${phase}_c64" --url "$url" "$@" --body-file "$BODY" -c 64 --warmup 2000 --duration-secs "$DURATION"
     echo "== $phase: streaming time to first byte" >&2
-    lg "${phase}_stream_c1" --url "$url" "$@" --body-file "$STREAM_BODY" --stream -c 1 --warmup 1000 -n "$(scaled 5000)"
-    lg "${phase}_stream_c16" --url "$url" "$@" --body-file "$STREAM_BODY" --stream -c 16 --warmup 1000 -n "$(scaled 20000)"
+    lg "${phase}_stream_c1" --url "$url" "$@" --body-file "$STREAM_BODY" --stream -c 1 --warmup 100 \
+        -n "$(scaled 5000)" --duration-secs 10
+    lg "${phase}_stream_c16" --url "$url" "$@" --body-file "$STREAM_BODY" --stream -c 16 --warmup 500 \
+        -n "$(scaled 10000)" --duration-secs 10
 }
 
 # CPU per request of the processes in "name:pid …" over a fixed-count run at
-# concurrency 64 (after a separate warmup, so only measured requests count).
+# concurrency 64 (after a separate warmup, so only measured requests count;
+# capped at 30 s, the division uses the requests actually sent).
 measure_cpu() {
     local phase=$1 url=$2 procs=$3
     shift 3
     local count
-    count=$(scaled 30000)
+    count=$(scaled 20000)
     echo "== $phase: CPU per request ($count requests at concurrency 64)" >&2
     lg "${phase}_cpu_warmup" --url "$url" "$@" --body-file "$BODY" -c 64 -n 3000
     local before=() after=() entry i m0 m1
     for entry in $procs; do before+=("$(cpu_ticks "${entry#*:}")"); done
     m0=$(busy_idle)
-    lg "${phase}_cpu" --url "$url" "$@" --body-file "$BODY" -c 64 -n "$count"
+    lg "${phase}_cpu" --url "$url" "$@" --body-file "$BODY" -c 64 -n "$count" --duration-secs 30
     m1=$(busy_idle)
     for entry in $procs; do after+=("$(cpu_ticks "${entry#*:}")"); done
     i=0
@@ -258,6 +261,13 @@ check_answer() {
 # --- run ----------------------------------------------------------------------
 
 echo "== temp folder $TMP; open-file limit $(ulimit -n)" >&2
+# Whatever else runs on the machine skews every figure: measure it first.
+read -r b0 t0 <<<"$(busy_idle)"
+sleep 2
+read -r b1 t1 <<<"$(busy_idle)"
+val background_busy_permille $((1000 * (b1 - b0) / (t1 - t0 > 0 ? t1 - t0 : 1)))
+val background_loadavg_x100 "$(awk '{ printf "%d", $1 * 100 }' /proc/loadavg)"
+echo "  background CPU use before starting: $(((b1 - b0) * 100 / (t1 - t0 > 0 ? t1 - t0 : 1)))%, load average $(cut -d' ' -f1 /proc/loadavg)" >&2
 spawn upstream "$BIN/fake-upstream" --port 0
 UP_PID=$LAST_PID
 UP=$(wait_listening upstream "$UP_PID")

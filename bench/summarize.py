@@ -201,6 +201,12 @@ def main():
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
+        # CPU already in use (other jobs) in the 2 s before the benchmark
+        # started anything: every figure is skewed by this much competition.
+        "background": {
+            "busy_percent": values.get("background_busy_permille", 0) / 10,
+            "loadavg_1m": values.get("background_loadavg_x100", 0) / 100,
+        },
         "commit": a.commit,
         "uncommitted_files": int(a.dirty or 0),
         "settings": {
@@ -255,6 +261,8 @@ def print_table(res):
         ("machine busy in CPU run (%)", "machine_busy_percent"),
     ]
     w = max(len(r[0]) for r in rows)
+    bg = res["background"]
+    print(f"\nbackground before the run: {bg['busy_percent']}% CPU busy, load average {bg['loadavg_1m']}")
     print(f"\n{'':<{w}}  {'upstream':>10}  {'link':>10}  {'direct':>10}")
     for label, key in rows:
         print(f"{label:<{w}}  {fmt(up.get(key)):>10}  {fmt(link.get(key)):>10}  {fmt(direct.get(key)):>10}")

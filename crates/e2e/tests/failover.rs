@@ -66,10 +66,15 @@ async fn a_killed_node_is_routed_around_and_rejoins() {
                     .json(&json!({"model": "fake-chat", "max_tokens": 3, "messages": [{"role": "user", "content": "hi there"}]}))
                     .send()
                     .await;
-                match res {
-                    Ok(r) if r.status() == 200 && r.bytes().await.is_ok() => ok.fetch_add(1, Ordering::Relaxed),
-                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                let good = match res {
+                    Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
+                    Err(_) => false,
                 };
+                if good {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }));
     }
