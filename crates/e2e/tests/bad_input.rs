@@ -78,7 +78,7 @@ async fn bad_input(db: Db) {
         .unwrap(),
         400,
         None,
-        Some("messages.0.role"),
+        Some("messages[0].role"),
     )
     .await;
     expect_error(

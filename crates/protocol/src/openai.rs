@@ -251,7 +251,7 @@ mod tests {
     #[test]
     fn chat_rejects_bad_roles() {
         let e = parse_json::<ChatRequest>(br#"{"model":"m","messages":[{"role":"robot","content":"x"}]}"#).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("messages.0.role"));
+        assert_eq!(e.param.as_deref(), Some("messages[0].role"));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use serde::de::DeserializeOwned;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParseError {
     pub message: String,
-    /// Dotted path of the field at fault (`messages.0.role`), when known.
+    /// Dotted path of the field at fault (`messages[0].role`), when known.
     pub param: Option<String>,
 }
 
@@ -79,7 +79,7 @@ mod tests {
         let e = parse_json::<Req>(br#"{"messages":[]}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("model"));
         let e = parse_json::<Req>(br#"{"model":"m","messages":[{}]}"#).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("messages.0.role"));
+        assert_eq!(e.param.as_deref(), Some("messages[0].role"));
     }
 
     #[test]

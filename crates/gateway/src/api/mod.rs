@@ -13,7 +13,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use bytes::Bytes;
 use cxmpute_store::Service;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 
 use crate::auth;
 use crate::error::ApiError;
@@ -58,19 +58,36 @@ pub async fn begin(
     Ok((Caller { request_id, auth }, bytes))
 }
 
-/// Reads a body up to `limit` bytes; larger bodies are refused without being
-/// read to the end when they announce their length.
+/// Bodies up to this size are read to their end even when refused, so the
+/// client (still sending) reliably receives the 413 instead of a reset.
+const DRAIN_LIMIT: u64 = 32 << 20;
+
+/// Reads a body up to `limit` bytes; larger bodies get 413. A body beyond
+/// [`DRAIN_LIMIT`] is refused without being read further.
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let announced = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if announced.is_some_and(|n| n > limit as u64) {
+    if announced.is_some_and(|n| n > DRAIN_LIMIT) {
         return Err(ApiError::payload_too_large(limit));
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<LengthLimitError>() => Err(ApiError::payload_too_large(limit)),
-        Err(_) => Err(ApiError::bad_request("the request body could not be read")),
+    let mut body = body;
+    let mut buf = bytes::BytesMut::with_capacity(announced.map_or(8 * 1024, |n| n.min(limit as u64) as usize));
+    let mut seen: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| ApiError::bad_request("the request body could not be read"))?;
+        let Ok(data) = frame.into_data() else { continue };
+        seen += data.len() as u64;
+        if seen > DRAIN_LIMIT {
+            break;
+        }
+        if seen <= limit as u64 {
+            buf.extend_from_slice(&data);
+        }
     }
+    if seen > limit as u64 {
+        return Err(ApiError::payload_too_large(limit));
+    }
+    Ok(buf.freeze())
 }
