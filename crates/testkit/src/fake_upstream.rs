@@ -165,10 +165,7 @@ impl FakeUpstream {
 
     /// Serves on an already bound listener (the `fake-upstream` binary uses
     /// this to honour `--port`).
-    pub async fn start_on(
-        listener: TcpListener,
-        opts: FakeOptions,
-    ) -> anyhow::Result<FakeUpstream> {
+    pub async fn start_on(listener: TcpListener, opts: FakeOptions) -> anyhow::Result<FakeUpstream> {
         let addr = listener.local_addr()?;
         let stats = Arc::new(Stats::default());
         let state = Arc::new(AppState {
@@ -238,9 +235,7 @@ fn models_body(opts: &FakeOptions) -> Bytes {
         .chain(&opts.embedding_models)
         .map(String::as_str)
         .chain([FAKE_TTS_MODEL])
-        .map(
-            |id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "fake"}),
-        )
+        .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "fake"}))
         .collect();
     Bytes::from(serde_json::json!({"object": "list", "data": data}).to_string())
 }
@@ -262,12 +257,7 @@ async fn not_found(axum::extract::State(state): axum::extract::State<Arc<AppStat
 }
 
 pub(crate) fn json_response(status: StatusCode, body: impl Into<Body>) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/json")],
-        body.into(),
-    )
-        .into_response()
+    (status, [(header::CONTENT_TYPE, "application/json")], body.into()).into_response()
 }
 
 /// Builds an OpenAI-style error: `{"error":{"message","type","param","code"}}`.
@@ -286,13 +276,7 @@ pub(crate) fn openai_error(
 
 /// 400 for a body that is not valid JSON or not the expected shape.
 pub(crate) fn bad_request(message: &str) -> Response {
-    openai_error(
-        StatusCode::BAD_REQUEST,
-        message,
-        "invalid_request_error",
-        None,
-        None,
-    )
+    openai_error(StatusCode::BAD_REQUEST, message, "invalid_request_error", None, None)
 }
 
 /// 404 `model_not_found`, as OpenAI answers for an unknown model.

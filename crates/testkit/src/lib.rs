@@ -13,9 +13,8 @@ pub mod fake_upstream;
 use std::time::Duration;
 
 pub use fake_upstream::{
-    count_prompt_tokens, expected_completion, fake_embedding, fake_speech, FakeOptions,
-    FakeUpstream, Stats, EMBEDDING_DIMS, FAIL_TRIGGER, FAKE_TTS_MODEL, SLOW_PREFIX,
-    SLOW_TOKEN_DELAY,
+    count_prompt_tokens, expected_completion, fake_embedding, fake_speech, FakeOptions, FakeUpstream, Stats,
+    EMBEDDING_DIMS, FAIL_TRIGGER, FAKE_TTS_MODEL, SLOW_PREFIX, SLOW_TOKEN_DELAY,
 };
 
 /// Polls `GET url` until the server answers with any HTTP response (a 401 or

@@ -5,16 +5,12 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use cxmpute_testkit::{
-    count_prompt_tokens, expected_completion, fake_embedding, fake_speech, wait_for_http,
-    FakeOptions, FakeUpstream,
+    count_prompt_tokens, expected_completion, fake_embedding, fake_speech, wait_for_http, FakeOptions, FakeUpstream,
 };
 use serde_json::{json, Value};
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("client")
+    reqwest::Client::builder().no_proxy().build().expect("client")
 }
 
 async fn post(up: &FakeUpstream, path: &str, body: Value) -> reqwest::Response {
@@ -28,25 +24,16 @@ async fn post(up: &FakeUpstream, path: &str, body: Value) -> reqwest::Response {
 
 /// Splits an SSE body into its `data:` payloads.
 fn sse_data(body: &str) -> Vec<&str> {
-    assert!(
-        body.ends_with("\n\n"),
-        "SSE body must end with a blank line"
-    );
+    assert!(body.ends_with("\n\n"), "SSE body must end with a blank line");
     body.split("\n\n")
         .filter(|e| !e.is_empty())
-        .map(|e| {
-            e.strip_prefix("data: ")
-                .expect("every event is a data line")
-        })
+        .map(|e| e.strip_prefix("data: ").expect("every event is a data line"))
         .collect()
 }
 
 #[test]
 fn helpers_are_deterministic() {
-    assert_eq!(
-        expected_completion("hello big world", 5),
-        "hello big world hello big "
-    );
+    assert_eq!(expected_completion("hello big world", 5), "hello big world hello big ");
     assert_eq!(expected_completion("   ", 2), "fake fake ");
     assert_eq!(expected_completion("x", 0), "");
     assert_eq!(count_prompt_tokens(["be brief", " hello  big world "]), 5);
@@ -124,10 +111,7 @@ async fn chat_non_stream() {
     )
     .await;
     let body: Value = resp.json().await.expect("json");
-    assert_eq!(
-        body["choices"][0]["message"]["content"],
-        expected_completion("a", 16)
-    );
+    assert_eq!(body["choices"][0]["message"]["content"], expected_completion("a", 16));
 }
 
 #[tokio::test]
@@ -162,11 +146,7 @@ async fn chat_stream_with_usage() {
     );
     let text: String = chunks[1..4]
         .iter()
-        .map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .expect("content")
-        })
+        .map(|c| c["choices"][0]["delta"]["content"].as_str().expect("content"))
         .collect();
     assert_eq!(text, expected_completion("one two", 3));
     assert!(chunks[1]["choices"][0]["finish_reason"].is_null());
@@ -193,16 +173,10 @@ async fn chat_stream_without_usage_and_token_delay() {
     };
     let up = FakeUpstream::start_with(opts).await.expect("start");
     let started = std::time::Instant::now();
-    let req = json!({"model": "fake-chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5, "stream": true});
-    let body = post(&up, "/chat/completions", req)
-        .await
-        .text()
-        .await
-        .expect("body");
-    assert!(
-        started.elapsed() >= Duration::from_millis(100),
-        "5 tokens x 20 ms"
-    );
+    let req =
+        json!({"model": "fake-chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5, "stream": true});
+    let body = post(&up, "/chat/completions", req).await.text().await.expect("body");
+    assert!(started.elapsed() >= Duration::from_millis(100), "5 tokens x 20 ms");
     let events = sse_data(&body);
     assert_eq!(events.len(), 1 + 5 + 1 + 1);
     assert!(!body.contains("usage"));
@@ -228,21 +202,13 @@ async fn dropped_stream_is_counted_as_cancelled() {
 #[tokio::test]
 async fn chat_errors() {
     let up = FakeUpstream::start().await.expect("start");
-    let resp = post(
-        &up,
-        "/chat/completions",
-        json!({"model": "nope", "messages": []}),
-    )
-    .await;
+    let resp = post(&up, "/chat/completions", json!({"model": "nope", "messages": []})).await;
     assert_eq!(resp.status(), 404);
     let body: Value = resp.json().await.expect("json");
     assert_eq!(body["error"]["type"], "invalid_request_error");
     assert_eq!(body["error"]["param"], "model");
     assert_eq!(body["error"]["code"], "model_not_found");
-    assert!(body["error"]["message"]
-        .as_str()
-        .expect("message")
-        .contains("nope"));
+    assert!(body["error"]["message"].as_str().expect("message").contains("nope"));
 
     let resp = post(
         &up,
@@ -276,21 +242,14 @@ async fn chat_errors() {
 async fn embeddings_float_and_base64_agree() {
     let up = FakeUpstream::start().await.expect("start");
     let inputs = json!(["hello world", "second one here"]);
-    let float: Value = post(
-        &up,
-        "/embeddings",
-        json!({"model": "fake-embed", "input": inputs}),
-    )
-    .await
-    .json()
-    .await
-    .expect("json");
+    let float: Value = post(&up, "/embeddings", json!({"model": "fake-embed", "input": inputs}))
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(float["object"], "list");
     assert_eq!(float["model"], "fake-embed");
-    assert_eq!(
-        float["usage"],
-        json!({"prompt_tokens": 5, "total_tokens": 5})
-    );
+    assert_eq!(float["usage"], json!({"prompt_tokens": 5, "total_tokens": 5}));
     let b64: Value = post(
         &up,
         "/embeddings",
@@ -319,22 +278,13 @@ async fn embeddings_float_and_base64_agree() {
             .collect();
         assert_eq!(decoded, floats);
     }
-    let single: Value = post(
-        &up,
-        "/embeddings",
-        json!({"model": "fake-embed", "input": "solo"}),
-    )
-    .await
-    .json()
-    .await
-    .expect("json");
+    let single: Value = post(&up, "/embeddings", json!({"model": "fake-embed", "input": "solo"}))
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(single["data"].as_array().expect("data").len(), 1);
-    let resp = post(
-        &up,
-        "/embeddings",
-        json!({"model": "fake-chat", "input": "x"}),
-    )
-    .await;
+    let resp = post(&up, "/embeddings", json!({"model": "fake-chat", "input": "x"})).await;
     assert_eq!(resp.status(), 404);
 }
 
@@ -374,10 +324,6 @@ async fn wait_for_http_times_out_on_closed_port() {
         .local_addr()
         .expect("addr")
         .port();
-    let err = wait_for_http(
-        &format!("http://127.0.0.1:{port}/"),
-        Duration::from_millis(200),
-    )
-    .await;
+    let err = wait_for_http(&format!("http://127.0.0.1:{port}/"), Duration::from_millis(200)).await;
     assert!(err.is_err());
 }

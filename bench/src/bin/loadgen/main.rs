@@ -104,10 +104,7 @@ async fn run(args: Args) -> anyhow::Result<report::Report> {
     if args.concurrency == 0 || args.concurrency > 10_000 {
         bail!("--concurrency must be in 1..=10000");
     }
-    if args
-        .duration_secs
-        .is_some_and(|s| s == 0 || s > MAX_DURATION_SECS)
-    {
+    if args.duration_secs.is_some_and(|s| s == 0 || s > MAX_DURATION_SECS) {
         bail!("--duration-secs must be in 1..={MAX_DURATION_SECS}");
     }
     let target = Arc::new(build_target(&args)?);
@@ -147,9 +144,7 @@ async fn run(args: Args) -> anyhow::Result<report::Report> {
         .set(Budget {
             claimed: AtomicU64::new(0),
             limit,
-            deadline: args
-                .duration_secs
-                .map(|s| Instant::now() + Duration::from_secs(s)),
+            deadline: args.duration_secs.map(|s| Instant::now() + Duration::from_secs(s)),
         })
         .ok()
         .context("measured budget set twice")?;
@@ -175,9 +170,7 @@ fn build_target(args: &Args) -> anyhow::Result<Target> {
     };
     let body = match (&args.body, &args.body_file) {
         (Some(body), _) => Bytes::from(body.clone()),
-        (None, Some(path)) => {
-            Bytes::from(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
-        }
+        (None, Some(path)) => Bytes::from(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?),
         (None, None) => Bytes::new(),
     };
     let method = match &args.method {

@@ -82,11 +82,8 @@ impl Report {
 
     pub fn to_json(&self) -> String {
         let r = &self.results;
-        let statuses: serde_json::Map<String, serde_json::Value> = r
-            .statuses
-            .iter()
-            .map(|(s, n)| (s.to_string(), (*n).into()))
-            .collect();
+        let statuses: serde_json::Map<String, serde_json::Value> =
+            r.statuses.iter().map(|(s, n)| (s.to_string(), (*n).into())).collect();
         serde_json::json!({
             "requests": self.requests(),
             "ok": r.ok,

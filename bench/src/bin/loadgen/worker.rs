@@ -139,9 +139,7 @@ impl Worker {
             });
             self.conn = Some(sender);
         }
-        self.conn
-            .as_mut()
-            .ok_or_else(|| anyhow::anyhow!("no connection"))
+        self.conn.as_mut().ok_or_else(|| anyhow::anyhow!("no connection"))
     }
 
     async fn one(&mut self) -> anyhow::Result<Sample> {

@@ -51,8 +51,8 @@ impl MiniLm {
     /// `tokenizer.json` (see [`crate::models::is_model_folder`]).
     pub fn load(dir: &Path) -> Result<Self> {
         let config_path = dir.join("config.json");
-        let config_text = std::fs::read_to_string(&config_path)
-            .with_context(|| format!("cannot read {}", config_path.display()))?;
+        let config_text =
+            std::fs::read_to_string(&config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
         let config: Config = serde_json::from_str(&config_text)
             .with_context(|| format!("{} is not a BERT config", config_path.display()))?;
 
@@ -135,10 +135,7 @@ impl MiniLm {
                 vectors[i] = vector;
             }
         }
-        Ok(Embedded {
-            vectors,
-            prompt_tokens,
-        })
+        Ok(Embedded { vectors, prompt_tokens })
     }
 
     fn embed_batch(&self, encodings: &[&Encoding]) -> Result<Vec<Vec<f32>>> {
@@ -168,11 +165,7 @@ impl MiniLm {
         // they only matter for degenerate rows, but keep those from turning into NaN.
         let counts = mask.sum(1)?.clamp(1e-9f32, f32::MAX)?;
         let mean = summed.broadcast_div(&counts)?;
-        let norms = mean
-            .sqr()?
-            .sum_keepdim(1)?
-            .sqrt()?
-            .clamp(1e-12f32, f32::MAX)?;
+        let norms = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12f32, f32::MAX)?;
         let unit = mean.broadcast_div(&norms)?;
         Ok(unit.to_vec2::<f32>()?)
     }

@@ -34,10 +34,16 @@ impl Engines {
     pub fn offers(&self) -> Vec<Offer> {
         let mut offers = Vec::new();
         if self.minilm.is_some() {
-            offers.push(Offer { service: "embeddings".into(), model: MINILM_ID.into() });
+            offers.push(Offer {
+                service: "embeddings".into(),
+                model: MINILM_ID.into(),
+            });
         }
         if self.scrape.is_some() {
-            offers.push(Offer { service: "scrape".into(), model: SCRAPE_MODEL.into() });
+            offers.push(Offer {
+                service: "scrape".into(),
+                model: SCRAPE_MODEL.into(),
+            });
         }
         if let Some(up) = &self.upstream {
             for o in &up.offers {
@@ -55,6 +61,7 @@ pub fn error_response(status: StatusCode, kind: &str, message: &str) -> Response
     let body = ErrorBody::new(message, kind, None, None).to_json();
     let mut res = Response::new(Body::from(body));
     *res.status_mut() = status;
-    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     res
 }

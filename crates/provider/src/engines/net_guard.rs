@@ -229,11 +229,7 @@ pub fn check_url(url: &Url, policy: AddressPolicy) -> Result<(), GuardError> {
 
 /// The decision for one redirect hop; `hops_so_far` counts the URLs already
 /// requested in the chain (the initial one included).
-pub fn redirect_verdict(
-    next: &Url,
-    hops_so_far: usize,
-    policy: AddressPolicy,
-) -> Result<(), GuardError> {
+pub fn redirect_verdict(next: &Url, hops_so_far: usize, policy: AddressPolicy) -> Result<(), GuardError> {
     if hops_so_far > MAX_REDIRECTS {
         return Err(GuardError::TooManyRedirects);
     }
@@ -243,12 +239,12 @@ pub fn redirect_verdict(
 /// A redirect policy that re-checks every hop and stops after
 /// [`MAX_REDIRECTS`].
 pub fn redirect_policy(policy: AddressPolicy) -> redirect::Policy {
-    redirect::Policy::custom(move |attempt| {
-        match redirect_verdict(attempt.url(), attempt.previous().len(), policy) {
+    redirect::Policy::custom(
+        move |attempt| match redirect_verdict(attempt.url(), attempt.previous().len(), policy) {
             Ok(()) => attempt.follow(),
             Err(e) => attempt.error(e),
-        }
-    })
+        },
+    )
 }
 
 /// Keep only permitted addresses; refuse the host if none remain.
@@ -257,10 +253,7 @@ pub fn filter_addrs(
     addrs: impl IntoIterator<Item = SocketAddr>,
     policy: AddressPolicy,
 ) -> Result<Vec<SocketAddr>, GuardError> {
-    let allowed: Vec<SocketAddr> = addrs
-        .into_iter()
-        .filter(|a| policy.permits(a.ip()))
-        .collect();
+    let allowed: Vec<SocketAddr> = addrs.into_iter().filter(|a| policy.permits(a.ip())).collect();
     if allowed.is_empty() {
         Err(GuardError::Forbidden(host.to_owned()))
     } else {
@@ -326,12 +319,8 @@ pub fn find_guard_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Optio
 mod tests {
     use super::*;
 
-    const DENY: AddressPolicy = AddressPolicy {
-        allow_loopback: false,
-    };
-    const LOOP: AddressPolicy = AddressPolicy {
-        allow_loopback: true,
-    };
+    const DENY: AddressPolicy = AddressPolicy { allow_loopback: false };
+    const LOOP: AddressPolicy = AddressPolicy { allow_loopback: true };
 
     #[rustfmt::skip]
     const FORBIDDEN_IPS: [&str; 45] = [
@@ -355,16 +344,10 @@ mod tests {
     #[test]
     fn ip_table() {
         for ip in FORBIDDEN_IPS {
-            assert!(
-                is_forbidden_ip(ip.parse().unwrap()),
-                "{ip} should be forbidden"
-            );
+            assert!(is_forbidden_ip(ip.parse().unwrap()), "{ip} should be forbidden");
         }
         for ip in ALLOWED_IPS {
-            assert!(
-                !is_forbidden_ip(ip.parse().unwrap()),
-                "{ip} should be allowed"
-            );
+            assert!(!is_forbidden_ip(ip.parse().unwrap()), "{ip} should be allowed");
         }
     }
 
@@ -374,10 +357,7 @@ mod tests {
             let ip: IpAddr = ip.parse().unwrap();
             assert!(LOOP.permits(ip) && !DENY.permits(ip), "{ip}");
         }
-        for ip in FORBIDDEN_IPS
-            .iter()
-            .filter(|ip| !ip.contains("127.") && **ip != "::1")
-        {
+        for ip in FORBIDDEN_IPS.iter().filter(|ip| !ip.contains("127.") && **ip != "::1") {
             assert!(!LOOP.permits(ip.parse().unwrap()), "{ip}");
         }
     }
@@ -438,20 +418,10 @@ mod tests {
             "http://metadata.google.internal/",
             "http://localhost:8080/",
         ] {
-            assert!(
-                matches!(check_url(&u(s), DENY), Err(GuardError::Forbidden(_))),
-                "{s}"
-            );
+            assert!(matches!(check_url(&u(s), DENY), Err(GuardError::Forbidden(_))), "{s}");
         }
-        for s in [
-            "file:///etc/passwd",
-            "ftp://example.com/",
-            "gopher://example.com/",
-        ] {
-            assert!(
-                matches!(check_url(&u(s), LOOP), Err(GuardError::Scheme(_))),
-                "{s}"
-            );
+        for s in ["file:///etc/passwd", "ftp://example.com/", "gopher://example.com/"] {
+            assert!(matches!(check_url(&u(s), LOOP), Err(GuardError::Scheme(_))), "{s}");
         }
         assert_eq!(check_url(&u("https://example.com/a?b"), DENY), Ok(()));
         let ok = u("https://example.com/");
@@ -468,10 +438,7 @@ mod tests {
     async fn resolver_checks_names_and_answers() {
         // "localhost" resolves from the hosts file: no DNS traffic.
         let name = |s: &str| s.parse::<Name>().unwrap();
-        let resolved = GuardedResolver::new(LOOP)
-            .resolve(name("localhost"))
-            .await
-            .unwrap();
+        let resolved = GuardedResolver::new(LOOP).resolve(name("localhost")).await.unwrap();
         let addrs: Vec<SocketAddr> = resolved.collect();
         assert!(
             !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback()),
@@ -496,17 +463,12 @@ mod tests {
     fn resolver_answers_are_filtered() {
         let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
         let mixed = [sa("10.0.0.1:0"), sa("93.184.216.34:0"), sa("[::1]:0")];
-        assert_eq!(
-            filter_addrs("h", mixed, DENY),
-            Ok(vec![sa("93.184.216.34:0")])
-        );
+        assert_eq!(filter_addrs("h", mixed, DENY), Ok(vec![sa("93.184.216.34:0")]));
         assert_eq!(
             filter_addrs("h", mixed, LOOP),
             Ok(vec![sa("93.184.216.34:0"), sa("[::1]:0")])
         );
         let err = filter_addrs("evil.example", [sa("169.254.169.254:0")], LOOP).unwrap_err();
-        assert!(err
-            .to_string()
-            .starts_with("refused: evil.example resolves to"));
+        assert!(err.to_string().starts_with("refused: evil.example resolves to"));
     }
 }

@@ -30,8 +30,7 @@ const MAX_DOM_DEPTH: usize = 512;
 const RENDER_STACK_BYTES: usize = 32 << 20;
 /// Elements whose content is never page text.
 const SKIP_TAGS: [&str; 11] = [
-    "head", "script", "style", "noscript", "template", "iframe", "svg", "canvas", "object",
-    "embed", "button",
+    "head", "script", "style", "noscript", "template", "iframe", "svg", "canvas", "object", "embed", "button",
 ];
 
 #[derive(Debug, Clone)]
@@ -280,10 +279,7 @@ impl ScrapeEngine {
         let mut resp = self
             .client
             .get(url)
-            .header(
-                ACCEPT,
-                "text/html,application/xhtml+xml,text/plain;q=0.9,*/*;q=0.5",
-            )
+            .header(ACCEPT, "text/html,application/xhtml+xml,text/plain;q=0.9,*/*;q=0.5")
             .send()
             .await
             .map_err(|e| describe(&e))?;
@@ -335,8 +331,7 @@ impl ScrapeEngine {
         }
         let is_html = match declared_html {
             Some(is_html) => is_html,
-            None => sniff_html(&body)
-                .ok_or_else(|| fail("unsupported content: binary data".to_owned()))?,
+            None => sniff_html(&body).ok_or_else(|| fail("unsupported content: binary data".to_owned()))?,
         };
         let body = decode(&body, content_type.as_deref());
         Ok(Fetched {
@@ -351,11 +346,7 @@ impl ScrapeEngine {
     /// dedicated thread with a large stack rather than on the async runtime
     /// (whose worker and blocking threads may have small stacks). A panic in
     /// the converter becomes a per-URL error instead of taking the node down.
-    async fn render_off_thread(
-        &self,
-        fetched: Fetched,
-        formats: Vec<Format>,
-    ) -> Result<Rendered, String> {
+    async fn render_off_thread(&self, fetched: Fetched, formats: Vec<Format>) -> Result<Rendered, String> {
         let _permit = self
             .render_slots
             .clone()
@@ -399,12 +390,7 @@ fn describe(err: &reqwest::Error) -> Failure {
 /// `Ok(true)` for HTML, `Ok(false)` for text we return as-is, `Err(essence)`
 /// for anything binary.
 fn classify_content_type(ct: &str) -> Result<bool, String> {
-    let essence = ct
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
+    let essence = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
     match essence.as_str() {
         "text/html" | "application/xhtml+xml" => Ok(true),
         e if e.starts_with("text/") => Ok(false),
@@ -465,9 +451,8 @@ fn decode(body: &[u8], content_type: Option<&str>) -> String {
 fn windows_1252(b: u8) -> char {
     // 0x80..0x9F differ from Latin-1 (WHATWG decodes "iso-8859-1" as 1252).
     const HIGH: [char; 32] = [
-        '€', '\u{81}', '‚', 'ƒ', '„', '…', '†', '‡', 'ˆ', '‰', 'Š', '‹', 'Œ', '\u{8d}', 'Ž',
-        '\u{8f}', '\u{90}', '‘', '’', '“', '”', '•', '–', '—', '˜', '™', 'š', '›', 'œ', '\u{9d}',
-        'ž', 'Ÿ',
+        '€', '\u{81}', '‚', 'ƒ', '„', '…', '†', '‡', 'ˆ', '‰', 'Š', '‹', 'Œ', '\u{8d}', 'Ž', '\u{8f}', '\u{90}', '‘',
+        '’', '“', '”', '•', '–', '—', '˜', '™', 'š', '›', 'œ', '\u{9d}', 'ž', 'Ÿ',
     ];
     if (0x80..0xa0).contains(&b) {
         HIGH[usize::from(b - 0x80)]
@@ -489,11 +474,10 @@ struct Rendered {
 fn render_html(html: &str, page_url: &Url, formats: &[Format]) -> Rendered {
     let meta = extract_meta(html, &html.to_ascii_lowercase(), page_url);
     let wants = |f: Format| formats.contains(&f);
-    let markdown = (wants(Format::Markdown) || wants(Format::Text))
-        .then(|| to_markdown(&sanitize_html(html), &meta.base));
+    let markdown =
+        (wants(Format::Markdown) || wants(Format::Text)).then(|| to_markdown(&sanitize_html(html), &meta.base));
     Rendered {
-        text: wants(Format::Text)
-            .then(|| markdown_to_text(markdown.as_deref().unwrap_or_default())),
+        text: wants(Format::Text).then(|| markdown_to_text(markdown.as_deref().unwrap_or_default())),
         markdown: markdown.filter(|_| wants(Format::Markdown)),
         html: wants(Format::Html).then(|| html.to_owned()),
         title: meta.title,
@@ -530,12 +514,7 @@ fn prune_deep(root: &std::rc::Rc<Node>, max: usize) {
             node.children.borrow_mut().clear();
             continue;
         }
-        stack.extend(
-            node.children
-                .borrow()
-                .iter()
-                .map(|c| (c.clone(), depth + 1)),
-        );
+        stack.extend(node.children.borrow().iter().map(|c| (c.clone(), depth + 1)));
     }
 }
 
@@ -593,9 +572,7 @@ fn image_md(el: &Element, base: &Url) -> Option<HandlerResult> {
         .join(&src)
         .ok()
         .filter(|u| matches!(u.scheme(), "http" | "https"))?;
-    let alt = attr(el, "alt")
-        .unwrap_or_default()
-        .replace(['[', ']', '\n'], " ");
+    let alt = attr(el, "alt").unwrap_or_default().replace(['[', ']', '\n'], " ");
     Some(format!("![{}]({})", alt.trim(), md_dest(&url)).into())
 }
 
@@ -843,11 +820,7 @@ impl<'a> Iterator for Tokens<'a> {
 }
 
 fn tokens<'a>(html: &'a str, lower: &'a str) -> Tokens<'a> {
-    Tokens {
-        html,
-        lower,
-        pos: 0,
-    }
+    Tokens { html, lower, pos: 0 }
 }
 
 /// Title, description, base URL and links, from the tag scanner over the raw
@@ -867,10 +840,7 @@ fn extract_meta(html: &str, lower: &str, page_url: &Url) -> PageMeta {
     let mut hrefs = Vec::new();
     let mut in_svg = 0usize; // an icon's <title> is not the page title
     for tok in tokens(html, lower) {
-        let Tok::Start {
-            name, attrs, raw, ..
-        } = tok
-        else {
+        let Tok::Start { name, attrs, raw, .. } = tok else {
             if let Tok::End { name: "svg" } = tok {
                 in_svg = in_svg.saturating_sub(1);
             }
@@ -1005,10 +975,7 @@ impl<'a> Builder<'a> {
         if !targets.iter().any(|t| self.is_open(t)) {
             return None;
         }
-        let i = self
-            .stack
-            .iter()
-            .rposition(|e| targets.contains(e) || !through(e))?;
+        let i = self.stack.iter().rposition(|e| targets.contains(e) || !through(e))?;
         targets.contains(&self.stack[i]).then_some(i)
     }
 
@@ -1091,15 +1058,9 @@ impl<'a> Builder<'a> {
         self.out.push('<');
         self.out.push_str(name);
         for (attr, value) in parse_attrs(attrs) {
-            let valid = !attr.is_empty()
-                && attr
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_:.".contains(&b));
+            let valid = !attr.is_empty() && attr.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_:.".contains(&b));
             if valid && !attr.starts_with("on") {
-                let value = value
-                    .replace('&', "&amp;")
-                    .replace('"', "&quot;")
-                    .replace('<', "&lt;");
+                let value = value.replace('&', "&amp;").replace('"', "&quot;").replace('<', "&lt;");
                 self.out.push_str(&format!(" {attr}=\"{value}\""));
             }
         }
@@ -1171,17 +1132,13 @@ pub fn sanitize_html(html: &str) -> String {
         match tok {
             Tok::Text(text) => b.text(text),
             Tok::End { name } => b.end(name),
-            Tok::Start {
-                name, self_closing, ..
-            } if DROP.contains(&name) => {
+            Tok::Start { name, self_closing, .. } if DROP.contains(&name) => {
                 if !self_closing {
                     dropping = Some((name, 1));
                 }
             }
             Tok::Start {
-                name,
-                raw: Some(raw),
-                ..
+                name, raw: Some(raw), ..
             } => match name {
                 "title" => {
                     b.out.push_str("<title>");
@@ -1255,9 +1212,7 @@ fn parse_attrs(src: &str) -> Vec<(String, String)> {
             }
             let (start, end) = match b.get(i) {
                 Some(&q) if q == b'"' || q == b'\'' => {
-                    let end = src[i + 1..]
-                        .find(char::from(q))
-                        .map_or(b.len(), |p| i + 1 + p);
+                    let end = src[i + 1..].find(char::from(q)).map_or(b.len(), |p| i + 1 + p);
                     (i + 1, end)
                 }
                 _ => (
@@ -1340,20 +1295,13 @@ mod tests {
 
     #[test]
     fn meta_title_description_links() {
-        let m = extract_meta(
-            PAGE,
-            &PAGE.to_ascii_lowercase(),
-            &url("https://site.example/a/b.html"),
-        );
+        let m = extract_meta(PAGE, &PAGE.to_ascii_lowercase(), &url("https://site.example/a/b.html"));
         assert_eq!(m.title.as_deref(), Some("A & B title"));
         assert_eq!(m.description.as_deref(), Some("Desc \"q\""));
         assert_eq!(m.base.as_str(), "https://site.example/docs/");
         assert_eq!(
             m.links,
-            [
-                "https://site.example/docs/page?x=1",
-                "https://other.example/"
-            ]
+            ["https://site.example/docs/page?x=1", "https://other.example/"]
         );
     }
 
@@ -1361,10 +1309,7 @@ mod tests {
     fn markdown_is_clean_and_absolute() {
         let md = to_markdown(PAGE, &url("https://site.example/docs/"));
         assert!(md.contains("# Hello *world*"), "{md}");
-        assert!(
-            md.contains("[a link](https://site.example/docs/page?x=1#frag)"),
-            "{md}"
-        );
+        assert!(md.contains("[a link](https://site.example/docs/page?x=1#frag)"), "{md}");
         assert!(md.contains("![pic](https://site.example/i.png)"), "{md}");
         for gone in [
             "SCRIPT",
@@ -1379,10 +1324,7 @@ mod tests {
         }
         let text = markdown_to_text(&md);
         assert!(text.starts_with("Hello world\n"), "{text}");
-        assert!(
-            text.contains("snake_case, 2*3 and a link and abs."),
-            "{text}"
-        );
+        assert!(text.contains("snake_case, 2*3 and a link and abs."), "{text}");
         assert!(text.contains("- two c_d"), "{text}");
         assert!(!text.contains("](") && !text.contains('\\'), "{text}");
     }
@@ -1417,10 +1359,7 @@ mod tests {
     #[test]
     fn sanitizer_makes_implicit_structure_explicit() {
         let cases = [
-            (
-                "<p><b>bold<div>block</div>",
-                "<p><b>bold</b></p><div>block</div>",
-            ),
+            ("<p><b>bold<div>block</div>", "<p><b>bold</b></p><div>block</div>"),
             ("<ul><li>a<li>b</ul>", "<ul><li>a</li><li>b</li></ul>"),
             (
                 "<table><tr><td>1<td>2<tr><td>3</table>",
@@ -1441,10 +1380,7 @@ mod tests {
                 "1 < 2 <script>if (a<b) x()</script><style>p{}</style><!-- c -->",
                 "1 &lt; 2 ",
             ),
-            (
-                "<svg><g><title>t</title></g></svg><select><option>o</select>ok",
-                "ok",
-            ),
+            ("<svg><g><title>t</title></g></svg><select><option>o</select>ok", "ok"),
             (
                 "<p onclick=evil() class=\"a&amp;b\" x=\"q&quot;\">t",
                 "<p class=\"a&amp;b\" x=\"q&quot;\">t</p>",
@@ -1456,11 +1392,7 @@ mod tests {
             ),
         ];
         for (html, want) in cases {
-            assert_eq!(
-                sanitize_html(html),
-                format!("<!DOCTYPE html>{want}"),
-                "{html}"
-            );
+            assert_eq!(sanitize_html(html), format!("<!DOCTYPE html>{want}"), "{html}");
         }
     }
 
@@ -1498,16 +1430,8 @@ mod tests {
                 depth = depth.max(d);
                 stack.extend(node.children.borrow().iter().map(|c| (c.clone(), d + 1)));
             }
-            assert!(
-                depth <= MAX_NESTING + 8,
-                "depth {depth} for {}",
-                &html[..60]
-            );
-            assert!(
-                nodes <= 2 * html.len() / 3 + 100,
-                "{nodes} nodes for {}",
-                &html[..60]
-            );
+            assert!(depth <= MAX_NESTING + 8, "depth {depth} for {}", &html[..60]);
+            assert!(nodes <= 2 * html.len() / 3 + 100, "{nodes} nodes for {}", &html[..60]);
         }
     }
 
@@ -1564,8 +1488,7 @@ mod tests {
         let req: ScrapeRequest = serde_json::from_str(r#"{"urls":["u"]}"#).unwrap();
         assert_eq!(req.requested_formats(), [Format::Markdown]);
         let req: ScrapeRequest =
-            serde_json::from_str(r#"{"urls":["u"],"format":"text","formats":["html","text"]}"#)
-                .unwrap();
+            serde_json::from_str(r#"{"urls":["u"],"format":"text","formats":["html","text"]}"#).unwrap();
         assert_eq!(req.requested_formats(), [Format::Html, Format::Text]);
     }
 }

@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
-    bad_request, json_response, model_not_found, openai_error, parse_body, AppState, InFlight,
-    FAIL_TRIGGER, SLOW_PREFIX, SLOW_TOKEN_DELAY,
+    bad_request, json_response, model_not_found, openai_error, parse_body, AppState, InFlight, FAIL_TRIGGER,
+    SLOW_PREFIX, SLOW_TOKEN_DELAY,
 };
 
 /// Word generated when the last user message has no words (or there is no
@@ -79,10 +79,7 @@ pub fn expected_completion(last_user_message: &str, max_tokens: usize) -> String
 /// `prompt_tokens` for a request: whitespace-separated words across all
 /// message contents.
 pub fn count_prompt_tokens<'a>(contents: impl IntoIterator<Item = &'a str>) -> usize {
-    contents
-        .into_iter()
-        .map(|c| c.split_whitespace().count())
-        .sum()
+    contents.into_iter().map(|c| c.split_whitespace().count()).sum()
 }
 
 /// Flattens a message's content to text; text parts are joined by spaces.
@@ -102,9 +99,7 @@ fn content_text(content: Option<&Value>) -> Result<String, &'static str> {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 pub(super) async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
@@ -132,13 +127,7 @@ pub(super) async fn completions(State(state): State<Arc<AppState>>, body: Bytes)
         .map_or("", |(_, text)| text.as_str());
     if last_user == FAIL_TRIGGER {
         let msg = "fake upstream failure (requested by __fail__)";
-        return openai_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            msg,
-            "server_error",
-            None,
-            None,
-        );
+        return openai_error(StatusCode::INTERNAL_SERVER_ERROR, msg, "server_error", None, None);
     }
     let delay = if last_user.starts_with(SLOW_PREFIX) {
         SLOW_TOKEN_DELAY
@@ -158,17 +147,8 @@ pub(super) async fn completions(State(state): State<Arc<AppState>>, body: Bytes)
     let id = format!("chatcmpl-fake-{}", guard.number());
     let words = answer_words(last_user);
     if req.stream.unwrap_or(false) {
-        let include_usage = req
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false);
-        let frames = StreamFrames::new(
-            &id,
-            &req.model,
-            &words,
-            max_tokens,
-            include_usage.then_some(&usage),
-        );
+        let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
+        let frames = StreamFrames::new(&id, &req.model, &words, max_tokens, include_usage.then_some(&usage));
         return stream_response(frames, delay, guard);
     }
     if !delay.is_zero() {
@@ -219,9 +199,7 @@ impl StreamFrames {
                 r#"{head},"choices":[{{"index":0,"delta":{delta},"finish_reason":{finish}}}]}}"#
             ))
         };
-        let distinct = words
-            .len()
-            .min(usize::try_from(max_tokens).unwrap_or(usize::MAX));
+        let distinct = words.len().min(usize::try_from(max_tokens).unwrap_or(usize::MAX));
         let tokens = words[..distinct]
             .iter()
             .map(|w| {

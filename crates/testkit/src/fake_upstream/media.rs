@@ -11,9 +11,7 @@ use base64::Engine as _;
 use futures_util::stream;
 use serde::{Deserialize, Serialize};
 
-use super::{
-    bad_request, json_response, model_not_found, parse_body, AppState, InFlight, FAKE_TTS_MODEL,
-};
+use super::{bad_request, json_response, model_not_found, parse_body, AppState, InFlight, FAKE_TTS_MODEL};
 
 /// Length of every vector returned by the fake embeddings endpoint.
 pub const EMBEDDING_DIMS: usize = 8;
@@ -92,9 +90,7 @@ pub(super) async fn embeddings(State(state): State<Arc<AppState>>, body: Bytes) 
     };
     let inputs = match req.input {
         EmbeddingInput::One(text) => vec![text],
-        EmbeddingInput::Many(texts) if texts.is_empty() => {
-            return bad_request("input must not be an empty array")
-        }
+        EmbeddingInput::Many(texts) if texts.is_empty() => return bad_request("input must not be an empty array"),
         EmbeddingInput::Many(texts) => texts,
     };
     let data: Vec<EmbeddingItem> = inputs
