@@ -142,16 +142,41 @@ busy_idle() { # whole machine: "busy total" jiffies
     awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t }' /proc/stat
 }
 
+# `times` must run in this shell (a subshell has no children of its own), so
+# it writes a file and this reads it: CPU of this shell's reaped children, ms.
+children_cpu_ms() {
+    awk 'NR == 2 { split($1, u, /[ms]/); split($2, s, /[ms]/)
+        printf "%d", (u[1] * 60 + u[2] + s[1] * 60 + s[2]) * 1000 }' "$TMP/times.txt"
+}
+
+# Processes whose CPU time every run records, as "name:pid …"; set per phase.
+PROCS=
 LOADGEN_TIMEOUT=30
-lg() { # label, then loadgen args: runs loadgen, keeps its JSON, prints one line
+lg() { # label, then loadgen args: runs loadgen, keeps its JSON and CPU figures
     local label=$1
     shift
-    local file=$RUNS/$label.json
+    local file=$RUNS/$label.json entry before=() i=0 lg0 lg1 m0 m1 b0 t0 b1 t1
+    for entry in $PROCS; do before+=("$(cpu_ticks "${entry#*:}")"); done
+    times >"$TMP/times.txt"
+    lg0=$(children_cpu_ms)
+    m0=$(busy_idle)
     if ! "$BIN/loadgen" --json --timeout-secs "$LOADGEN_TIMEOUT" "$@" >"$file" 2>"$RUNS/$label.err"; then
         echo "run.sh: loadgen failed for $label:" >&2
         cat "$RUNS/$label.err" >&2
         echo '{"failed": true}' >"$file"
     fi
+    m1=$(busy_idle)
+    times >"$TMP/times.txt"
+    lg1=$(children_cpu_ms)
+    for entry in $PROCS; do
+        val "cpu_${label}_${entry%%:*}_ticks" $(($(cpu_ticks "${entry#*:}") - before[i]))
+        i=$((i + 1))
+    done
+    val "cpu_${label}_loadgen_ms" $((lg1 - lg0))
+    read -r b0 t0 <<<"$m0"
+    read -r b1 t1 <<<"$m1"
+    val "cpu_${label}_machine_busy_ticks" $((b1 - b0))
+    val "cpu_${label}_machine_total_ticks" $((t1 - t0))
     jq -r --arg l "$label" '"  \($l): \(.requests // 0) req, \(.errors // "?") errors, " +
         "\((.rps // 0) | floor) req/s, p50 \(.latency_us.p50 // "-") us, p99 \(.latency_us.p99 // "-") us" +
         (if .ttfb_us then ", ttfb p50 \(.ttfb_us.p50) us p99 \(.ttfb_us.p99) us" else "" end) +
@@ -184,31 +209,18 @@ measure() {
         -n "$(scaled 10000)" --duration-secs 10
 }
 
-# CPU per request of the processes in "name:pid …" over a fixed-count run at
-# concurrency 64 (after a separate warmup, so only measured requests count;
-# capped at 30 s, the division uses the requests actually sent).
+# CPU per request over a fixed-count run at concurrency 64, after a separate
+# warmup so that only measured requests count (capped at 30 s; the division
+# uses the requests actually sent). Every run records CPU the same way (see
+# lg); this one is the figure held against the target.
 measure_cpu() {
-    local phase=$1 url=$2 procs=$3
-    shift 3
+    local phase=$1 url=$2
+    shift 2
     local count
     count=$(scaled 20000)
     echo "== $phase: CPU per request ($count requests at concurrency 64)" >&2
     lg "${phase}_cpu_warmup" --url "$url" "$@" --body-file "$BODY" -c 64 -n 3000
-    local before=() after=() entry i m0 m1
-    for entry in $procs; do before+=("$(cpu_ticks "${entry#*:}")"); done
-    m0=$(busy_idle)
     lg "${phase}_cpu" --url "$url" "$@" --body-file "$BODY" -c 64 -n "$count" --duration-secs 30
-    m1=$(busy_idle)
-    for entry in $procs; do after+=("$(cpu_ticks "${entry#*:}")"); done
-    i=0
-    for entry in $procs; do
-        val "${phase}_cpu_ticks_${entry%%:*}" $((after[i] - before[i]))
-        i=$((i + 1))
-    done
-    read -r b0 t0 <<<"$m0"
-    read -r b1 t1 <<<"$m1"
-    val "${phase}_cpu_machine_busy_ticks" $((b1 - b0))
-    val "${phase}_cpu_machine_total_ticks" $((t1 - t0))
 }
 
 # --- gateway set-up -----------------------------------------------------------
@@ -273,8 +285,9 @@ UP_PID=$LAST_PID
 UP=$(wait_listening upstream "$UP_PID")
 echo "  fake-upstream at $UP (pid $UP_PID)" >&2
 
+PROCS="upstream:$UP_PID"
 measure upstream "$UP/v1/chat/completions"
-measure_cpu upstream "$UP/v1/chat/completions" "upstream:$UP_PID"
+measure_cpu upstream "$UP/v1/chat/completions"
 
 # Link phase: gateway + one node linked over the reversed HTTP/2 connection.
 start_gateway gw_link
@@ -284,8 +297,9 @@ NODE_PID=$LAST_PID
 wait_model node_link "$NODE_PID"
 check_answer
 AUTH="Authorization: Bearer $API_KEY"
+PROCS="gateway:$GW_PID node:$NODE_PID upstream:$UP_PID"
 measure link "$GW/v1/chat/completions" -H "$AUTH"
-measure_cpu link "$GW/v1/chat/completions" "gateway:$GW_PID node:$NODE_PID upstream:$UP_PID" -H "$AUTH"
+measure_cpu link "$GW/v1/chat/completions" -H "$AUTH"
 
 # Gateway memory with $STREAMS slow streams open (50 ms per token, 200 tokens).
 echo "== link: gateway memory with $STREAMS open streams" >&2
@@ -324,6 +338,7 @@ jq -r '"  streams: \(.requests // 0) req, \(.errors // "?") errors, latency p50 
     "$RUNS/link_streams.json" >&2
 echo "  gateway RSS: idle $((idle / 1024)) MiB, at ~3 s $((at3 / 1024)) MiB, peak $((peak / 1024)) MiB, $conns client connections open at ~3 s" >&2
 
+PROCS="upstream:$UP_PID"
 stop_pid "$NODE_PID"
 stop_pid "$GW_PID"
 
@@ -337,8 +352,9 @@ NODE_PID=$LAST_PID
 wait_model node_direct "$NODE_PID"
 check_answer
 AUTH="Authorization: Bearer $API_KEY"
+PROCS="gateway:$GW_PID node:$NODE_PID upstream:$UP_PID"
 measure direct "$GW/v1/chat/completions" -H "$AUTH"
-measure_cpu direct "$GW/v1/chat/completions" "gateway:$GW_PID node:$NODE_PID upstream:$UP_PID" -H "$AUTH"
+measure_cpu direct "$GW/v1/chat/completions" -H "$AUTH"
 
 # --- summary ------------------------------------------------------------------
 

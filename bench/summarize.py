@@ -89,19 +89,43 @@ def summarize_phase(phase, runs, values, clk_tck):
         "cpu_run_requests": r("cpu").get("requests"),
         "cpu_run_rps": r("cpu").get("ok_rps"),
     }
-    requests = r("cpu").get("requests") or 0
-    if requests:
-        for proc in ("gateway", "node", "upstream"):
-            ticks = values.get(f"{phase}_cpu_ticks_{proc}")
-            if ticks is not None:
-                s[f"{proc}_cpu_us_per_request"] = round(ticks * 1e6 / clk_tck / requests, 1)
-        busy = values.get(f"{phase}_cpu_machine_busy_ticks")
-        total = values.get(f"{phase}_cpu_machine_total_ticks")
-        if busy is not None and total:
-            s["machine_busy_percent"] = round(100 * busy / total, 1)
-            # All processes together, loadgen included (whole machine).
-            s["machine_cpu_us_per_request"] = round(busy * 1e6 / clk_tck / requests, 1)
+    # CPU per request of every run, by process; "other" is what the machine
+    # spent beyond these processes and loadgen (other jobs, kernel threads).
+    s["cpu_us_per_request"] = {}
+    for run in ("c1", "c16", "c64", "stream_c1", "stream_c16", "cpu"):
+        cpu = run_cpu(f"{phase}_{run}", r(run).get("requests") or 0, values, clk_tck)
+        if cpu:
+            s["cpu_us_per_request"][run] = cpu
+    cpu = s["cpu_us_per_request"].get("cpu", {})
+    for proc in ("gateway", "node", "upstream", "loadgen"):
+        if proc in cpu:
+            s[f"{proc}_cpu_us_per_request"] = cpu[proc]
+    if "machine_busy_percent" in cpu:
+        s["machine_busy_percent"] = cpu["machine_busy_percent"]
+        s["other_cpu_us_per_request"] = cpu.get("other")
     return s
+
+
+def run_cpu(label, requests, values, clk_tck):
+    if not requests:
+        return {}
+    us = lambda ticks: ticks * 1e6 / clk_tck / requests
+    out, ours = {}, 0.0
+    for proc in ("gateway", "node", "upstream"):
+        ticks = values.get(f"cpu_{label}_{proc}_ticks")
+        if ticks is not None:
+            out[proc] = round(us(ticks), 1)
+            ours += us(ticks)
+    ms = values.get(f"cpu_{label}_loadgen_ms")
+    if ms is not None:
+        out["loadgen"] = round(ms * 1000 / requests, 1)
+        ours += ms * 1000 / requests
+    busy = values.get(f"cpu_{label}_machine_busy_ticks")
+    total = values.get(f"cpu_{label}_machine_total_ticks")
+    if busy is not None and total:
+        out["machine_busy_percent"] = round(100 * busy / total, 1)
+        out["other"] = round(max(0.0, us(busy) - ours), 1)
+    return out
 
 
 def ratio(a, b, digits=3):
@@ -257,7 +281,8 @@ def print_table(res):
         ("gateway CPU/request (us)", "gateway_cpu_us_per_request"),
         ("node CPU/request (us)", "node_cpu_us_per_request"),
         ("upstream CPU/request (us)", "upstream_cpu_us_per_request"),
-        ("machine CPU/request (us)", "machine_cpu_us_per_request"),
+        ("loadgen CPU/request (us)", "loadgen_cpu_us_per_request"),
+        ("other CPU/request (us)", "other_cpu_us_per_request"),
         ("machine busy in CPU run (%)", "machine_busy_percent"),
     ]
     w = max(len(r[0]) for r in rows)
@@ -266,6 +291,11 @@ def print_table(res):
     print(f"\n{'':<{w}}  {'upstream':>10}  {'link':>10}  {'direct':>10}")
     for label, key in rows:
         print(f"{label:<{w}}  {fmt(up.get(key)):>10}  {fmt(link.get(key)):>10}  {fmt(direct.get(key)):>10}")
+    print("(CPU figures: the fixed-count run at concurrency 64; 'other' is CPU the machine spent")
+    print(" outside these processes and loadgen. Gateway CPU/request by run, link / direct:")
+    for run in ("c1", "c16", "c64", "stream_c1", "stream_c16", "cpu"):
+        g = [s[p].get("cpu_us_per_request", {}).get(run, {}).get("gateway") for p in ("link", "direct")]
+        print(f"   {run}: {fmt(g[0])} / {fmt(g[1])} us)" if run == "cpu" else f"   {run}: {fmt(g[0])} / {fmt(g[1])} us")
     m = res["memory"]
     print(
         f"\ngateway RSS with {m['streams']} slow streams (link): idle {m['gateway_rss_idle_mib']} MiB, "

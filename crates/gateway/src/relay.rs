@@ -205,9 +205,27 @@ pub async fn relay(state: &AppState, caller: Caller, fwd: Forward) -> Result<Res
                 ));
             }
             Ok(res) => {
+                let (parts, body) = res.into_parts();
+                // A non-streamed JSON answer is worth nothing to the client until
+                // it is complete, so a small one is read whole before anything is
+                // sent: a provider dying mid-answer can then still be retried.
+                let upstream = if matches!(fwd.meter, MeterKind::Json) && parts.status.is_success() {
+                    match preread(body, timeout).await {
+                        Some(pre) => pre,
+                        None => {
+                            tracing::warn!(request_id = %caller.request_id, provision = %provision.id, "provider failed mid-answer");
+                            provision.record_failure(state.pools.epoch());
+                            last_error = ApiError::bad_gateway("The provider failed while answering.");
+                            excluded = Some(provision.id.clone());
+                            continue;
+                        }
+                    }
+                } else {
+                    Upstream::Live(body)
+                };
                 provision.record_success(sent.elapsed());
                 bill.provision = Some(provision);
-                return Ok(respond(bill, res, fwd.meter, in_flight, &caller.request_id));
+                return Ok(respond(bill, parts, upstream, fwd.meter, in_flight, &caller.request_id));
             }
             Err(ForwardError::Timeout(_)) => {
                 provision.record_failure(state.pools.epoch());
@@ -227,15 +245,75 @@ pub async fn relay(state: &AppState, caller: Caller, fwd: Forward) -> Result<Res
     Err(last_error)
 }
 
+/// Non-streamed answers up to this size are read whole before being relayed.
+const PREREAD_LIMIT: usize = 1 << 20;
+
+/// The node's answer: still arriving, or (partly) read ahead.
+enum Upstream {
+    Live(Incoming),
+    Pre {
+        buffered: Option<Bytes>,
+        rest: Option<Incoming>,
+    },
+}
+
+impl Upstream {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self {
+            Upstream::Live(body) => Pin::new(body).poll_frame(cx),
+            Upstream::Pre { buffered, rest } => {
+                if let Some(b) = buffered.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(b))));
+                }
+                match rest {
+                    Some(body) => Pin::new(body).poll_frame(cx),
+                    None => Poll::Ready(None),
+                }
+            }
+        }
+    }
+}
+
+/// Reads up to [`PREREAD_LIMIT`] of an answer; `None` when the provider failed
+/// (or stalled past `timeout`) before the answer was complete.
+async fn preread(mut body: Incoming, timeout: Duration) -> Option<Upstream> {
+    use http_body_util::BodyExt;
+    let mut buf = bytes::BytesMut::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    buf.extend_from_slice(&data);
+                    if buf.len() > PREREAD_LIMIT {
+                        return Some(Upstream::Pre {
+                            buffered: Some(buf.freeze()),
+                            rest: Some(body),
+                        });
+                    }
+                }
+            }
+            Ok(None) => {
+                return Some(Upstream::Pre {
+                    buffered: Some(buf.freeze()),
+                    rest: None,
+                })
+            }
+            Ok(Some(Err(_))) | Err(_) => return None,
+        }
+    }
+}
+
 fn respond(
     bill: Billing,
-    res: hyper::Response<Incoming>,
+    parts: http::response::Parts,
+    upstream: Upstream,
     kind: MeterKind,
     in_flight: InFlight,
     request_id: &str,
 ) -> Response<Body> {
-    let status = res.status();
-    let content_type = res.headers().get(header::CONTENT_TYPE).cloned();
+    let status = parts.status;
+    let content_type = parts.headers.get(header::CONTENT_TYPE).cloned();
     let is_sse = content_type
         .as_ref()
         .and_then(|v| v.to_str().ok())
@@ -247,7 +325,7 @@ fn respond(
         MeterKind::Opaque => Meter::Opaque,
     };
     let body = MeteredBody {
-        inner: res.into_body(),
+        inner: upstream,
         meter,
         seen: Observed::default(),
         is_sse,
@@ -286,7 +364,7 @@ enum Phase {
 }
 
 struct MeteredBody {
-    inner: Incoming,
+    inner: Upstream,
     meter: Meter,
     seen: Observed,
     is_sse: bool,
@@ -326,7 +404,7 @@ impl HttpBody for MeteredBody {
         let this = self.get_mut();
         loop {
             match &mut this.phase {
-                Phase::Streaming => match Pin::new(&mut this.inner).poll_frame(cx) {
+                Phase::Streaming => match this.inner.poll_frame(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Some(Ok(frame))) => {
                         let Ok(data) = frame.into_data() else { continue };
