@@ -85,8 +85,9 @@ stop_pid() { # pid: TERM, up to 5 s, then KILL; reaps it
 cleanup() {
     local rc=$? pid
     trap - EXIT INT TERM
-    for pid in ${PIDS[@]+"${PIDS[@]}"}; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in ${PIDS[@]+"${PIDS[@]}"}; do stop_pid "$pid"; done
+    # Newest first: loadgen, then nodes (they drain through their gateway), then gateways.
+    local i
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop_pid "${PIDS[i]}"; done
     if [[ ${BENCH_KEEP_TMP:-0} == 1 || $rc != 0 ]]; then
         echo "run.sh: logs and raw results kept in $TMP" >&2
     else
