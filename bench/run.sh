@@ -2,7 +2,7 @@
 # Benchmark of the cxmpute gateway against its baseline, in one run, on
 # 127.0.0.1 only. See docs/benchmarks.md for what each figure means.
 #
-#   bench/run.sh                 # builds (release), then measures (~4 minutes)
+#   bench/run.sh                 # builds (release), then measures (about 3.5 minutes on 2 cores)
 #   BENCH_BUILD=0 bench/run.sh   # measure with binaries already built
 #
 # Binaries come from ${CARGO_TARGET_DIR:-target}/release/. The script builds
@@ -83,7 +83,7 @@ stop_pid() { # pid: TERM, up to 5 s, then KILL; reaps it
 }
 
 cleanup() {
-    local rc=$? pid
+    local rc=$?
     trap - EXIT INT TERM
     # Newest first: loadgen, then nodes (they drain through their gateway), then gateways.
     local i
@@ -174,6 +174,13 @@ lg() { # label, then loadgen args: runs loadgen, keeps its JSON and CPU figures
         i=$((i + 1))
     done
     val "cpu_${label}_loadgen_ms" $((lg1 - lg0))
+    # The CPU window includes loadgen's warmup requests: note how many.
+    local warmup=0 prev=
+    for entry in "$@"; do
+        if [[ $prev == --warmup ]]; then warmup=$entry; fi
+        prev=$entry
+    done
+    val "cpu_${label}_warmup" "$warmup"
     read -r b0 t0 <<<"$m0"
     read -r b1 t1 <<<"$m1"
     val "cpu_${label}_machine_busy_ticks" $((b1 - b0))

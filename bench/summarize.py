@@ -93,7 +93,9 @@ def summarize_phase(phase, runs, values, clk_tck):
     # spent beyond these processes and loadgen (other jobs, kernel threads).
     s["cpu_us_per_request"] = {}
     for run in ("c1", "c16", "c64", "stream_c1", "stream_c16", "cpu"):
-        cpu = run_cpu(f"{phase}_{run}", r(run).get("requests") or 0, values, clk_tck)
+        # The CPU window spans loadgen's warmup too (same requests, unmeasured).
+        sent = (r(run).get("requests") or 0) + values.get(f"cpu_{phase}_{run}_warmup", 0)
+        cpu = run_cpu(f"{phase}_{run}", sent, values, clk_tck)
         if cpu:
             s["cpu_us_per_request"][run] = cpu
     cpu = s["cpu_us_per_request"].get("cpu", {})
