@@ -103,6 +103,11 @@ pub async fn run_with_engines(config: NodeConfig, engines: Engines, shutdown: Ca
         tracing::info!(addr = %listener.local_addr()?, "local router listening");
         let (router, stop) = (router.clone(), serving.clone());
         tokio::spawn(async move {
+            use axum::serve::ListenerExt;
+            // Without TCP_NODELAY small streamed chunks wait on Nagle + delayed ACK (~40 ms).
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let _ = axum::serve(listener, router)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await;
