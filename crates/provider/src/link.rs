@@ -54,20 +54,23 @@ pub fn parse_gateway(url: &str) -> anyhow::Result<LinkTarget> {
     Ok(LinkTarget { host, port, authority })
 }
 
-/// Keeps a link up until `stop` is cancelled. Returns only on stop or refusal.
+/// Keeps a link up until `stop` is cancelled. Returns only on stop or refusal,
+/// or when the link closes once `draining` is cancelled (the node is on its
+/// way out: the gateway closing the link then is expected, not a fault).
 pub async fn run(
     gateway: &str,
     credential: &str,
     router: Router,
     max_streams: u32,
     stop: CancellationToken,
+    draining: CancellationToken,
 ) -> Result<(), LinkError> {
     let target = parse_gateway(gateway)?;
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = std::time::Instant::now();
         match connect_once(&target, credential, router.clone(), max_streams, stop.clone()).await {
-            Ok(()) if stop.is_cancelled() => return Ok(()),
+            Ok(()) if stop.is_cancelled() || draining.is_cancelled() => return Ok(()),
             Ok(()) => tracing::warn!("link closed by the gateway; reconnecting"),
             Err(LinkError::Refused(why)) => return Err(LinkError::Refused(why)),
             Err(LinkError::Other(e)) => tracing::warn!(error = %format!("{e:#}"), "link failed; retrying"),

@@ -139,9 +139,9 @@ pub async fn run_with_engines(config: NodeConfig, engines: Engines, shutdown: Ca
         _ => {
             let (router, stop) = (router.clone(), serving.clone());
             let max_streams = config.max_concurrency;
-            let gw = gateway.clone();
+            let (gw, draining) = (gateway.clone(), shutdown.clone());
             Some(tokio::spawn(async move {
-                link::run(&gw, &credential, router, max_streams, stop).await
+                link::run(&gw, &credential, router, max_streams, stop, draining).await
             }))
         }
     };

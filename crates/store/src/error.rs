@@ -19,6 +19,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// From the SQLite credit writer, which talks to SQLite without sqlx.
+    #[error("database error: {0}")]
+    Sqlite(String),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }

@@ -2,12 +2,20 @@
 //!
 //! SQLite allows one writer at a time. Instead of letting concurrent write
 //! transactions race for the lock (and fail with `SQLITE_BUSY` when a reader
-//! transaction tries to upgrade), every write goes through a pool of exactly one
-//! connection, so writes queue in-process; reads use a separate pool and, thanks
-//! to WAL, never wait for the writer.
+//! transaction tries to upgrade), writes queue in-process: the credit writes
+//! made on every request (holds, settlements) go to one thread that commits
+//! them in groups (`credits`), the rare others through a pool of exactly one
+//! connection. Both take the lock with `BEGIN IMMEDIATE` and wait for each
+//! other through the busy timeout. Reads use a separate pool and, thanks to
+//! WAL, never wait for a writer.
+//!
+//! `sqlite::memory:` is a private file in the temporary folder, removed when
+//! the store is dropped: it behaves like memory (gone with the store) while
+//! the credit thread and the pools share it like any file.
 
 mod credits;
 
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -31,54 +39,63 @@ const READERS: u32 = 8;
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    credits: credits::CreditWriter,
+    _scratch: Option<ScratchFile>,
+}
+
+/// The file behind a `sqlite::memory:` store, removed with it.
+struct ScratchFile(PathBuf);
+
+impl Drop for ScratchFile {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut path = self.0.clone().into_os_string();
+            path.push(suffix);
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 impl SqliteStore {
     /// Opens `sqlite://path` (creating the file) or `sqlite::memory:` and runs
     /// the migrations.
     pub async fn connect(url: &str) -> Result<Self> {
-        let options = SqliteConnectOptions::from_str(url)
-            .map_err(|_| StoreError::InvalidUrl(redact_url(url)))?
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(5));
+        let scratch = is_memory(url).then(|| {
+            ScratchFile(std::env::temp_dir().join(format!("cxmpute-memory-{}.db", crate::ids::random_secret())))
+        });
+        let options = match &scratch {
+            Some(file) => SqliteConnectOptions::new().filename(&file.0),
+            None => SqliteConnectOptions::from_str(url).map_err(|_| StoreError::InvalidUrl(redact_url(url)))?,
+        }
+        .foreign_keys(true)
+        .busy_timeout(Duration::from_secs(5));
+        let path: PathBuf = options.get_filename().to_path_buf();
 
-        let store = if is_memory(url) {
-            // Every connection to `:memory:` would be its own database, and the
-            // data lives only as long as a connection does: one connection,
-            // never recycled, serves reads and writes alike.
-            let pool = SqlitePoolOptions::new()
-                .max_connections(1)
-                .min_connections(1)
-                .idle_timeout(None)
-                .max_lifetime(None)
-                .connect_with(options)
-                .await?;
-            SqliteStore {
-                writer: pool.clone(),
-                reader: pool,
-            }
-        } else {
-            let writer = SqlitePoolOptions::new()
-                .max_connections(1)
-                .connect_with(
-                    options
-                        .clone()
-                        .create_if_missing(true)
-                        .journal_mode(SqliteJournalMode::Wal)
-                        .synchronous(SqliteSynchronous::Normal),
-                )
-                .await?;
-            // The journal mode is a property of the file, set by the writer
-            // above; readers must not try to switch it (that needs a lock
-            // busy_timeout cannot wait for).
-            let reader = SqlitePoolOptions::new()
-                .max_connections(READERS)
-                .connect_with(options)
-                .await?;
-            SqliteStore { writer, reader }
-        };
-        sqlx::migrate!("./migrations/sqlite").run(&store.writer).await?;
-        Ok(store)
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(
+                options
+                    .clone()
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Normal),
+            )
+            .await?;
+        // The journal mode is a property of the file, set by the writer
+        // above; readers must not try to switch it (that needs a lock
+        // busy_timeout cannot wait for).
+        let reader = SqlitePoolOptions::new()
+            .max_connections(READERS)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
+        let credits = credits::CreditWriter::start(Path::new(&path))?;
+        Ok(SqliteStore {
+            writer,
+            reader,
+            credits,
+            _scratch: scratch,
+        })
     }
 
     /// `IMMEDIATE` takes the write lock up front, so a transaction that reads
@@ -91,6 +108,18 @@ impl SqliteStore {
 
 fn is_memory(url: &str) -> bool {
     url.contains(":memory:") || url.contains("mode=memory")
+}
+
+impl SqliteStore {
+    /// Releases in groups: each group is one job of the credit writer, so live
+    /// requests' jobs get their turn in between.
+    async fn release_each(&self, request_ids: Vec<String>) -> Result<u64> {
+        let mut released = 0;
+        for group in request_ids.chunks(64) {
+            released += self.credits.release(group.to_vec()).await?;
+        }
+        Ok(released)
+    }
 }
 
 #[async_trait]
@@ -348,15 +377,15 @@ impl Store for SqliteStore {
     }
 
     async fn hold(&self, hold: HoldRequest) -> Result<HoldOutcome> {
-        self.hold_once(&hold).await
+        self.credits.hold(hold).await
     }
 
     async fn release(&self, request_id: &str) -> Result<()> {
-        self.release_one(request_id).await.map(|_| ())
+        self.credits.release(vec![request_id.to_string()]).await.map(|_| ())
     }
 
     async fn settle(&self, usage: UsageRecord) -> Result<SettleOutcome> {
-        self.settle_once(&usage).await
+        self.credits.settle(usage).await
     }
 
     async fn release_expired_holds(&self, now: Millis) -> Result<u64> {
