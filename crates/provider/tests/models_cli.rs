@@ -11,7 +11,7 @@ fn run(models_dir: &Path, args: &[&str]) -> Output {
         .args(args)
         .env("CXMPUTE_MODELS_DIR", models_dir)
         .output()
-        .unwrap()
+        .expect("run cxmpute-provider")
 }
 
 fn stdout(o: &Output) -> String {
@@ -22,20 +22,28 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+fn mkdir(path: &Path) {
+    fs::create_dir_all(path).expect("create a test folder");
+}
+
+fn write(path: &Path, bytes: &[u8]) {
+    fs::write(path, bytes).expect("write a test file");
+}
+
 /// A cache with one complete model folder (3 + 5 + 7 + 100 bytes in a subfolder), one
 /// incomplete folder, a GGUF file, and a hidden download folder that must not show.
 fn sample_cache(root: &Path) {
     let minilm = root.join("all-minilm-l6-v2");
-    fs::create_dir_all(minilm.join("onnx")).unwrap();
-    fs::write(minilm.join("model.safetensors"), b"abc").unwrap();
-    fs::write(minilm.join("config.json"), b"{...}").unwrap();
-    fs::write(minilm.join("tokenizer.json"), b"{.....}").unwrap();
-    fs::write(minilm.join("onnx/model.onnx"), vec![0u8; 100]).unwrap();
-    fs::create_dir_all(root.join("org--half")).unwrap();
-    fs::write(root.join("org--half/config.json"), b"{}").unwrap();
-    fs::write(root.join("qwen2.5-0.5b-q4_k_m.gguf"), vec![1u8; 2048]).unwrap();
-    fs::create_dir_all(root.join(".download-123")).unwrap();
-    fs::write(root.join(".download-123/partial.whl"), vec![0u8; 4096]).unwrap();
+    mkdir(&minilm.join("onnx"));
+    write(&minilm.join("model.safetensors"), b"abc");
+    write(&minilm.join("config.json"), b"{...}");
+    write(&minilm.join("tokenizer.json"), b"{.....}");
+    write(&minilm.join("onnx/model.onnx"), &[0u8; 100]);
+    mkdir(&root.join("org--half"));
+    write(&root.join("org--half/config.json"), b"{}");
+    write(&root.join("qwen2.5-0.5b-q4_k_m.gguf"), &[1u8; 2048]);
+    mkdir(&root.join(".download-123"));
+    write(&root.join(".download-123/partial.whl"), &[0u8; 4096]);
 }
 
 #[test]
