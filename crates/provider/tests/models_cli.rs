@@ -30,8 +30,9 @@ fn write(path: &Path, bytes: &[u8]) {
     fs::write(path, bytes).expect("write a test file");
 }
 
-/// A cache with one complete model folder (3 + 5 + 7 + 100 bytes in a subfolder), one
-/// incomplete folder, a GGUF file, and a hidden download folder that must not show.
+/// A cache with one complete model folder (3 + 5 + 7 + 100 bytes in a subfolder), a
+/// folder holding a GGUF and its licence, one incomplete folder, a GGUF file, and a
+/// hidden download folder that must not show.
 fn sample_cache(root: &Path) {
     let minilm = root.join("all-minilm-l6-v2");
     mkdir(&minilm.join("onnx"));
@@ -39,6 +40,9 @@ fn sample_cache(root: &Path) {
     write(&minilm.join("config.json"), b"{...}");
     write(&minilm.join("tokenizer.json"), b"{.....}");
     write(&minilm.join("onnx/model.onnx"), &[0u8; 100]);
+    mkdir(&root.join("gemma-3-270m"));
+    write(&root.join("gemma-3-270m/gemma-3-270m-q4_k_m.gguf"), &[2u8; 1000]);
+    write(&root.join("gemma-3-270m/NOTICE.md"), b"licence");
     mkdir(&root.join("org--half"));
     write(&root.join("org--half/config.json"), b"{}");
     write(&root.join("qwen2.5-0.5b-q4_k_m.gguf"), &[1u8; 2048]);
@@ -64,11 +68,12 @@ fn list_json_shows_every_model_with_its_size() {
         summary,
         vec![
             ("all-minilm-l6-v2", EntryKind::Folder, 115, Some(true)),
+            ("gemma-3-270m", EntryKind::Folder, 1007, Some(true)),
             ("org--half", EntryKind::Folder, 2, Some(false)),
             ("qwen2.5-0.5b-q4_k_m.gguf", EntryKind::File, 2048, None),
         ]
     );
-    assert_eq!(listing.total_bytes, 115 + 2 + 2048);
+    assert_eq!(listing.total_bytes, 115 + 1007 + 2 + 2048);
 }
 
 #[test]
@@ -81,9 +86,10 @@ fn list_human_is_a_table() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines[0], "NAME                      SIZE     KIND    STATUS", "{text}");
     assert_eq!(lines[1], "all-minilm-l6-v2          115 B    folder  complete");
-    assert_eq!(lines[2], "org--half                 2 B      folder  incomplete");
-    assert_eq!(lines[3], "qwen2.5-0.5b-q4_k_m.gguf  2.0 KiB  file");
-    assert!(lines[4].starts_with("3 model(s), 2.1 KiB in "), "{text}");
+    assert_eq!(lines[2], "gemma-3-270m              1007 B   folder  complete");
+    assert_eq!(lines[3], "org--half                 2 B      folder  incomplete");
+    assert_eq!(lines[4], "qwen2.5-0.5b-q4_k_m.gguf  2.0 KiB  file");
+    assert!(lines[5].starts_with("4 model(s), 3.1 KiB in "), "{text}");
 }
 
 #[test]
@@ -123,7 +129,7 @@ fn rm_of_an_unknown_name_fails_and_lists_what_is_there() {
     let err = stderr(&out);
     assert!(err.contains("no model named `llama-70b`"), "{err}");
     assert!(
-        err.contains("cached models: all-minilm-l6-v2, org--half, qwen2.5-0.5b-q4_k_m.gguf"),
+        err.contains("cached models: all-minilm-l6-v2, gemma-3-270m, org--half, qwen2.5-0.5b-q4_k_m.gguf"),
         "{err}"
     );
     // Hidden scratch folders are not models and cannot be removed by name.

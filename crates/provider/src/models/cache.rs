@@ -1,8 +1,9 @@
 //! What is in the model cache, and removing an entry: `cxmpute-provider models list|rm`.
 //!
-//! Every top-level entry of the cache folder is a model: a folder (safetensors models,
-//! complete once it holds [`REQUIRED_FILES`](super::REQUIRED_FILES)) or a single file
-//! (GGUF weights). Hidden entries are the fetcher's scratch folders and are not listed.
+//! Every top-level entry of the cache folder is a model: a folder or a single file (GGUF
+//! weights). A folder is complete once it holds a safetensors model's
+//! [`REQUIRED_FILES`](super::REQUIRED_FILES) or a `.gguf` file, which is a model on its
+//! own. Hidden entries are the fetcher's scratch folders and are not listed.
 
 use std::fs;
 use std::io;
@@ -32,7 +33,7 @@ pub struct CachedModel {
     pub kind: EntryKind,
     /// Bytes on disk, counting every file below a folder (links are not followed).
     pub size_bytes: u64,
-    /// For folders: holds every file an engine needs. `null` for single files.
+    /// For folders: holds every file an engine needs (or a GGUF). `null` for single files.
     pub complete: Option<bool>,
 }
 
@@ -97,7 +98,7 @@ pub fn list(dir: &Path) -> io::Result<CacheListing> {
                 name,
                 kind: EntryKind::Folder,
                 size_bytes: tree_size(&path),
-                complete: Some(is_model_folder(&path)),
+                complete: Some(folder_is_complete(&path)),
             }
         } else {
             CachedModel {
@@ -116,6 +117,16 @@ pub fn list(dir: &Path) -> io::Result<CacheListing> {
         total_bytes: models.iter().map(|m| m.size_bytes).sum(),
         models,
     })
+}
+
+fn folder_is_complete(dir: &Path) -> bool {
+    is_model_folder(dir)
+        || fs::read_dir(dir).is_ok_and(|entries| {
+            entries.filter_map(Result::ok).any(|e| {
+                let path = e.path();
+                path.is_file() && path.extension().is_some_and(|x| x.eq_ignore_ascii_case("gguf"))
+            })
+        })
 }
 
 /// Bytes of every file below `dir`, not following links; unreadable parts count as 0.
