@@ -95,7 +95,8 @@ pub fn collect(models_dir: &Path) -> HostFacts {
         })
         .collect();
     let resolved = existing_ancestor(models_dir);
-    let mount = mount_for(&resolved, &mounts);
+    let mount = filesystem_of(&resolved, &mounts);
+    let mount = mount.as_ref();
     let disk = Disk {
         models_dir: models_dir.display().to_string(),
         mount_point: mount.map(|m| m.mount_point.display().to_string()),
@@ -120,6 +121,54 @@ fn existing_ancestor(path: &Path) -> PathBuf {
         .ancestors()
         .find_map(|p| p.canonicalize().ok())
         .unwrap_or(absolute)
+}
+
+/// The filesystem holding `path`. `sysinfo` leaves out network filesystems (statvfs on a
+/// hard-mounted NFS share can hang), so when its deepest containing mount is not the
+/// path's own filesystem, `df` is asked instead, under a deadline. Unknown beats wrong.
+fn filesystem_of(path: &Path, mounts: &[Mount]) -> Option<Mount> {
+    if let Some(m) = mount_for(path, mounts).filter(|m| same_filesystem(path, &m.mount_point)) {
+        return Some(m.clone());
+    }
+    if cfg!(unix) {
+        let path = path.to_str()?;
+        let text = super::command::output("df", &["-Pk", path], super::command::QUICK)?;
+        return parse_df(&text).filter(|m| same_filesystem(Path::new(path), &m.mount_point));
+    }
+    None
+}
+
+#[cfg(unix)]
+fn same_filesystem(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_filesystem(_: &Path, _: &Path) -> bool {
+    // Windows mounts are drive letters; the longest-prefix pick is already exact.
+    true
+}
+
+/// Parses POSIX `df -Pk PATH`: a header, then `FS 1024-blocks used available capacity%
+/// mount point`. The capacity column (ending in `%`) anchors the parse, so spaces in
+/// the device name or the mount point do not shift it.
+pub fn parse_df(text: &str) -> Option<Mount> {
+    let line = text.lines().nth(1)?;
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let cap = fields.iter().rposition(|f| f.ends_with('%'))?;
+    let kib = |i: usize| fields.get(i)?.parse::<u64>().ok()?.checked_mul(1024);
+    let total = kib(cap.checked_sub(3)?)?;
+    let free = kib(cap.checked_sub(1)?)?;
+    let mount_point = fields.get(cap + 1..).filter(|rest| !rest.is_empty())?.join(" ");
+    Some(Mount {
+        mount_point: PathBuf::from(mount_point),
+        free_bytes: free,
+        total_bytes: total,
+    })
 }
 
 /// The filesystem holding `path`: the mount with the longest mount point that contains it.
@@ -151,6 +200,47 @@ mod tests {
         assert_eq!(pick("/home2/x"), Some(3));
         assert_eq!(pick("/var/cache"), Some(1));
         assert_eq!(mount_for(Path::new("relative"), &mounts), None);
+    }
+
+    #[test]
+    fn df_output() {
+        let text = "Filesystem     1024-blocks      Used Available Capacity Mounted on\n\
+                    server:/export/home 1000 400 600 40% /mnt/my home\n";
+        assert_eq!(
+            parse_df(text),
+            Some(Mount {
+                mount_point: PathBuf::from("/mnt/my home"),
+                free_bytes: 600 * 1024,
+                total_bytes: 1000 * 1024,
+            })
+        );
+        assert_eq!(parse_df("Filesystem 1024-blocks\n"), None);
+        assert_eq!(parse_df(""), None);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_filesystem_of_a_temp_folder_is_found() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().canonicalize().unwrap();
+        // With no mounts listed at all, df must still find it.
+        let m = filesystem_of(&path, &[]).expect("df answers");
+        assert!(path.starts_with(&m.mount_point) && m.total_bytes > 0, "{m:?}");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_containing_mount_of_another_filesystem_is_not_taken() {
+        // /proc is its own filesystem, so "/" holds its path but not its files.
+        let root = Mount {
+            mount_point: PathBuf::from("/"),
+            free_bytes: 1,
+            total_bytes: 1,
+        };
+        assert_ne!(
+            filesystem_of(Path::new("/proc/self"), std::slice::from_ref(&root)),
+            Some(root)
+        );
     }
 
     #[test]

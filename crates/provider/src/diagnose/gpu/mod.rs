@@ -178,7 +178,7 @@ pub fn sort_best_first(gpus: &mut [Gpu]) {
 pub fn collect_probes() -> GpuProbes {
     let mut p = GpuProbes::default();
     if !cfg!(target_os = "macos") {
-        p.nvml = nvidia::read_nvml();
+        p.nvml = nvidia::read_nvml(super::command::QUICK);
         if p.nvml.as_ref().is_none_or(|cards| cards.is_empty()) {
             p.nvidia_smi = super::command::output("nvidia-smi", nvidia::SMI_ARGS, super::command::QUICK);
         }

@@ -4,6 +4,9 @@
 //! time, so a machine without NVIDIA hardware runs the same binary and simply gets an
 //! error back from `Nvml::init`.
 
+use std::sync::mpsc;
+use std::time::Duration;
+
 use super::{Backend, Gpu, GpuKind, Vendor};
 
 const MIB: u64 = 1 << 20;
@@ -59,9 +62,19 @@ pub fn parse_smi_csv(text: &str) -> Vec<NvidiaCard> {
         .collect()
 }
 
-/// Reads every NVIDIA GPU through NVML; `None` when the library is missing or refuses to
-/// start. Guarded against panics in the binding: a diagnostic must never crash.
-pub fn read_nvml() -> Option<Vec<NvidiaCard>> {
+/// Reads every NVIDIA GPU through NVML; `None` when the library is missing, refuses to
+/// start, or takes longer than `deadline` (a wedged GPU can stall the driver, and a
+/// diagnostic must not hang with it; the stuck thread is simply abandoned). Guarded
+/// against panics in the binding too: a diagnostic must never crash.
+pub fn read_nvml(deadline: Duration) -> Option<Vec<NvidiaCard>> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(read_nvml_now());
+    });
+    rx.recv_timeout(deadline).ok().flatten()
+}
+
+fn read_nvml_now() -> Option<Vec<NvidiaCard>> {
     std::panic::catch_unwind(|| {
         let nvml = nvml_wrapper::Nvml::init().ok()?;
         let count = nvml.device_count().ok()?;
@@ -114,7 +127,7 @@ mod tests {
     fn nvml_absent_is_none_not_a_crash() {
         // On machines with an NVIDIA driver this finds cards; elsewhere it must just say
         // "no NVML". Either way it returns.
-        if let Some(cards) = read_nvml() {
+        if let Some(cards) = read_nvml(Duration::from_secs(5)) {
             assert!(cards.iter().all(|c| !c.name.is_empty()));
         }
     }
