@@ -182,7 +182,7 @@ fn diagnose(json: bool) -> anyhow::Result<()> {
 }
 
 fn models(command: ModelsCommand) -> anyhow::Result<()> {
-    use cxmpute_provider::diagnose::render::{size, table};
+    use cxmpute_provider::diagnose::render::size;
     use cxmpute_provider::models::cache;
 
     let dir = cxmpute_provider::models::models_dir();
@@ -190,43 +190,7 @@ fn models(command: ModelsCommand) -> anyhow::Result<()> {
         ModelsCommand::List { json: true } => {
             println!("{}", serde_json::to_string_pretty(&cache::list(&dir)?)?);
         }
-        ModelsCommand::List { json: false } => {
-            let listing = cache::list(&dir)?;
-            if listing.models.is_empty() {
-                let why = if listing.exists {
-                    "is empty"
-                } else {
-                    "does not exist yet"
-                };
-                println!("no cached models: {} {why}", listing.dir);
-                return Ok(());
-            }
-            let mut rows = vec![vec!["NAME".to_string(), "SIZE".into(), "KIND".into(), "STATUS".into()]];
-            for m in &listing.models {
-                let status = match m.complete {
-                    Some(true) => "complete",
-                    Some(false) => "incomplete",
-                    None => "",
-                };
-                let kind = match m.kind {
-                    cache::EntryKind::Folder => "folder",
-                    cache::EntryKind::File => "file",
-                };
-                rows.push(vec![
-                    m.name.clone(),
-                    size(Some(m.size_bytes)),
-                    kind.into(),
-                    status.into(),
-                ]);
-            }
-            print!("{}", table(&rows));
-            println!(
-                "{} model(s), {} in {}",
-                listing.models.len(),
-                size(Some(listing.total_bytes)),
-                listing.dir
-            );
-        }
+        ModelsCommand::List { json: false } => print!("{}", cache::human(&cache::list(&dir)?)),
         ModelsCommand::Rm { name } => {
             let removed = cache::remove(&dir, &name)?;
             println!("removed {} ({})", removed.name, size(Some(removed.size_bytes)));

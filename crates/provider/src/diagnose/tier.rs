@@ -62,7 +62,8 @@ impl Tier {
             .iter()
             .filter(|g| matches!(g.kind, GpuKind::Dedicated | GpuKind::Unified))
             .filter_map(|g| g.vram_total_bytes.map(|v| (v, g)))
-            .max_by_key(|(v, _)| *v);
+            // Ties go to the name that sorts first, as in `gpu::sort_best_first`.
+            .max_by(|(va, a), (vb, b)| va.cmp(vb).then(b.name.cmp(&a.name)));
         match best {
             Some((vram, g)) => {
                 let level = Tier::level_for_vram(vram);
@@ -131,6 +132,16 @@ mod tests {
 
         let t = Tier::for_gpus(&[gpu("M2", GpuKind::Unified, Some(12 * GIB))]);
         assert_eq!((t.level, t.name.as_str()), (3, "Open Ocean"));
+    }
+
+    #[test]
+    fn the_tier_names_the_gpu_listed_first() {
+        let mut gpus = vec![
+            gpu("card B", GpuKind::Dedicated, Some(8 * GIB)),
+            gpu("card A", GpuKind::Dedicated, Some(8 * GIB)),
+        ];
+        crate::diagnose::gpu::sort_best_first(&mut gpus);
+        assert_eq!(Tier::for_gpus(&gpus).gpu.as_deref(), Some(gpus[0].name.as_str()));
     }
 
     #[test]

@@ -129,6 +129,45 @@ fn folder_is_complete(dir: &Path) -> bool {
         })
 }
 
+/// The listing as a table with a summary line, for `models list`.
+pub fn human(listing: &CacheListing) -> String {
+    use crate::diagnose::render::{size, table};
+
+    if listing.models.is_empty() {
+        let why = if listing.exists {
+            "is empty"
+        } else {
+            "does not exist yet"
+        };
+        return format!("no cached models: {} {why}\n", listing.dir);
+    }
+    let mut rows = vec![vec!["NAME".to_string(), "SIZE".into(), "KIND".into(), "STATUS".into()]];
+    for m in &listing.models {
+        let status = match m.complete {
+            Some(true) => "complete",
+            Some(false) => "incomplete",
+            None => "",
+        };
+        let kind = match m.kind {
+            EntryKind::Folder => "folder",
+            EntryKind::File => "file",
+        };
+        rows.push(vec![
+            m.name.clone(),
+            size(Some(m.size_bytes)),
+            kind.into(),
+            status.into(),
+        ]);
+    }
+    format!(
+        "{}{} model(s), {} in {}\n",
+        table(&rows),
+        listing.models.len(),
+        size(Some(listing.total_bytes)),
+        listing.dir
+    )
+}
+
 /// Bytes of every file below `dir`, not following links; unreadable parts count as 0.
 fn tree_size(dir: &Path) -> u64 {
     let Ok(entries) = fs::read_dir(dir) else {
