@@ -6,10 +6,12 @@
 //! - [`link`]: dial out, upgrade, serve HTTP/2 over the one connection.
 //! - [`server`]: the local router (OpenAI-shaped routes + hello).
 //! - [`engines`]: MiniLM embeddings, web scraping, OpenAI-compatible upstreams.
-//! - [`models`]: the per-user model cache and fetching models into it.
+//! - [`models`]: the per-user model cache, fetching models into it, listing and removing them.
 //! - [`config`]: layered configuration.
+//! - [`diagnose`]: hardware report and provider tier (`cxmpute-provider diagnose`).
 
 pub mod config;
+pub mod diagnose;
 pub mod engines;
 pub mod link;
 pub mod models;

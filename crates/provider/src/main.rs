@@ -1,4 +1,5 @@
-//! `cxmpute-provider start`: run a provider node.
+//! `cxmpute-provider`: run a provider node (`start`), check what this machine offers
+//! (`diagnose`), and manage the model cache (`models`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,6 +21,30 @@ enum Command {
     Start(StartArgs),
     /// Fetch the built-in embeddings model into the cache and print its folder.
     FetchModel,
+    /// Report CPU, memory, GPUs, free disk, OS, and this machine's provider tier.
+    Diagnose {
+        /// Print the report as JSON (fields documented in docs/provider.md).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List or remove models in the cache folder (CXMPUTE_MODELS_DIR).
+    #[command(subcommand)]
+    Models(ModelsCommand),
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Show every cached model with its size.
+    List {
+        /// Print the listing as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete one cached model, by the name `models list` shows.
+    Rm {
+        /// The model's name in the cache folder.
+        name: String,
+    },
 }
 
 #[derive(Args)]
@@ -134,6 +159,8 @@ async fn main() -> std::process::ExitCode {
             init_logging(false);
             cxmpute_provider::models::ensure_minilm(|m| eprintln!("{m}")).map(|dir| println!("{}", dir.display()))
         }
+        Command::Diagnose { json } => diagnose(json),
+        Command::Models(command) => models(command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -142,6 +169,34 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn diagnose(json: bool) -> anyhow::Result<()> {
+    let report = cxmpute_provider::diagnose::collect(&cxmpute_provider::models::models_dir());
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", cxmpute_provider::diagnose::render::human(&report));
+    }
+    Ok(())
+}
+
+fn models(command: ModelsCommand) -> anyhow::Result<()> {
+    use cxmpute_provider::diagnose::render::size;
+    use cxmpute_provider::models::cache;
+
+    let dir = cxmpute_provider::models::models_dir();
+    match command {
+        ModelsCommand::List { json: true } => {
+            println!("{}", serde_json::to_string_pretty(&cache::list(&dir)?)?);
+        }
+        ModelsCommand::List { json: false } => print!("{}", cache::human(&cache::list(&dir)?)),
+        ModelsCommand::Rm { name } => {
+            let removed = cache::remove(&dir, &name)?;
+            println!("removed {} ({})", removed.name, size(Some(removed.size_bytes)));
+        }
+    }
+    Ok(())
 }
 
 async fn on_signal(stop: CancellationToken) {

@@ -14,6 +14,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+pub mod cache;
+
 /// The public id clients send for the built-in embeddings model.
 pub const MINILM_ID: &str = "all-minilm-l6-v2";
 

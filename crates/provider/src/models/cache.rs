@@ -1,0 +1,280 @@
+//! What is in the model cache, and removing an entry: `cxmpute-provider models list|rm`.
+//!
+//! Every top-level entry of the cache folder is a model: a folder or a single file (GGUF
+//! weights). A folder is complete once it holds a safetensors model's
+//! [`REQUIRED_FILES`](super::REQUIRED_FILES) or a `.gguf` file, which is a model on its
+//! own. Hidden entries are the fetcher's scratch folders and are not listed.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::is_model_folder;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheListing {
+    /// The cache folder that was listed.
+    pub dir: String,
+    /// False when the folder does not exist yet (nothing fetched so far).
+    pub exists: bool,
+    /// Entries sorted by name.
+    pub models: Vec<CachedModel>,
+    /// Sum of the entries' sizes.
+    pub total_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedModel {
+    /// The entry's name in the cache folder, as `models rm` takes it.
+    pub name: String,
+    /// `folder` or `file`.
+    pub kind: EntryKind,
+    /// Bytes on disk, counting every file below a folder (links are not followed).
+    pub size_bytes: u64,
+    /// For folders: holds every file an engine needs (or a GGUF). `null` for single files.
+    pub complete: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    Folder,
+    File,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveError {
+    #[error("`{0}` is not a model name: give the name `models list` shows, without `/`, `\\` or `..`")]
+    InvalidName(String),
+    #[error("no model named `{name}` in {dir}{}", known_hint(.known))]
+    NotFound {
+        name: String,
+        dir: PathBuf,
+        known: Vec<String>,
+    },
+    #[error("cannot remove {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+fn known_hint(known: &[String]) -> String {
+    if known.is_empty() {
+        " (the cache is empty)".into()
+    } else {
+        format!("; cached models: {}", known.join(", "))
+    }
+}
+
+/// Lists the cache folder `dir`. A missing folder is an empty listing, not an error.
+pub fn list(dir: &Path) -> io::Result<CacheListing> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Ok(CacheListing {
+                dir: dir.display().to_string(),
+                exists: false,
+                models: Vec::new(),
+                total_bytes: 0,
+            })
+        }
+        Err(e) => return Err(e),
+    };
+    let mut models = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        // Follows a link at the top level: a cache entry linked to a model kept elsewhere
+        // is still a cached model, and its size is what it holds.
+        let Ok(meta) = fs::metadata(&path) else {
+            continue;
+        };
+        let model = if meta.is_dir() {
+            CachedModel {
+                name,
+                kind: EntryKind::Folder,
+                size_bytes: tree_size(&path),
+                complete: Some(folder_is_complete(&path)),
+            }
+        } else {
+            CachedModel {
+                name,
+                kind: EntryKind::File,
+                size_bytes: meta.len(),
+                complete: None,
+            }
+        };
+        models.push(model);
+    }
+    models.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(CacheListing {
+        dir: dir.display().to_string(),
+        exists: true,
+        total_bytes: models.iter().map(|m| m.size_bytes).sum(),
+        models,
+    })
+}
+
+fn folder_is_complete(dir: &Path) -> bool {
+    is_model_folder(dir)
+        || fs::read_dir(dir).is_ok_and(|entries| {
+            entries.filter_map(Result::ok).any(|e| {
+                let path = e.path();
+                path.is_file() && path.extension().is_some_and(|x| x.eq_ignore_ascii_case("gguf"))
+            })
+        })
+}
+
+/// The listing as a table with a summary line, for `models list`.
+pub fn human(listing: &CacheListing) -> String {
+    use crate::diagnose::render::{size, table};
+
+    if listing.models.is_empty() {
+        let why = if listing.exists {
+            "is empty"
+        } else {
+            "does not exist yet"
+        };
+        return format!("no cached models: {} {why}\n", listing.dir);
+    }
+    let mut rows = vec![vec!["NAME".to_string(), "SIZE".into(), "KIND".into(), "STATUS".into()]];
+    for m in &listing.models {
+        let status = match m.complete {
+            Some(true) => "complete",
+            Some(false) => "incomplete",
+            None => "",
+        };
+        let kind = match m.kind {
+            EntryKind::Folder => "folder",
+            EntryKind::File => "file",
+        };
+        rows.push(vec![
+            m.name.clone(),
+            size(Some(m.size_bytes)),
+            kind.into(),
+            status.into(),
+        ]);
+    }
+    format!(
+        "{}{} model(s), {} in {}\n",
+        table(&rows),
+        listing.models.len(),
+        size(Some(listing.total_bytes)),
+        listing.dir
+    )
+}
+
+/// Bytes of every file below `dir`, not following links; unreadable parts count as 0.
+fn tree_size(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => tree_size(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// A name that can only mean an entry directly inside the cache folder.
+fn check_name(name: &str) -> Result<(), RemoveError> {
+    let bad = name.is_empty()
+        || name == "."
+        || name.contains("..")
+        || name.contains(['/', '\\', ':', '\0'])
+        || Path::new(name).is_absolute();
+    if bad {
+        Err(RemoveError::InvalidName(name.to_string()))
+    } else {
+        Ok(())
+    }
+}
+
+/// Removes the cache entry `name` from `dir` and returns what was removed. A linked
+/// entry loses only the link, never the files it points at.
+pub fn remove(dir: &Path, name: &str) -> Result<CachedModel, RemoveError> {
+    check_name(name)?;
+    let path = dir.join(name);
+    let not_found = || RemoveError::NotFound {
+        name: name.to_string(),
+        dir: dir.to_path_buf(),
+        known: list(dir)
+            .map(|l| l.models.into_iter().map(|m| m.name).collect())
+            .unwrap_or_default(),
+    };
+    let meta = match fs::symlink_metadata(&path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_found()),
+        Err(source) => return Err(RemoveError::Io { path, source }),
+    };
+    let entry = list(dir)
+        .ok()
+        .and_then(|l| l.models.into_iter().find(|m| m.name == name))
+        .ok_or_else(not_found)?;
+    let result = if meta.is_dir() {
+        fs::remove_dir_all(&path)
+    } else {
+        // A file, or a link (to a file or a folder): unlink it.
+        fs::remove_file(&path).or_else(|e| {
+            // Windows removes links to folders with remove_dir.
+            if meta.file_type().is_symlink() {
+                fs::remove_dir(&path)
+            } else {
+                Err(e)
+            }
+        })
+    };
+    result.map_err(|source| RemoveError::Io { path, source })?;
+    Ok(entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_could_leave_the_cache_are_refused() {
+        for bad in ["", ".", "..", "../x", "a/b", "a\\b", "x..y", "/etc", "C:evil", "nul\0"] {
+            assert!(
+                matches!(check_name(bad), Err(RemoveError::InvalidName(_))),
+                "{bad:?} was accepted"
+            );
+        }
+        for good in ["all-minilm-l6-v2", "org--name", "qwen2.5-0.5b-instruct-q4_k_m.gguf"] {
+            assert!(check_name(good).is_ok(), "{good:?} was refused");
+        }
+    }
+
+    #[test]
+    fn a_missing_cache_lists_as_empty() {
+        let tmp = tempfile::tempdir().unwrap();
+        let l = list(&tmp.path().join("nope")).unwrap();
+        assert!(!l.exists && l.models.is_empty() && l.total_bytes == 0);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn removing_a_link_keeps_its_target() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = tmp.path().join("cache");
+        let elsewhere = tmp.path().join("elsewhere");
+        fs::create_dir_all(&cache).unwrap();
+        fs::create_dir_all(&elsewhere).unwrap();
+        fs::write(elsewhere.join("model.safetensors"), b"1234").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, cache.join("linked")).unwrap();
+
+        let listed = list(&cache).unwrap();
+        assert_eq!(listed.models[0].size_bytes, 4);
+        let removed = remove(&cache, "linked").unwrap();
+        assert_eq!(removed.name, "linked");
+        assert!(!cache.join("linked").exists());
+        assert!(elsewhere.join("model.safetensors").is_file());
+    }
+}
