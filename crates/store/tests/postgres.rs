@@ -41,12 +41,34 @@ where
 
 conformance_tests!(in_fresh_schema);
 
+/// `connect` migrates the database it is given, so it gets a database of its
+/// own: the shared one's public schema may hold another version's tables.
 #[tokio::test]
 async fn connect_picks_postgres_by_scheme() {
     let Some(url) = database_url() else { return };
-    let store = cxmpute_store::connect(&url).await.expect("connect");
-    assert_eq!(store.backend(), "postgres");
-    store.ping().await.expect("ping");
+    let name = cxmpute_store::ids::new_id("cxm_scheme_").to_lowercase();
+    let mut admin = sqlx::PgConnection::connect(&url).await.expect("connect");
+    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+        .execute(&mut admin)
+        .await
+        .expect("create database");
+    let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
+    let outcome = tokio::spawn({
+        let url = format!("{base}/{name}");
+        async move {
+            let store = cxmpute_store::connect(&url).await.expect("connect");
+            assert_eq!(store.backend(), "postgres");
+            store.ping().await.expect("ping");
+        }
+    })
+    .await;
+    sqlx::query(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .expect("drop database");
+    if let Err(failure) = outcome {
+        std::panic::resume_unwind(failure.into_panic());
+    }
 }
 
 #[tokio::test]
