@@ -54,7 +54,7 @@ pub async fn begin(
         }
     }
     let bytes = read_body(headers, body, state.config.max_body_bytes).await?;
-    let request_id = cxmpute_store::ids::new_id("req_");
+    let request_id = cxmpute_store::ids::new_sorted_id("req_");
     Ok((Caller { request_id, auth }, bytes))
 }
 

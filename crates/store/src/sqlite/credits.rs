@@ -3,9 +3,10 @@
 //! These are the writes made on every API request, so they take the shortest
 //! path SQLite offers: one OS thread owns one connection (`rusqlite`, cached
 //! prepared statements, no per-statement hop between threads) and runs the
-//! jobs queued while it was busy as one transaction. Each job runs inside its
-//! own savepoint, so a job that fails or declines (say, insufficient
-//! balance) leaves no trace, while the others of its batch still commit. A
+//! jobs queued while it was busy as one transaction. A job decides before it
+//! writes, so one that declines (say, insufficient balance) leaves no trace
+//! and needs no savepoint; should a job fail after writing, the batch is
+//! rolled back and each of its jobs rerun in a transaction of its own. A
 //! caller is answered only after the commit that contains its job, so an
 //! answer never reports a write that a crash could still lose (WAL with
 //! `synchronous = NORMAL`: a commit survives a process crash; an operating
@@ -16,7 +17,7 @@
 
 use std::path::Path;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
@@ -57,9 +58,17 @@ impl CreditWriter {
     pub(super) fn start(path: &Path) -> Result<Self> {
         let conn = Connection::open(path).map_err(db)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(db)?;
-        conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;")
+        // temp_store: statement journals stay in memory, not in a temp file.
+        conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY;")
             .map_err(db)?;
         conn.set_prepared_statement_cache_capacity(32);
+        // Checkpoints (copying the WAL back into the database file) would run
+        // inside a commit, stalling the whole batch; this thread runs them
+        // itself between batches instead (see `run`).
+        // The WAL restarts from its beginning after each full checkpoint; the
+        // size limit then trims what a burst left behind.
+        conn.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 16777216;")
+            .map_err(db)?;
         let (jobs, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("cxmpute-credits".into())
@@ -116,6 +125,7 @@ fn db(e: rusqlite::Error) -> StoreError {
 fn run(conn: Connection, rx: mpsc::Receiver<Job>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut results = Vec::with_capacity(MAX_BATCH);
+    let mut last_checkpoint = Instant::now();
     while let Ok(first) = rx.recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -124,53 +134,88 @@ fn run(conn: Connection, rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        if let Err(e) = run_batch(&conn, &batch, &mut results) {
-            // The transaction is gone as a whole: nobody's job happened.
-            let _ = conn.execute_batch("ROLLBACK");
+        if run_batch(&conn, &batch, &mut results).is_err() {
+            // One job broke the shared transaction (or the commit failed):
+            // nothing of the batch happened. Run each job on its own, so only
+            // the job at fault fails.
+            let _ = exec(&conn, "ROLLBACK");
             results.clear();
-            results.extend(batch.iter().map(|_| Err(db_text(&e))));
+            results.extend(batch.iter().map(|job| run_alone(&conn, &job.op)));
         }
         for (job, result) in batch.drain(..).zip(results.drain(..)) {
             let _ = job.reply.send(result);
         }
+        if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+            checkpoint(&conn);
+            last_checkpoint = Instant::now();
+        }
+    }
+    checkpoint(&conn);
+}
+
+/// How often, at most, the WAL is copied back into the database file. Rows
+/// that change on every request (balances, keys, roll-ups) are copied once
+/// per period instead of once per commit that touched them.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+/// Copies the WAL back into the database. Run by the writer between batches:
+/// with no write in progress the checkpoint can take every frame, so the next
+/// transaction starts the WAL over instead of growing it. (A checkpoint from
+/// another thread, under constant load, would never catch up.)
+fn checkpoint(conn: &Connection) {
+    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+        tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
     }
 }
 
-fn db_text(e: &StoreError) -> StoreError {
-    StoreError::Sqlite(e.to_string())
+fn exec(conn: &Connection, sql: &str) -> Result<()> {
+    conn.prepare_cached(sql).map_err(db)?.execute([]).map_err(db)?;
+    Ok(())
 }
 
-/// Runs every job in one transaction, each in a savepoint; `results` gets one
-/// entry per job. An error returned here means the commit itself failed.
+/// Whether a failed job left the transaction as it found it. The jobs are
+/// written so that these errors come before their first write; anything
+/// else (a database error, a broken invariant) may come after one.
+fn is_clean(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::NotFound(_) | StoreError::Conflict(_) | StoreError::InvalidInput(_)
+    )
+}
+
+/// Runs every job in one transaction; `results` gets one entry per job. Jobs
+/// that decline (insufficient balance, already settled, …) decide before
+/// they write, so no savepoints are needed. Returns an error when a job
+/// failed part-way or the commit failed: the caller then rolls back.
 fn run_batch(conn: &Connection, batch: &[Job], results: &mut Vec<Result<Done>>) -> Result<()> {
-    conn.prepare_cached("BEGIN IMMEDIATE")
-        .map_err(db)?
-        .execute([])
-        .map_err(db)?;
+    exec(conn, "BEGIN IMMEDIATE")?;
     for job in batch {
-        conn.prepare_cached("SAVEPOINT job")
-            .map_err(db)?
-            .execute([])
-            .map_err(db)?;
         let result = apply(conn, &job.op);
-        let keep = matches!(
-            result,
-            Ok(Done::Hold(HoldOutcome::Held) | Done::Released(_) | Done::Settle(SettleOutcome::Settled))
-        );
-        if !keep {
-            conn.prepare_cached("ROLLBACK TO job")
-                .map_err(db)?
-                .execute([])
-                .map_err(db)?;
+        if let Err(e) = &result {
+            if !is_clean(e) {
+                return Err(StoreError::Sqlite(e.to_string()));
+            }
         }
-        conn.prepare_cached("RELEASE job")
-            .map_err(db)?
-            .execute([])
-            .map_err(db)?;
         results.push(result);
     }
-    conn.prepare_cached("COMMIT").map_err(db)?.execute([]).map_err(db)?;
-    Ok(())
+    exec(conn, "COMMIT")
+}
+
+fn run_alone(conn: &Connection, op: &Op) -> Result<Done> {
+    exec(conn, "BEGIN IMMEDIATE")?;
+    match apply(conn, op) {
+        Ok(done) => {
+            if let Err(e) = exec(conn, "COMMIT") {
+                let _ = exec(conn, "ROLLBACK");
+                return Err(e);
+            }
+            Ok(done)
+        }
+        Err(e) => {
+            let _ = exec(conn, "ROLLBACK");
+            Err(e)
+        }
+    }
 }
 
 fn apply(conn: &Connection, op: &Op) -> Result<Done> {
@@ -189,17 +234,23 @@ fn apply(conn: &Connection, op: &Op) -> Result<Done> {
     }
 }
 
+/// Decides first, then writes: a declined hold leaves nothing behind. The
+/// decision cannot go stale before the writes, since this thread is the only
+/// writer while its transaction is open.
 fn hold_one(conn: &Connection, hold: &HoldRequest) -> Result<HoldOutcome> {
-    let state: Option<(bool, bool)> = conn
+    type State = (bool, bool, i64, Option<i64>, i64);
+    let state: Option<State> = conn
         .prepare_cached(
-            "SELECT a.suspended, k.revoked_at IS NOT NULL FROM accounts a \
-             JOIN api_keys k ON k.account_id = a.id WHERE a.id = ?1 AND k.id = ?2",
+            "SELECT a.suspended, k.revoked_at IS NOT NULL, a.balance, k.credit_limit, k.spent + k.reserved \
+             FROM accounts a JOIN api_keys k ON k.account_id = a.id WHERE a.id = ?1 AND k.id = ?2",
         )
         .map_err(db)?
-        .query_row(params![hold.account_id, hold.key_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row(params![hold.account_id, hold.key_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
         .optional()
         .map_err(db)?;
-    let Some((suspended, revoked)) = state else {
+    let Some((suspended, revoked, balance, credit_limit, committed)) = state else {
         return Err(StoreError::NotFound(format!(
             "api key {} of account {}",
             hold.key_id, hold.account_id
@@ -207,6 +258,12 @@ fn hold_one(conn: &Connection, hold: &HoldRequest) -> Result<HoldOutcome> {
     };
     if suspended || revoked {
         return Ok(HoldOutcome::Refused);
+    }
+    if balance < hold.amount {
+        return Ok(HoldOutcome::InsufficientBalance);
+    }
+    if credit_limit.is_some_and(|limit| committed.saturating_add(hold.amount) > limit) {
+        return Ok(HoldOutcome::KeyLimitReached);
     }
     let inserted = conn
         .prepare_cached(
@@ -229,26 +286,23 @@ fn hold_one(conn: &Connection, hold: &HoldRequest) -> Result<HoldOutcome> {
             hold.request_id
         )));
     }
-    // The check and the debit are one statement: nothing can spend the same
-    // credits between them.
+    // The guard repeats the check above, so a hold can never overdraw even
+    // if the decision were somehow stale.
     let debited = conn
         .prepare_cached("UPDATE accounts SET balance = balance - ?2 WHERE id = ?1 AND balance >= ?2")
         .map_err(db)?
         .execute(params![hold.account_id, hold.amount])
         .map_err(db)?;
-    if debited == 0 {
-        return Ok(HoldOutcome::InsufficientBalance);
-    }
     let reserved = conn
-        .prepare_cached(
-            "UPDATE api_keys SET reserved = reserved + ?2 WHERE id = ?1 \
-             AND (credit_limit IS NULL OR spent + reserved + ?2 <= credit_limit)",
-        )
+        .prepare_cached("UPDATE api_keys SET reserved = reserved + ?2 WHERE id = ?1")
         .map_err(db)?
         .execute(params![hold.key_id, hold.amount])
         .map_err(db)?;
-    if reserved == 0 {
-        return Ok(HoldOutcome::KeyLimitReached);
+    if debited == 0 || reserved == 0 {
+        return Err(StoreError::Corrupt(format!(
+            "hold {} changed under the writer",
+            hold.request_id
+        )));
     }
     Ok(HoldOutcome::Held)
 }
@@ -279,7 +333,7 @@ fn return_hold(conn: &Connection, request_id: &str) -> Result<Option<i64>> {
     let Some(hold) = take_hold(conn, request_id)? else {
         return Ok(None);
     };
-    add_to_balance(conn, &hold.account_id, hold.amount)?;
+    add_to_balance(conn, &hold.account_id, hold.amount).map_err(after_write)?;
     conn.prepare_cached("UPDATE api_keys SET reserved = reserved - ?2 WHERE id = ?1")
         .map_err(db)?
         .execute(params![hold.key_id, hold.amount])
@@ -309,10 +363,28 @@ fn add_ledger(conn: &Connection, u: &UsageRecord, account_id: &str, kind: Ledger
     Ok(())
 }
 
+fn balance_of(conn: &Connection, account_id: &str) -> Result<i64> {
+    conn.prepare_cached("SELECT balance FROM accounts WHERE id = ?1")
+        .map_err(db)?
+        .query_row([account_id], |r| r.get(0))
+        .optional()
+        .map_err(db)?
+        .ok_or_else(|| StoreError::NotFound(format!("account {account_id}")))
+}
+
+/// A "not found" once a job has written is no longer clean (see [`is_clean`]).
+fn after_write(e: StoreError) -> StoreError {
+    match e {
+        StoreError::NotFound(what) => StoreError::Corrupt(format!("{what} vanished part-way through a job")),
+        other => other,
+    }
+}
+
 /// See the crate docs: the usage record is the settlement's claim, so a
 /// second settle of the same request stops at the first statement.
 fn settle_one(conn: &Connection, u: &UsageRecord) -> Result<SettleOutcome> {
     let reward = rules::payable_reward(u);
+    let balance = balance_of(conn, &u.account_id)?;
     let inserted = conn
         .prepare_cached(
             "INSERT INTO usage_records (request_id, account_id, key_id, device_id, \
@@ -350,22 +422,13 @@ fn settle_one(conn: &Connection, u: &UsageRecord) -> Result<SettleOutcome> {
     // The hold goes back and the charge comes off in one balance update when
     // both concern the same account, which is the normal case.
     let hold = take_hold(conn, &u.request_id)?;
-    let returned_here = match &hold {
-        Some(h) if h.account_id == u.account_id => h.amount,
+    let (balance, returned_here) = match &hold {
+        Some(h) if h.account_id == u.account_id => (balance, h.amount),
         Some(h) => {
-            add_to_balance(conn, &h.account_id, h.amount)?;
-            0
+            add_to_balance(conn, &h.account_id, h.amount).map_err(after_write)?;
+            (balance, 0)
         }
-        None => 0,
-    };
-    let balance: Option<i64> = conn
-        .prepare_cached("SELECT balance FROM accounts WHERE id = ?1")
-        .map_err(db)?
-        .query_row([&u.account_id], |r| r.get(0))
-        .optional()
-        .map_err(db)?;
-    let Some(balance) = balance else {
-        return Err(StoreError::NotFound(format!("account {}", u.account_id)));
+        None => (balance, 0),
     };
     let charge = rules::clamp_charge(u.cost, balance + returned_here);
     if charge != u.cost {
@@ -375,7 +438,7 @@ fn settle_one(conn: &Connection, u: &UsageRecord) -> Result<SettleOutcome> {
             .map_err(db)?;
     }
     if returned_here != charge {
-        add_to_balance(conn, &u.account_id, returned_here - charge)?;
+        add_to_balance(conn, &u.account_id, returned_here - charge).map_err(after_write)?;
     }
     if charge > 0 {
         add_ledger(conn, u, &u.account_id, LedgerKind::Charge, -charge)?;
@@ -399,7 +462,7 @@ fn settle_one(conn: &Connection, u: &UsageRecord) -> Result<SettleOutcome> {
     .execute(params![u.key_id, charge, released_here, u.created_at])
     .map_err(db)?;
     if let (Some(provider), true) = (&u.provider_account_id, reward > 0) {
-        add_to_balance(conn, provider, reward)?;
+        add_to_balance(conn, provider, reward).map_err(after_write)?;
         add_ledger(conn, u, provider, LedgerKind::Reward, reward)?;
     }
     conn.prepare_cached(
