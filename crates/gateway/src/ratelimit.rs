@@ -24,9 +24,19 @@ impl RateLimiter {
         self.check_at(key, rpm, Instant::now())
     }
 
+    /// Like [`RateLimiter::check`] with a window other than a minute:
+    /// `capacity` requests per `window`, refilled evenly.
+    pub fn check_window(&self, key: &str, capacity: u32, window: std::time::Duration) -> Result<(), u64> {
+        self.check_in(key, capacity, window.as_secs_f64(), Instant::now())
+    }
+
     fn check_at(&self, key: &str, rpm: u32, now: Instant) -> Result<(), u64> {
-        let capacity = f64::from(rpm.max(1));
-        let per_sec = capacity / 60.0;
+        self.check_in(key, rpm, 60.0, now)
+    }
+
+    fn check_in(&self, key: &str, capacity: u32, window_secs: f64, now: Instant) -> Result<(), u64> {
+        let capacity = f64::from(capacity.max(1));
+        let per_sec = capacity / window_secs.max(0.001);
         let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let bucket = map.entry(key.to_string()).or_insert(Bucket {
             tokens: capacity,
