@@ -148,3 +148,58 @@ impl std::fmt::Debug for SmtpConfig {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Config;
+
+    const FILE: &str = "[web]\nadmin_emails = [\"Ops@Example.com\"]\n\
+        [web.smtp]\nhost = \"smtp.example\"\nfrom = \"cx <login@example.com>\"\nusername = \"u\"\npassword = \"hunter2\"\n";
+
+    #[test]
+    fn smtp_section_parses_with_defaults_and_hides_the_password() {
+        let config: Config = toml::from_str(FILE).unwrap();
+        config.validate().unwrap();
+        let smtp = config.web.smtp.as_ref().unwrap();
+        assert_eq!(smtp.tls, SmtpTls::Starttls);
+        assert_eq!(smtp.port(), 587);
+        assert!(config.web.is_admin(Some("ops@example.COM")));
+        assert!(!config.web.is_admin(Some("other@example.com")));
+        assert!(!config.web.is_admin(None));
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2") && !shown.contains("Ops@"), "{shown}");
+    }
+
+    #[test]
+    fn environment_sets_public_url_admins_and_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.toml");
+        std::fs::write(&path, FILE).unwrap();
+        let c = Config::load(Some(&path), |k| match k {
+            "CXMPUTE_PUBLIC_URL" => Some("https://cx.example".into()),
+            "CXMPUTE_ADMIN_EMAILS" => Some("a@x.io, b@x.io,".into()),
+            "CXMPUTE_SMTP_PASSWORD" => Some("from-env".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert!(c.web.secure_cookies());
+        assert_eq!(c.web.admin_emails, ["a@x.io", "b@x.io"]);
+        assert_eq!(c.web.smtp.unwrap().password.as_deref(), Some("from-env"));
+    }
+
+    #[test]
+    fn bad_web_settings_are_refused() {
+        for bad in [
+            "[web.smtp]\nhost = \"h\"\nfrom = \"not an address\"\n",
+            "[web.smtp]\nhost = \"h\"\nfrom = \"a@b.c\"\nusername = \"u\"\n",
+            "[web.smtp]\nhost = \"\"\nfrom = \"a@b.c\"\n",
+            "[web]\npublic_url = \"ftp://x\"\n",
+            "[web]\ncode_attempts = 0\n",
+        ] {
+            let config: Config = toml::from_str(bad).unwrap();
+            assert!(config.validate().is_err(), "{bad}");
+        }
+        assert!(toml::from_str::<Config>("[web.smtp]\nhost = \"h\"\nfrom = \"a@b.c\"\ntls = \"ssl\"\n").is_err());
+    }
+}
