@@ -84,3 +84,35 @@ impl Mailer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_tls_mode_builds_a_transport() {
+        for tls in [SmtpTls::Starttls, SmtpTls::Tls, SmtpTls::None] {
+            let config = SmtpConfig {
+                host: "smtp.example".into(),
+                port: None,
+                from: "cx <login@example.com>".into(),
+                tls,
+                username: Some("u".into()),
+                password: Some("p".into()),
+            };
+            assert!(matches!(Mailer::from_config(Some(&config)), Ok(Mailer::Smtp { .. })));
+        }
+        assert!(matches!(Mailer::from_config(None), Ok(Mailer::Log)));
+    }
+
+    #[tokio::test]
+    async fn captured_codes_are_kept() {
+        let (mailer, sent) = Mailer::capture();
+        let to: Address = "a@example.com".parse().unwrap();
+        mailer.send_code(&to, "123456", 10).await.unwrap();
+        assert_eq!(
+            *sent.lock().unwrap(),
+            [("a@example.com".to_string(), "123456".to_string())]
+        );
+    }
+}
