@@ -379,3 +379,41 @@ async fn keys_are_created_listed_and_revoked_by_their_owner() {
     assert_eq!(b.get(&app, "/web/api/ledger").await.status, StatusCode::OK);
     assert_eq!(b.get(&app, "/web/api/usage").await.status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn lifting_a_suspension_does_not_revive_old_sessions() {
+    let app = app().await;
+    let mut b = Browser::default();
+    b.login(&app, "a@example.com").await;
+    let id = me_id(&mut b, &app).await;
+    let bearer = format!("Bearer {}", common::ADMIN_TOKEN);
+    let admin = [("authorization", bearer.as_str())];
+    let mut op = Browser::default();
+    let r = op
+        .send(
+            &app,
+            Method::POST,
+            &format!("/admin/accounts/{id}/suspend"),
+            &admin,
+            Some("application/json"),
+            r#"{"reason":"test"}"#,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = op
+        .send(
+            &app,
+            Method::POST,
+            &format!("/admin/accounts/{id}/unsuspend"),
+            &admin,
+            None,
+            "",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(b.get(&app, "/web/api/me").await.status, StatusCode::UNAUTHORIZED);
+    // A fresh login works again.
+    let mut again = Browser::default();
+    again.login(&app, "a@example.com").await;
+    assert_eq!(again.get(&app, "/web/api/me").await.status, StatusCode::OK);
+}

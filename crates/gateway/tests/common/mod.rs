@@ -18,6 +18,7 @@ use http_body_util::BodyExt;
 use tower::ServiceExt;
 
 pub const ADMIN_EMAIL: &str = "root@example.com";
+pub const ADMIN_TOKEN: &str = "web-tests-admin-token-0123";
 
 pub struct App {
     pub router: Router,
@@ -58,6 +59,7 @@ pub async fn app_with(web: WebConfig) -> App {
             admin_emails: vec![ADMIN_EMAIL.into()],
             ..web
         },
+        admin_token: Some(ADMIN_TOKEN.into()),
         ..Config::default()
     };
     let store = cxmpute_store::connect(&config.database_url).await.unwrap();
