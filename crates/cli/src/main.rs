@@ -140,6 +140,7 @@ async fn up(port: u16, data_dir: &Path, upstream: Option<String>, no_scrape: boo
     );
     println!("    -d '{{\"model\":\"all-minilm-l6-v2\",\"input\":\"The weather is lovely today.\"}}'");
     println!();
+    println!("Web dashboard: {base}/login (no mail server here: login codes appear in this log).");
     println!("OpenAI SDKs: base_url={base}/v1, api_key as above. Ctrl-C stops.");
 
     tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;

@@ -141,6 +141,9 @@ async fn set_suspension(s: &AppState, id: &str, reason: Option<&str>) -> Result<
     // Cached keys of this account must see the change now, not in two seconds.
     s.keys.clear();
     if reason.is_some() {
+        // Web sessions are refused while suspended anyway; ending them means
+        // lifting the suspension does not bring a stolen cookie back to life.
+        s.store.delete_sessions_of(id).await?;
         for device in s.store.devices(id).await? {
             s.pools.remove_device(&device.id);
         }

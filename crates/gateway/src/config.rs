@@ -31,6 +31,7 @@ pub struct Config {
     pub release_holds_at_start: bool,
     pub link: LinkConfig,
     pub pricing: Pricing,
+    pub web: WebConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -77,6 +78,8 @@ pub struct ModelPrice {
     pub output: Option<i64>,
 }
 
+pub use crate::web::config::{SmtpConfig, SmtpTls, WebConfig};
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -89,6 +92,7 @@ impl Default for Config {
             release_holds_at_start: true,
             link: LinkConfig::default(),
             pricing: Pricing::default(),
+            web: WebConfig::default(),
         }
     }
 }
@@ -168,6 +172,7 @@ impl std::fmt::Debug for Config {
             .field("release_holds_at_start", &self.release_holds_at_start)
             .field("link", &self.link)
             .field("pricing", &self.pricing)
+            .field("web", &self.web)
             .finish()
     }
 }
@@ -197,6 +202,21 @@ impl Config {
         if let Some(v) = env("CXMPUTE_MAX_BODY_BYTES") {
             config.max_body_bytes = v.parse().context("CXMPUTE_MAX_BODY_BYTES: not a number")?;
         }
+        if let Some(v) = env("CXMPUTE_PUBLIC_URL") {
+            config.web.public_url = Some(v);
+        }
+        if let Some(v) = env("CXMPUTE_ADMIN_EMAILS") {
+            config.web.admin_emails = v
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+        }
+        if let Some(v) = env("CXMPUTE_SMTP_PASSWORD") {
+            if let Some(smtp) = config.web.smtp.as_mut() {
+                smtp.password = Some(v);
+            }
+        }
         if let Some(v) = env("CXMPUTE_ALLOW_PRIVATE_DIRECT_URLS") {
             config.link.allow_private_direct_urls = matches!(v.as_str(), "1" | "true" | "yes");
         }
@@ -213,6 +233,7 @@ impl Config {
         if let Some(t) = &self.admin_token {
             anyhow::ensure!(t.len() >= 16, "admin_token must be at least 16 characters");
         }
+        self.web.validate()?;
         self.pricing.validate()
     }
 }

@@ -158,6 +158,16 @@ impl ApiError {
         )
     }
 
+    /// The web API without a (live) session cookie.
+    pub fn no_session() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            Some("not_signed_in"),
+            "Sign in first: this route needs a session (POST /login).",
+        )
+    }
+
     /// A failure of ours. The message is fixed: internals stay in the log.
     pub fn internal() -> Self {
         Self::new(

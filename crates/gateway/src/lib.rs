@@ -11,6 +11,7 @@
 //! - [`relay`]: forward with one retry, stream back, settle before the end.
 //! - [`link`]: provider links (reversed HTTP/2) and direct-mode registration.
 //! - [`admin`]: the operator's HTTP API; [`config`], [`error`], [`metrics`].
+//! - [`web`]: email login, sessions, the dashboard and its JSON API.
 
 pub mod admin;
 pub mod api;
@@ -27,6 +28,7 @@ pub mod relay;
 pub mod server;
 pub mod state;
 pub mod transport;
+pub mod web;
 
 pub use config::Config;
 pub use server::{run, Gateway};

@@ -208,6 +208,7 @@ async fn admin(config: Config, cmd: Admin) -> anyhow::Result<()> {
         }
         Admin::Account(AccountCmd::Suspend { account, reason }) => {
             store.set_suspended(&account, Some(&reason)).await?;
+            store.delete_sessions_of(&account).await?;
             println!("{account} suspended");
             Ok(())
         }

@@ -8,6 +8,13 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
+/// Past this many buckets, idle ones are dropped (see [`LONGEST_WINDOW`]), so
+/// a flood of made-up keys or addresses cannot grow the map without bound.
+const MAX_BUCKETS: usize = 100_000;
+/// No caller uses a longer window; a bucket idle this long is full again, so
+/// dropping it changes no answer.
+const LONGEST_WINDOW: std::time::Duration = std::time::Duration::from_secs(3600);
+
 #[derive(Default)]
 pub struct RateLimiter {
     buckets: Mutex<HashMap<String, Bucket>>,
@@ -24,10 +31,23 @@ impl RateLimiter {
         self.check_at(key, rpm, Instant::now())
     }
 
+    /// Like [`RateLimiter::check`] with a window other than a minute:
+    /// `capacity` requests per `window` (at most an hour), refilled evenly.
+    pub fn check_window(&self, key: &str, capacity: u32, window: std::time::Duration) -> Result<(), u64> {
+        self.check_in(key, capacity, window.as_secs_f64(), Instant::now())
+    }
+
     fn check_at(&self, key: &str, rpm: u32, now: Instant) -> Result<(), u64> {
-        let capacity = f64::from(rpm.max(1));
-        let per_sec = capacity / 60.0;
+        self.check_in(key, rpm, 60.0, now)
+    }
+
+    fn check_in(&self, key: &str, capacity: u32, window_secs: f64, now: Instant) -> Result<(), u64> {
+        let capacity = f64::from(capacity.max(1));
+        let per_sec = capacity / window_secs.max(0.001);
         let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_BUCKETS && !map.contains_key(key) {
+            map.retain(|_, b| now.saturating_duration_since(b.last) < LONGEST_WINDOW);
+        }
         let bucket = map.entry(key.to_string()).or_insert(Bucket {
             tokens: capacity,
             last: now,

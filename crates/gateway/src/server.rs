@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::link::{accept, direct};
 use crate::state::AppState;
+use crate::web::mail::Mailer;
 
 /// A gateway with its store open, ready to serve.
 pub struct Gateway {
@@ -33,6 +34,12 @@ impl Gateway {
     }
 
     pub async fn with_store(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Gateway> {
+        let mailer = Mailer::from_config(config.web.smtp.as_ref())?;
+        Gateway::with_mailer(config, store, mailer).await
+    }
+
+    /// Like [`Gateway::with_store`] with a given mailer (tests capture codes).
+    pub async fn with_mailer(config: Config, store: Arc<dyn Store>, mailer: Mailer) -> anyhow::Result<Gateway> {
         if config.release_holds_at_start {
             let released = store.release_all_holds().await?;
             if released > 0 {
@@ -40,7 +47,7 @@ impl Gateway {
             }
         }
         let known = store.known_models().await?;
-        let state = AppState::new(config, store);
+        let state = AppState::new(config, store, mailer);
         state.pools.mark_known(known);
         Ok(Gateway { state })
     }
@@ -66,12 +73,17 @@ impl Gateway {
         use axum::serve::ListenerExt;
         let state = self.state.clone();
         tokio::spawn(sweep_holds(state.clone()));
+        tokio::spawn(sweep_logins(state.clone()));
         let listener = listener.tap_io(|tcp| {
             // Small streamed chunks must not wait for Nagle's algorithm.
             let _ = tcp.set_nodelay(true);
         });
         let token = state.shutdown.clone();
-        let result = axum::serve(listener, self.router())
+        // The peer address feeds the per-IP login throttle.
+        let app = self
+            .router()
+            .into_make_service_with_connect_info::<std::net::SocketAddr>();
+        let result = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 shutdown.await;
                 token.cancel();
@@ -128,6 +140,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/metrics"),
 ];
 
+/// [`ROUTES`] and the web side's [`crate::web::ROUTES`] together.
+pub fn all_routes() -> impl Iterator<Item = (&'static str, &'static str)> {
+    ROUTES.iter().chain(crate::web::ROUTES).copied()
+}
+
 pub fn router(state: AppState) -> Router {
     let api = crate::api::routes();
     Router::new()
@@ -137,6 +154,7 @@ pub fn router(state: AppState) -> Router {
         .route(REGISTER_PATH, post(direct::register_direct))
         .route(DRAIN_PATH, post(direct::drain))
         .nest("/admin", crate::admin::routes())
+        .merge(crate::web::routes())
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -188,6 +206,21 @@ async fn sweep_holds(state: AppState) {
             Ok(0) => {}
             Ok(n) => tracing::info!(released = n, "returned expired holds"),
             Err(e) => tracing::warn!(error = %e, "could not release expired holds"),
+        }
+    }
+}
+
+/// Deletes expired login codes and sessions every ten minutes.
+async fn sweep_logins(state: AppState) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+            _ = state.shutdown.cancelled() => return,
+        }
+        match state.store.purge_expired_logins(cxmpute_store::now_millis()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(deleted = n, "purged expired login codes and sessions"),
+            Err(e) => tracing::warn!(error = %e, "could not purge expired logins"),
         }
     }
 }

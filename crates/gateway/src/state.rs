@@ -12,6 +12,8 @@ use crate::metrics::Metrics;
 use crate::pools::Pools;
 use crate::ratelimit::RateLimiter;
 use crate::transport::{direct_client, DirectClient};
+use crate::web::mail::Mailer;
+use crate::web::WebState;
 
 #[derive(Clone)]
 pub struct AppState(Arc<Inner>);
@@ -24,6 +26,7 @@ pub struct Inner {
     pub limiter: RateLimiter,
     pub metrics: Metrics,
     pub direct: DirectClient,
+    pub web: WebState,
     next_session: AtomicU64,
     /// Tells background tasks (links, sweepers) to stop.
     pub shutdown: tokio_util::sync::CancellationToken,
@@ -37,7 +40,7 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
-    pub fn new(config: Config, store: Arc<dyn Store>) -> AppState {
+    pub fn new(config: Config, store: Arc<dyn Store>, mailer: Mailer) -> AppState {
         AppState(Arc::new(Inner {
             config,
             store,
@@ -46,6 +49,7 @@ impl AppState {
             limiter: RateLimiter::default(),
             metrics: Metrics::default(),
             direct: direct_client(),
+            web: WebState::new(mailer),
             next_session: AtomicU64::new(1),
             shutdown: tokio_util::sync::CancellationToken::new(),
         }))

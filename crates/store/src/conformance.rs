@@ -11,10 +11,12 @@
 mod accounts;
 mod concurrency;
 mod credits;
+mod web;
 
 pub use accounts::*;
 pub use concurrency::*;
 pub use credits::*;
+pub use web::*;
 
 use crate::{now_millis, Account, ApiKey, Device, HoldRequest, LedgerKind, NewApiKey, Service, Store, UsageRecord};
 
@@ -42,6 +44,9 @@ macro_rules! conformance_tests {
             concurrent_holds_and_settles,
             crossed_settlements,
             concurrent_double_settle,
+            login_codes,
+            concurrent_code_checks,
+            sessions,
         );
     };
     (@each $runner:path; $($name:ident),* $(,)?) => {

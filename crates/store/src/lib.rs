@@ -34,7 +34,9 @@ use serde::{Deserialize, Serialize};
 mod error;
 mod rows;
 mod rules;
+mod web;
 pub use error::StoreError;
+pub use web::{CodeCheck, Session};
 
 pub mod ids;
 
@@ -362,6 +364,26 @@ pub trait Store: Send + Sync + 'static {
     async fn held_amount(&self, account_id: &str) -> Result<i64>;
 
     async fn ping(&self) -> Result<()>;
+
+    // Web login (see the `web` module). Emails compare case-insensitively.
+    async fn account_by_email(&self, email: &str) -> Result<Option<Account>>;
+    /// Stores the hash of a new code for `email`, replacing any earlier one
+    /// (and its attempt count).
+    async fn put_login_code(&self, email: &str, code_hash: &str, now: Millis, expires_at: Millis) -> Result<()>;
+    /// Counts one attempt on `email`'s code and judges `code_hash` against it;
+    /// a valid code is consumed. After `max_attempts` attempts every check,
+    /// the right code included, is [`CodeCheck::Locked`].
+    async fn check_login_code(&self, email: &str, code_hash: &str, now: Millis, max_attempts: u32)
+        -> Result<CodeCheck>;
+    async fn create_session(&self, token_hash: &str, account_id: &str, now: Millis, expires_at: Millis) -> Result<()>;
+    /// The session with this token hash, unless it expired by `now`.
+    async fn session(&self, token_hash: &str, now: Millis) -> Result<Option<Session>>;
+    /// Returns false when there was no such session.
+    async fn delete_session(&self, token_hash: &str) -> Result<bool>;
+    /// Ends every session of an account; returns how many.
+    async fn delete_sessions_of(&self, account_id: &str) -> Result<u64>;
+    /// Deletes expired codes and sessions; returns how many rows went.
+    async fn purge_expired_logins(&self, now: Millis) -> Result<u64>;
 }
 
 /// `YYYY-MM-DD` (UTC) of a millisecond timestamp, without a date library.

@@ -316,3 +316,22 @@ mod tests {
         assert!(parse_services("chat,nope").is_err());
     }
 }
+
+/// `accounts.*` plus the session's own times (renamed: both have `created_at`).
+#[derive(FromRow)]
+pub(crate) struct SessionRow {
+    #[sqlx(flatten)]
+    account: AccountRow,
+    session_created_at: i64,
+    session_expires_at: i64,
+}
+
+impl From<SessionRow> for crate::Session {
+    fn from(r: SessionRow) -> Self {
+        crate::Session {
+            account: r.account.into(),
+            created_at: r.session_created_at,
+            expires_at: r.session_expires_at,
+        }
+    }
+}

@@ -14,6 +14,7 @@
 //! the credit thread and the pools share it like any file.
 
 mod credits;
+mod web;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -457,5 +458,43 @@ impl Store for SqliteStore {
     async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
+    }
+
+    async fn account_by_email(&self, email: &str) -> Result<Option<Account>> {
+        self.account_by_email_impl(email).await
+    }
+
+    async fn put_login_code(&self, email: &str, code_hash: &str, now: Millis, expires_at: Millis) -> Result<()> {
+        self.put_login_code_impl(email, code_hash, now, expires_at).await
+    }
+
+    async fn check_login_code(
+        &self,
+        email: &str,
+        code_hash: &str,
+        now: Millis,
+        max_attempts: u32,
+    ) -> Result<crate::CodeCheck> {
+        self.check_login_code_impl(email, code_hash, now, max_attempts).await
+    }
+
+    async fn create_session(&self, token_hash: &str, account_id: &str, now: Millis, expires_at: Millis) -> Result<()> {
+        self.create_session_impl(token_hash, account_id, now, expires_at).await
+    }
+
+    async fn session(&self, token_hash: &str, now: Millis) -> Result<Option<crate::Session>> {
+        self.session_impl(token_hash, now).await
+    }
+
+    async fn delete_session(&self, token_hash: &str) -> Result<bool> {
+        self.delete_session_impl(token_hash).await
+    }
+
+    async fn delete_sessions_of(&self, account_id: &str) -> Result<u64> {
+        self.delete_sessions_of_impl(account_id).await
+    }
+
+    async fn purge_expired_logins(&self, now: Millis) -> Result<u64> {
+        self.purge_expired_logins_impl(now).await
     }
 }

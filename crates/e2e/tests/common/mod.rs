@@ -117,7 +117,13 @@ impl Gateway {
     }
 
     pub async fn start_on(db_url: &str, port: u16) -> Gateway {
+        Gateway::start_with(db_url, port, &[]).await
+    }
+
+    /// Like [`Gateway::start_on`], with more global arguments (e.g. `--config FILE`).
+    pub async fn start_with(db_url: &str, port: u16, extra: &[&str]) -> Gateway {
         let mut child = Command::new(bin("cxmpute-gateway"))
+            .args(extra)
             .args([
                 "--database-url",
                 db_url,

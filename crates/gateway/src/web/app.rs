@@ -1,0 +1,329 @@
+//! The user dashboard at `/app`: balance, API keys, ledger and recent usage,
+//! with forms to create and revoke keys.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use bytes::Bytes;
+use cxmpute_store::{ApiKey, LedgerEntry, Service, UsageRecord};
+
+use super::html::{esc, message_page, page, respond, usd, when};
+use super::session::{self, csrf_ok, Denied, Role, WebUser, CSRF_FIELD};
+use super::{Form, PageError};
+use crate::auth::KeyOptions;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+const HISTORY: i64 = 50;
+
+/// A page's signed-in user, or the response that replaces the page.
+async fn require_page(state: &AppState, headers: &HeaderMap) -> Result<Result<WebUser, Response>, PageError> {
+    Ok(match session::current(state, headers).await? {
+        Ok(user) => Ok(user),
+        Err(Denied::NoSession) => Err(session::to_login()),
+        Err(Denied::Suspended) => Err(message_page(
+            StatusCode::FORBIDDEN,
+            "Account suspended",
+            "This account is suspended. Contact the operator of this network.",
+            ("/login", "Back to login"),
+        )),
+    })
+}
+
+/// Like [`require_page`], and the form must carry the session's CSRF token.
+async fn require_form(
+    state: &AppState,
+    headers: &HeaderMap,
+    form: &Form,
+) -> Result<Result<WebUser, Response>, PageError> {
+    let user = match require_page(state, headers).await? {
+        Ok(user) => user,
+        Err(res) => return Ok(Err(res)),
+    };
+    if !csrf_ok(&user.csrf, form.get(CSRF_FIELD)) {
+        return Ok(Err(message_page(
+            StatusCode::FORBIDDEN,
+            "Form expired",
+            "This form is no longer valid (or did not come from this site). Reload the dashboard and try again.",
+            ("/app", "Back to the dashboard"),
+        )));
+    }
+    Ok(Ok(user))
+}
+
+/// `GET /app`.
+pub async fn dashboard(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, PageError> {
+    let user = match require_page(&state, &headers).await? {
+        Ok(user) => user,
+        Err(res) => return Ok(res),
+    };
+    render(&state, &user, StatusCode::OK, None, None).await
+}
+
+/// `POST /app/keys`: creates a key and shows its secret once.
+pub async fn create_key(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, PageError> {
+    let form = Form::parse(&body);
+    let user = match require_form(&state, &headers, &form).await? {
+        Ok(user) => user,
+        Err(res) => return Ok(res),
+    };
+    let opts = match key_options(&form) {
+        Ok(opts) => opts,
+        Err(problem) => return render(&state, &user, StatusCode::BAD_REQUEST, None, Some(&problem)).await,
+    };
+    match crate::auth::create_key(state.store.as_ref(), &user.account.id, opts).await {
+        Ok((key, secret)) => {
+            tracing::info!(account = %user.account.id, key = %key.id, "api key created on the web");
+            render(&state, &user, StatusCode::OK, Some((&key, &secret)), None).await
+        }
+        Err(e) if e.status.is_client_error() => render(&state, &user, e.status, None, Some(&e.message)).await,
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `POST /app/keys/{id}/revoke`.
+pub async fn revoke_key(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, PageError> {
+    let form = Form::parse(&body);
+    let user = match require_form(&state, &headers, &form).await? {
+        Ok(user) => user,
+        Err(res) => return Ok(res),
+    };
+    revoke_own_key(&state, &user, &id).await?;
+    Ok(session::redirect("/app"))
+}
+
+/// Revokes `key_id` if it belongs to `user`; 404 otherwise (also for keys of
+/// other accounts, so ids of others' keys cannot be confirmed).
+pub async fn revoke_own_key(state: &AppState, user: &WebUser, key_id: &str) -> Result<(), ApiError> {
+    let owned = state
+        .store
+        .key_auth(key_id)
+        .await?
+        .is_some_and(|k| k.key.account_id == user.account.id);
+    if !owned || !state.store.revoke_api_key(key_id).await? {
+        return Err(ApiError::not_found(format!("no key '{key_id}'")));
+    }
+    state.keys.evict(key_id);
+    tracing::info!(account = %user.account.id, key = %key_id, "api key revoked on the web");
+    Ok(())
+}
+
+/// Reads the create-key form: name, limit in dollars, services, RPM.
+fn key_options(form: &Form) -> Result<KeyOptions, String> {
+    let name = form
+        .get("name")
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_string);
+    let credit_limit = match form.get("credit_limit_usd").map(str::trim).filter(|s| !s.is_empty()) {
+        None => None,
+        Some(text) => Some(parse_usd(text).ok_or("The credit limit is a dollar amount, e.g. 5 or 0.25.")?),
+    };
+    let services: Vec<String> = form.all("service").map(str::to_string).collect();
+    if services.is_empty() {
+        return Err("Choose at least one service.".into());
+    }
+    let allowed_services = (services.len() < Service::ALL.len()).then_some(services);
+    let rpm_limit = match form.get("rpm_limit").map(str::trim).filter(|s| !s.is_empty()) {
+        None => None,
+        Some(text) => Some(
+            text.parse::<u32>()
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or("Requests per minute is a whole number of at least 1.")?,
+        ),
+    };
+    Ok(KeyOptions {
+        name,
+        credit_limit,
+        allowed_services,
+        rpm_limit,
+    })
+}
+
+/// `12`, `0.25`, `3.000001` dollars → credits (10⁻⁹ USD); at most 9 decimals.
+pub fn parse_usd(text: &str) -> Option<i64> {
+    let text = text.strip_prefix('$').unwrap_or(text);
+    let (whole, frac) = text.split_once('.').unwrap_or((text, ""));
+    if whole.is_empty() && frac.is_empty() || frac.len() > 9 {
+        return None;
+    }
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(whole) || !digits(frac) {
+        return None;
+    }
+    let whole: i64 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+    let frac: i64 = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<9}").parse().ok()?
+    };
+    whole.checked_mul(1_000_000_000)?.checked_add(frac)
+}
+
+async fn render(
+    state: &AppState,
+    user: &WebUser,
+    status: StatusCode,
+    created: Option<(&ApiKey, &str)>,
+    problem: Option<&str>,
+) -> Result<Response, PageError> {
+    let account = &user.account;
+    let keys = state.store.api_keys(&account.id).await?;
+    let ledger = state.store.ledger(&account.id, HISTORY).await?;
+    let usage = state.store.usage_for_account(&account.id, HISTORY).await?;
+    let csrf = esc(&user.csrf);
+
+    let header = format!(
+        "<form method=\"post\" action=\"/logout\"><span class=\"muted\">{email}{admin}</span> \
+         <input type=\"hidden\" name=\"{CSRF_FIELD}\" value=\"{csrf}\"><button class=\"link\" type=\"submit\">Sign out</button></form>",
+        email = esc(account.email.as_deref().unwrap_or(&account.name)),
+        admin = if user.role == Role::Admin { " (admin)" } else { "" },
+    );
+    let mut body = String::from("<h1>Dashboard</h1>");
+    if let Some(problem) = problem {
+        body.push_str(&format!("<p class=\"msg err\" role=\"alert\">{}</p>", esc(problem)));
+    }
+    if let Some((key, secret)) = created {
+        body.push_str(&format!(
+            "<div class=\"msg ok\" role=\"status\"><p>Key <strong>{}</strong> created. Copy it now: it is shown only once.</p>\
+             <p class=\"secret\">{}</p></div>",
+            esc(&key.name),
+            esc(secret)
+        ));
+    }
+    body.push_str(&format!(
+        "<h2>Balance</h2><p><strong>{}</strong> <span class=\"muted\">({} credits; 1 credit = 10⁻⁹ USD)</span></p>",
+        usd(account.balance),
+        account.balance
+    ));
+    body.push_str(&keys_section(&keys, &csrf));
+    body.push_str(&ledger_section(&ledger));
+    body.push_str(&usage_section(&usage));
+    Ok(respond(status, page("Dashboard", &header, &body)))
+}
+
+fn keys_section(keys: &[ApiKey], csrf: &str) -> String {
+    let mut html = String::from("<h2>API keys</h2>");
+    if keys.is_empty() {
+        html.push_str("<p>No keys yet.</p>");
+    } else {
+        html.push_str(
+            "<table><thead><tr><th scope=\"col\">Name</th><th scope=\"col\">Key</th><th scope=\"col\">Services</th>\
+             <th scope=\"col\">Limit</th><th scope=\"col\">Spent</th><th scope=\"col\">RPM</th>\
+             <th scope=\"col\">Last used</th><th scope=\"col\">Status</th></tr></thead><tbody>",
+        );
+        for k in keys {
+            let services = k.allowed_services.as_ref().map_or("all".to_string(), |list| {
+                list.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            });
+            let status = if k.revoked_at.is_some() {
+                "revoked".to_string()
+            } else {
+                format!(
+                    "<form method=\"post\" action=\"/app/keys/{id}/revoke\"><input type=\"hidden\" name=\"{CSRF_FIELD}\" value=\"{csrf}\">\
+                     <button class=\"link\" type=\"submit\" aria-label=\"Revoke key {name}\">Revoke</button></form>",
+                    id = esc(&k.id),
+                    name = esc(&k.name),
+                )
+            };
+            html.push_str(&format!(
+                "<tr><td>{}</td><td class=\"secret\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&k.name),
+                esc(&k.prefix),
+                esc(&services),
+                k.credit_limit.map_or("none".into(), usd),
+                usd(k.spent),
+                k.rpm_limit.map_or("none".into(), |n| n.to_string()),
+                k.last_used_at.map_or("never".into(), when),
+                status,
+            ));
+        }
+        html.push_str("</tbody></table>");
+    }
+    let boxes: String = Service::ALL
+        .iter()
+        .map(|s| {
+            format!(
+                "<input type=\"checkbox\" id=\"svc-{s}\" name=\"service\" value=\"{s}\" checked> <label for=\"svc-{s}\">{s}</label>",
+                s = s.as_str()
+            )
+        })
+        .collect();
+    html.push_str(&format!(
+        "<h3>New key</h3><form method=\"post\" action=\"/app/keys\">\
+         <input type=\"hidden\" name=\"{CSRF_FIELD}\" value=\"{csrf}\">\
+         <label for=\"key-name\">Name</label><input id=\"key-name\" name=\"name\" type=\"text\" maxlength=\"100\" placeholder=\"default\">\
+         <label for=\"key-limit\">Credit limit in USD (optional)</label><input id=\"key-limit\" name=\"credit_limit_usd\" type=\"text\" inputmode=\"decimal\" placeholder=\"no limit\">\
+         <label for=\"key-rpm\">Requests per minute (optional)</label><input id=\"key-rpm\" name=\"rpm_limit\" type=\"number\" min=\"1\" placeholder=\"no limit\">\
+         <fieldset><legend>Services</legend>{boxes}</fieldset>\
+         <div><button type=\"submit\">Create key</button></div></form>"
+    ));
+    html
+}
+
+fn ledger_section(entries: &[LedgerEntry]) -> String {
+    let mut html = String::from("<h2>Ledger</h2>");
+    if entries.is_empty() {
+        return html + "<p>No entries yet.</p>";
+    }
+    html.push_str(
+        "<table><thead><tr><th scope=\"col\">When (UTC)</th><th scope=\"col\">Kind</th><th scope=\"col\">Amount</th>\
+         <th scope=\"col\">Note</th></tr></thead><tbody>",
+    );
+    for e in entries {
+        html.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            when(e.created_at),
+            e.kind.as_str(),
+            usd(e.amount),
+            esc(e.note.as_deref().or(e.request_id.as_deref()).unwrap_or("")),
+        ));
+    }
+    html + "</tbody></table>"
+}
+
+fn usage_section(rows: &[UsageRecord]) -> String {
+    let mut html = String::from("<h2>Recent usage</h2>");
+    if rows.is_empty() {
+        return html + "<p>No requests yet.</p>";
+    }
+    html.push_str(
+        "<table><thead><tr><th scope=\"col\">When (UTC)</th><th scope=\"col\">Service</th><th scope=\"col\">Model</th>\
+         <th scope=\"col\">Tokens in/out</th><th scope=\"col\">Status</th><th scope=\"col\">Cost</th></tr></thead><tbody>",
+    );
+    for u in rows {
+        html.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{} / {}</td><td>{}</td><td>{}</td></tr>",
+            when(u.created_at),
+            u.service.as_str(),
+            esc(&u.model),
+            u.input_tokens,
+            u.output_tokens,
+            u.status,
+            usd(u.cost),
+        ));
+    }
+    html + "</tbody></table>"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dollars_parse_into_credits() {
+        assert_eq!(parse_usd("12"), Some(12_000_000_000));
+        assert_eq!(parse_usd("$0.25"), Some(250_000_000));
+        assert_eq!(parse_usd(".5"), Some(500_000_000));
+        assert_eq!(parse_usd("3.000000001"), Some(3_000_000_001));
+        for bad in ["", ".", "1.0000000001", "-1", "1e3", "abc", "99999999999999"] {
+            assert_eq!(parse_usd(bad), None, "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Authorization matrix: every web route × every kind of caller → the status
+//! it must answer. The table is keyed by `web::ROUTES`, so a route added there
+//! without a row here fails this test.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use axum::http::Method;
+use common::{app, session_for, Browser, ADMIN_EMAIL};
+use cxmpute_gateway::web::session::csrf_of;
+use cxmpute_store::ids::random_secret;
+use cxmpute_store::{Account, NewApiKey};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Who {
+    Anonymous,
+    OtherUser,
+    Owner,
+    SuspendedOwner,
+    Admin,
+}
+
+const EVERYONE: [Who; 5] = [
+    Who::Anonymous,
+    Who::OtherUser,
+    Who::Owner,
+    Who::SuspendedOwner,
+    Who::Admin,
+];
+
+/// Expected status per caller, in the order of [`EVERYONE`].
+fn expected(method: &str, path: &str) -> Option<[u16; 5]> {
+    Some(match (method, path) {
+        ("GET", "/login") => [200; 5],
+        ("POST", "/login") => [200; 5],
+        // No code was requested for the address: refused for everyone.
+        ("POST", "/login/verify") => [401; 5],
+        ("POST", "/logout") => [303; 5],
+        ("GET", "/app") => [303, 200, 200, 403, 200],
+        ("POST", "/app/keys") => [303, 200, 200, 403, 200],
+        ("POST", "/app/keys/{id}/revoke") => [303, 404, 303, 403, 404],
+        ("GET", "/web/api/me") => [401, 200, 200, 403, 200],
+        ("GET", "/web/api/keys") => [401, 200, 200, 403, 200],
+        ("POST", "/web/api/keys") => [401, 201, 201, 403, 201],
+        ("DELETE", "/web/api/keys/{id}") => [401, 404, 200, 403, 404],
+        ("GET", "/web/api/ledger") => [401, 200, 200, 403, 200],
+        ("GET", "/web/api/usage") => [401, 200, 200, 403, 200],
+        ("GET", "/web/api/admin/accounts") => [401, 403, 403, 403, 200],
+        _ => return None,
+    })
+}
+
+async fn new_key(app: &common::App, owner: &Account) -> String {
+    let id = cxmpute_store::ids::new_id("");
+    app.store
+        .create_api_key(NewApiKey {
+            id: id.clone(),
+            account_id: owner.id.clone(),
+            name: "matrix".into(),
+            prefix: "sk-cx-…".into(),
+            secret_hash: "x".into(),
+            credit_limit: None,
+            allowed_services: None,
+            rpm_limit: None,
+        })
+        .await
+        .unwrap();
+    id
+}
+
+#[tokio::test]
+async fn every_web_route_answers_each_caller_as_the_table_says() {
+    let app = app().await;
+    let s = app.store.as_ref();
+    let owner = s.create_account("owner", Some("owner@example.com")).await.unwrap();
+    let other = s.create_account("other", Some("other@example.com")).await.unwrap();
+    let suspended = s.create_account("susp", Some("susp@example.com")).await.unwrap();
+    s.set_suspended(&suspended.id, Some("test")).await.unwrap();
+    let admin = s.create_account("admin", Some(ADMIN_EMAIL)).await.unwrap();
+
+    let mut failures = Vec::new();
+    for (n, (method, path)) in cxmpute_gateway::web::ROUTES.iter().enumerate() {
+        let Some(want) = expected(method, path) else {
+            panic!("{method} {path} has no row in the authorization matrix: add one to expected()");
+        };
+        for (who, want) in EVERYONE.iter().zip(want) {
+            // Fresh per case: a session (logout ends it) and a key (revocation spends it).
+            let (session_of, key_owner) = match who {
+                Who::Anonymous => (None, &owner),
+                Who::OtherUser => (Some(&other), &owner),
+                Who::Owner => (Some(&owner), &owner),
+                Who::SuspendedOwner => (Some(&suspended), &suspended),
+                Who::Admin => (Some(&admin), &owner),
+            };
+            let key = new_key(&app, key_owner).await;
+            let mut b = match session_of {
+                Some(acc) => Browser::with_session(&session_for(s, &acc.id).await),
+                None => Browser::default(),
+            };
+            let login = random_secret();
+            b.cookies.push(("cx_login".into(), login.clone()));
+            let login_csrf = csrf_of(&login);
+            let csrf = b.session_csrf();
+            let uri = path.replace("{id}", &key);
+            let email = format!("matrix{n}-{who:?}@example.com").to_lowercase();
+            let got = match (*method, *path) {
+                ("POST", "/login") => b.form(&app, &uri, &[("email", &email), ("csrf", &login_csrf)]).await,
+                ("POST", "/login/verify") => {
+                    b.form(
+                        &app,
+                        &uri,
+                        &[("email", &email), ("code", "123456"), ("csrf", &login_csrf)],
+                    )
+                    .await
+                }
+                ("POST", "/app/keys") => {
+                    b.form(&app, &uri, &[("csrf", &csrf), ("name", "m"), ("service", "chat")])
+                        .await
+                }
+                ("POST", _) if !path.starts_with("/web/api/") => b.form(&app, &uri, &[("csrf", &csrf)]).await,
+                (m, _) => b.json(&app, Method::from_bytes(m.as_bytes()).unwrap(), &uri, "").await,
+            };
+            if got.status.as_u16() != want {
+                failures.push(format!(
+                    "{method} {path} as {who:?}: want {want}, got {} {}",
+                    got.status,
+                    got.body.chars().take(200).collect::<String>()
+                ));
+            }
+            // Whoever may not revoke a key must have left it alone.
+            let revoked = s.key_auth(&key).await.unwrap().unwrap().key.revoked_at.is_some();
+            let revoking = path.contains("{id}");
+            let allowed = revoking && *who == Who::Owner;
+            if revoked != allowed {
+                failures.push(format!("{method} {path} as {who:?}: key revoked = {revoked}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "authorization matrix failures:\n{}",
+        failures.join("\n")
+    );
+}
