@@ -86,10 +86,9 @@ async fn up(
     let chat_model = if no_chat {
         None
     } else {
-        let file =
-            tokio::task::spawn_blocking(|| cxmpute_provider::models::ensure_gemma(|m| eprintln!("[model] {m}")))
-                .await
-                .context("model fetch panicked")??;
+        let file = tokio::task::spawn_blocking(|| cxmpute_provider::models::ensure_gemma(|m| eprintln!("[model] {m}")))
+            .await
+            .context("model fetch panicked")??;
         Some(file)
     };
 

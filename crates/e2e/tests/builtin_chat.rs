@@ -75,7 +75,12 @@ async fn builtin_chat_through_the_gateway() {
     // strips it; the client sees content chunks and [DONE].
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);
-    let res = gw.post("/v1/chat/completions", &key).json(&streamed).send().await.unwrap();
+    let res = gw
+        .post("/v1/chat/completions", &key)
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     let events = sse_events(&res.text().await.unwrap());
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));

@@ -94,7 +94,10 @@ fn main() -> anyhow::Result<()> {
     let engine = Arc::new(LlamaChat::load(&file, options)?);
     println!("loaded {} in {:.2?}", file.display(), started.elapsed());
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    println!("cores: {cores}, threads: {}", if threads > 0 { threads as usize } else { cores });
+    println!(
+        "cores: {cores}, threads: {}",
+        if threads > 0 { threads as usize } else { cores }
+    );
 
     // Warm up: first touches of the weights page them in.
     one(&engine, PROMPTS[0], 8)?;

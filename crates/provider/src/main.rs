@@ -104,7 +104,7 @@ fn fetch_models(only: Option<&str>) -> anyhow::Result<()> {
 fn init_logging(json: bool) {
     // llama.cpp logs every tensor it loads at INFO: only its warnings by default.
     let filter = tracing_subscriber::EnvFilter::try_from_env("CXMPUTE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,llama_cpp_2=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,llama-cpp-2=warn"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

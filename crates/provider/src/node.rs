@@ -49,7 +49,8 @@ async fn build_chat(config: &NodeConfig) -> anyhow::Result<Option<BuiltinChat>> 
             },
         };
         let started = Instant::now();
-        let engine = LlamaChat::load(&file, options).with_context(|| format!("loading the chat model {}", file.display()))?;
+        let engine =
+            LlamaChat::load(&file, options).with_context(|| format!("loading the chat model {}", file.display()))?;
         let model = models::chat_model_id(&file);
         tracing::info!(model = %model, ms = started.elapsed().as_millis() as u64, "chat engine loaded");
         Ok(Some(BuiltinChat {

@@ -137,13 +137,17 @@ fn a_stop_sequence_ends_the_answer_before_it() {
 fn concurrent_requests_each_get_their_own_answer() {
     let Some(engine) = engine() else { return };
     let engine = &*engine;
+    // Questions with a clear answer. Batched decoding uses other CPU kernels than
+    // single-sequence decoding (4-row tiles instead of dot products), which round
+    // differently; where two tokens are nearly tied (an open-ended prompt a base
+    // model just echoes) that can flip a greedy choice. See docs/engines.md.
     let questions = [
         "What is the capital of France?",
-        "Name three colours.",
-        "What is two plus two?",
-        "Write a short greeting.",
+        "What is the capital of Japan?",
+        "What is the largest planet in the solar system?",
+        "How many days are in a week?",
     ];
-    let params = json!({"temperature": 0, "max_tokens": 20});
+    let params = json!({"temperature": 0, "max_tokens": 16});
     let alone: Vec<String> = questions
         .iter()
         .map(|q| complete(engine, q, params.clone()).text)
@@ -172,7 +176,11 @@ fn concurrent_requests_each_get_their_own_answer() {
             .collect();
         handles.into_iter().map(|h| h.join().expect("request thread")).collect()
     });
-    assert!(same.iter().all(|t| *t == alone[0]), "{same:?} vs {:?}", alone[0]);
+    assert!(
+        same.iter().all(|t| *t == same[0]),
+        "identical requests batched together differ: {same:?}"
+    );
+    assert_eq!(same[0], alone[0]);
 }
 
 #[test]
@@ -195,7 +203,10 @@ fn dropping_the_receiver_frees_the_sequence() {
     drop(generation);
     let until = Instant::now() + Duration::from_secs(10);
     while engine.busy() > 0 {
-        assert!(Instant::now() < until, "the engine kept generating for a dropped request");
+        assert!(
+            Instant::now() < until,
+            "the engine kept generating for a dropped request"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let next = complete(&engine, "Say hello.", json!({"temperature": 0, "max_tokens": 4}));
@@ -241,7 +252,10 @@ async fn the_node_streams_chunks_and_answers_json() {
         .expect("json");
     eprintln!("{whole}");
     assert_eq!(whole["object"], "chat.completion");
-    let text = whole["choices"][0]["message"]["content"].as_str().expect("content").to_string();
+    let text = whole["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_string();
     let usage = &whole["usage"];
     assert_eq!(
         usage["total_tokens"].as_u64(),
@@ -263,10 +277,7 @@ async fn the_node_streams_chunks_and_answers_json() {
         Some("text/event-stream")
     );
     let sse = res.text().await.expect("body");
-    let events: Vec<&str> = sse
-        .split("\n\n")
-        .filter_map(|e| e.strip_prefix("data: "))
-        .collect();
+    let events: Vec<&str> = sse.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).collect();
     assert_eq!(events.last(), Some(&"[DONE]"), "{sse}");
     let chunks: Vec<Value> = events[..events.len() - 1]
         .iter()

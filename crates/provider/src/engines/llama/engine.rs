@@ -280,7 +280,10 @@ impl<'m> Engine<'m> {
         if let Err(e) = decoded {
             tracing::warn!(error = %e, sequences = self.active.len(), "llama.cpp decode failed");
             for a in std::mem::take(&mut self.active) {
-                let _ = a.job.events.send(Event::Failed("the chat engine failed to decode".into()));
+                let _ = a
+                    .job
+                    .events
+                    .send(Event::Failed("the chat engine failed to decode".into()));
                 self.release(a.seq);
             }
             return;

@@ -41,9 +41,7 @@ fn error_with_param(status: StatusCode, message: &str, param: Option<&str>, code
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn completion_id() -> String {
@@ -286,7 +284,10 @@ mod tests {
         let d = data(&sse);
         assert_eq!(d.len(), 6, "{sse}");
         let chunks: Vec<Value> = d[..5].iter().map(|c| serde_json::from_str(c).unwrap()).collect();
-        assert_eq!(chunks[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
+        assert_eq!(
+            chunks[0]["choices"][0]["delta"],
+            json!({"role": "assistant", "content": ""})
+        );
         assert_eq!(chunks[1]["choices"][0]["delta"]["content"], "Hel");
         assert_eq!(chunks[2]["choices"][0]["delta"]["content"], "lo");
         assert_eq!(chunks[3]["choices"][0]["finish_reason"], "stop");
@@ -295,7 +296,9 @@ mod tests {
             chunks[4]["usage"],
             json!({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})
         );
-        assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+        assert!(chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
         assert_eq!(d[5], "[DONE]");
 
         let rx = events(vec![Event::Done {

@@ -37,6 +37,9 @@ use engine::{Engine, Event, Job, Shape};
 use params::ChatParams;
 use prompt::{Prompt, PromptError, PromptFormat};
 
+/// Tokens llama.cpp computes at once inside a decode call (its `n_ubatch`).
+const MICRO_BATCH: u32 = 128;
+
 /// How the engine is laid out; fixed when it loads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChatOptions {
@@ -163,7 +166,10 @@ impl LlamaChat {
                 let params = LlamaContextParams::default()
                     .with_n_ctx(Some(total_ctx))
                     .with_n_batch(options.batch)
-                    .with_n_ubatch(options.batch)
+                    // The compute buffer holds a logits row (262k floats for Gemma)
+                    // per token of a micro-batch: 128 keeps it near 130 MiB
+                    // instead of 512 MiB, and costs prompt reading little.
+                    .with_n_ubatch(options.batch.min(MICRO_BATCH))
                     .with_n_seq_max(options.slots)
                     // One KV stream per sequence: requests share no prefix, and
                     // attention then only looks at a sequence's own cells.

@@ -81,9 +81,7 @@ impl ChatParams {
         let seed = match req.extra.get("seed") {
             None | Some(Value::Null) => None,
             Some(v) => {
-                let s = v
-                    .as_i64()
-                    .ok_or_else(|| invalid("seed", "'seed' must be an integer"))?;
+                let s = v.as_i64().ok_or_else(|| invalid("seed", "'seed' must be an integer"))?;
                 // OpenAI seeds are 64-bit; llama.cpp's are 32. Folding keeps every
                 // bit relevant, so nearby seeds stay distinct.
                 let s = s as u64;
@@ -106,7 +104,10 @@ impl ChatParams {
             Some(_) => return Err(invalid("stop", "'stop' must be a string or an array of strings")),
         };
         if stop.len() > MAX_STOPS {
-            return Err(invalid("stop", format!("at most {MAX_STOPS} stop sequences are allowed")));
+            return Err(invalid(
+                "stop",
+                format!("at most {MAX_STOPS} stop sequences are allowed"),
+            ));
         }
         let stop = stop.into_iter().filter(|s| !s.is_empty()).collect();
         Ok(ChatParams {

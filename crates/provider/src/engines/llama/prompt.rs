@@ -42,7 +42,9 @@ impl PromptFormat {
         match probe.map(|m| model.apply_chat_template(&template, &[m], true)) {
             Ok(Ok(_)) => PromptFormat::Template(template),
             _ => {
-                tracing::warn!("the model's chat template is not one llama.cpp can apply; using the plain prompt format");
+                tracing::warn!(
+                    "the model's chat template is not one llama.cpp can apply; using the plain prompt format"
+                );
                 PromptFormat::Plain
             }
         }
@@ -86,9 +88,7 @@ fn message_text(index: usize, message: &ChatMessage) -> Result<String, PromptErr
             let mut texts = Vec::with_capacity(parts.len());
             for part in parts {
                 match part.get("text").and_then(Value::as_str) {
-                    Some(t) if part.get("type").and_then(Value::as_str).is_none_or(|k| k == "text") => {
-                        texts.push(t)
-                    }
+                    Some(t) if part.get("type").and_then(Value::as_str).is_none_or(|k| k == "text") => texts.push(t),
                     _ => return Err(PromptError::NotText(index)),
                 }
             }
