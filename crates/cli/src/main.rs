@@ -38,6 +38,9 @@ enum Command {
         /// Do not start the built-in scraper.
         #[arg(long)]
         no_scrape: bool,
+        /// Do not fetch or serve the built-in chat model (gemma-3-270m, 253 MB).
+        #[arg(long)]
+        no_chat: bool,
     },
 }
 
@@ -57,8 +60,9 @@ async fn main() -> std::process::ExitCode {
         data_dir,
         upstream,
         no_scrape,
+        no_chat,
     } = Cli::parse().command;
-    match up(port, &data_dir, upstream, no_scrape).await {
+    match up(port, &data_dir, upstream, no_scrape, no_chat).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -67,12 +71,26 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn up(port: u16, data_dir: &Path, upstream: Option<String>, no_scrape: bool) -> anyhow::Result<()> {
+async fn up(
+    port: u16,
+    data_dir: &Path,
+    upstream: Option<String>,
+    no_scrape: bool,
+    no_chat: bool,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
     let model_dir =
         tokio::task::spawn_blocking(|| cxmpute_provider::models::ensure_minilm(|m| eprintln!("[model] {m}")))
             .await
             .context("model fetch panicked")??;
+    let chat_model = if no_chat {
+        None
+    } else {
+        let file = tokio::task::spawn_blocking(|| cxmpute_provider::models::ensure_gemma(|m| eprintln!("[model] {m}")))
+            .await
+            .context("model fetch panicked")??;
+        Some(file)
+    };
 
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let listener = tokio::net::TcpListener::bind(addr)
@@ -99,6 +117,8 @@ async fn up(port: u16, data_dir: &Path, upstream: Option<String>, no_scrape: boo
         credential: Some(credential),
         upstream,
         embeddings_model_dir: Some(model_dir),
+        chat: !no_chat,
+        chat_model_dir: chat_model,
         scrape: !no_scrape,
         ..NodeConfig::default()
     };
@@ -139,6 +159,15 @@ async fn up(port: u16, data_dir: &Path, upstream: Option<String>, no_scrape: boo
         "  curl {base}/v1/embeddings -H \"Authorization: Bearer {api_key}\" -H 'Content-Type: application/json' \\"
     );
     println!("    -d '{{\"model\":\"all-minilm-l6-v2\",\"input\":\"The weather is lovely today.\"}}'");
+    if !no_chat {
+        println!(
+            "  curl {base}/v1/chat/completions -H \"Authorization: Bearer {api_key}\" -H 'Content-Type: application/json' \\"
+        );
+        println!(
+            "    -d '{{\"model\":\"{}\",\"max_tokens\":40,\"messages\":[{{\"role\":\"user\",\"content\":\"What is the capital of France?\"}}]}}'",
+            cxmpute_provider::models::GEMMA_ID
+        );
+    }
     println!();
     println!("Web dashboard: {base}/login (no mail server here: login codes appear in this log).");
     println!("OpenAI SDKs: base_url={base}/v1, api_key as above. Ctrl-C stops.");

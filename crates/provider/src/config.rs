@@ -20,6 +20,15 @@ pub struct NodeConfig {
     pub upstream_api_key: Option<String>,
     /// Which upstream models serve which service; guessed from names when empty.
     pub upstream_models: UpstreamModels,
+    /// Serve the built-in chat engine (llama.cpp) when its model is available.
+    pub chat: bool,
+    /// A GGUF file, or a folder holding one, to chat with instead of the cached
+    /// Gemma 3 270M; it must exist.
+    pub chat_model_dir: Option<PathBuf>,
+    /// Chat requests decoded at once by the built-in engine; more wait.
+    pub chat_slots: u32,
+    /// Tokens of context (prompt + answer) each chat request gets.
+    pub chat_context: u32,
     /// Serve the built-in MiniLM embeddings engine.
     pub embeddings: bool,
     /// Folder holding the MiniLM files, instead of the model cache.
@@ -54,6 +63,10 @@ impl Default for NodeConfig {
             upstream: None,
             upstream_api_key: None,
             upstream_models: UpstreamModels::default(),
+            chat: true,
+            chat_model_dir: None,
+            chat_slots: 4,
+            chat_context: 4096,
             embeddings: true,
             embeddings_model_dir: None,
             scrape: true,
@@ -74,6 +87,10 @@ impl std::fmt::Debug for NodeConfig {
             .field("upstream", &self.upstream)
             .field("upstream_api_key", &self.upstream_api_key.as_ref().map(|_| "***"))
             .field("upstream_models", &self.upstream_models)
+            .field("chat", &self.chat)
+            .field("chat_model_dir", &self.chat_model_dir)
+            .field("chat_slots", &self.chat_slots)
+            .field("chat_context", &self.chat_context)
             .field("embeddings", &self.embeddings)
             .field("embeddings_model_dir", &self.embeddings_model_dir)
             .field("scrape", &self.scrape)
@@ -130,6 +147,8 @@ impl NodeConfig {
         )?;
         anyhow::ensure!(cred.contains('.'), "the credential must look like <device id>.<secret>");
         anyhow::ensure!(self.max_concurrency >= 1, "max_concurrency must be at least 1");
+        anyhow::ensure!(self.chat_slots >= 1, "chat_slots must be at least 1");
+        anyhow::ensure!(self.chat_context >= 64, "chat_context must be at least 64 tokens");
         Ok(())
     }
 }

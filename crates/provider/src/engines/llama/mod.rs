@@ -1,0 +1,296 @@
+//! Built-in chat: a GGUF model run by llama.cpp (through the `llama-cpp-2` crate)
+//! on the CPU, several requests decoded together in one context.
+//!
+//! - [`params`]: the request's generation settings, checked at the edge.
+//! - [`prompt`]: messages → tokens (the model's chat template, or a plain transcript).
+//! - [`engine`]: the engine thread and its batched decode loop.
+//! - [`text`]: token bytes → text, with stop sequences.
+//! - [`http`]: the OpenAI chat-completions answer, JSON or SSE.
+//!
+//! The async side never touches llama.cpp while it decodes: a request becomes a
+//! [`engine::Job`] sent over a channel to the engine thread, and its text comes
+//! back over a channel of its own. Dropping that receiver (the client went away)
+//! frees the request's sequence at the engine's next step.
+
+pub mod engine;
+pub mod http;
+pub mod params;
+pub mod prompt;
+pub mod text;
+
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use anyhow::{anyhow, bail, Context as _};
+use cxmpute_protocol::openai::ChatMessage;
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::LogOptions;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use engine::{Engine, Event, Job, Shape};
+use params::ChatParams;
+use prompt::{Prompt, PromptError, PromptFormat};
+
+/// Tokens llama.cpp computes at once inside a decode call (its `n_ubatch`).
+const MICRO_BATCH: u32 = 128;
+
+/// How the engine is laid out; fixed when it loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChatOptions {
+    /// Requests decoded at once; more wait their turn inside the engine.
+    pub slots: u32,
+    /// Context (prompt + answer) of each request, in tokens.
+    pub context_per_slot: u32,
+    /// Most tokens per decode call: bounds how much prompt is read per step, so a
+    /// long prompt arriving does not stall the answers being streamed for long.
+    pub batch: u32,
+    /// CPU threads llama.cpp computes with; `None` means one per core.
+    pub threads: Option<u32>,
+}
+
+impl Default for ChatOptions {
+    fn default() -> Self {
+        ChatOptions {
+            slots: 4,
+            context_per_slot: 4096,
+            batch: 512,
+            threads: None,
+        }
+    }
+}
+
+/// Why a chat request was refused before generation started.
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    #[error(transparent)]
+    Prompt(#[from] PromptError),
+    #[error("the prompt is {prompt} tokens; this model's context holds {limit} per request, answer included")]
+    TooLong { prompt: usize, limit: u32 },
+    #[error("the chat engine has stopped")]
+    Stopped,
+}
+
+/// A started generation: its prompt size and the stream of its events.
+pub struct Generation {
+    pub prompt_tokens: u32,
+    pub events: UnboundedReceiver<Event>,
+}
+
+/// A finished generation, collected (tests, benchmarks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub text: String,
+    pub reason: engine::FinishReason,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    /// Text events received: how many pieces a stream would have had.
+    pub pieces: usize,
+}
+
+/// A loaded chat model and the handle to its engine thread. The thread stops
+/// once this is dropped and its last request has finished.
+pub struct LlamaChat {
+    model: Arc<LlamaModel>,
+    format: PromptFormat,
+    jobs: Mutex<mpsc::Sender<Job>>,
+    options: ChatOptions,
+    busy: Arc<AtomicUsize>,
+}
+
+/// llama.cpp's global state, initialised once per process and kept for its life.
+fn backend() -> anyhow::Result<&'static LlamaBackend> {
+    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            // llama.cpp logs every tensor it loads at INFO; through `tracing` they
+            // obey the node's log filter (see main.rs) instead of flooding stderr.
+            llama_cpp_2::send_logs_to_tracing(LogOptions::default());
+            LlamaBackend::init().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| anyhow!("cannot initialise llama.cpp: {e}"))
+}
+
+impl LlamaChat {
+    /// Loads a GGUF file and starts the engine thread.
+    pub fn load(path: &Path, options: ChatOptions) -> anyhow::Result<LlamaChat> {
+        anyhow::ensure!(options.slots >= 1, "the chat engine needs at least one slot");
+        // Every running sequence puts one token in each batch.
+        anyhow::ensure!(
+            options.batch >= options.slots,
+            "the chat engine's batch ({}) must hold at least one token per slot ({})",
+            options.batch,
+            options.slots
+        );
+        if !path.is_file() {
+            bail!("{} is not a file", path.display());
+        }
+        let backend = backend()?;
+        let model = LlamaModel::load_from_file(backend, path, &LlamaModelParams::default())
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("llama.cpp cannot load {}", path.display()))?;
+        let model = Arc::new(model);
+        let format = PromptFormat::for_model(&model);
+
+        let threads = options
+            .threads
+            .map(|t| t.max(1) as usize)
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+        let threads = i32::try_from(threads).unwrap_or(i32::MAX);
+        let total_ctx = options
+            .context_per_slot
+            .checked_mul(options.slots)
+            .and_then(NonZeroU32::new)
+            .context("context_per_slot x slots must be between 1 and 2^32")?;
+        let shape = Shape {
+            slots: options.slots,
+            batch: options.batch,
+        };
+
+        let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
+        let thread_model = Arc::clone(&model);
+        let busy = Arc::new(AtomicUsize::new(0));
+        let thread_busy = Arc::clone(&busy);
+        std::thread::Builder::new()
+            .name("llama-chat".into())
+            .spawn(move || {
+                // The context borrows the model, and llama.cpp contexts stay on the
+                // thread that made them, so it is created here.
+                let params = LlamaContextParams::default()
+                    .with_n_ctx(Some(total_ctx))
+                    .with_n_batch(options.batch)
+                    // The compute buffer holds a logits row (262k floats for Gemma)
+                    // per token of a micro-batch: 128 keeps it near 130 MiB
+                    // instead of 512 MiB, and costs prompt reading little.
+                    .with_n_ubatch(options.batch.min(MICRO_BATCH))
+                    .with_n_seq_max(options.slots)
+                    // One KV stream per sequence: requests share no prefix, and
+                    // attention then only looks at a sequence's own cells.
+                    .with_kv_unified(false)
+                    .with_n_threads(threads)
+                    .with_n_threads_batch(threads);
+                let ctx = match thread_model.new_context(backend, params) {
+                    Ok(ctx) => ctx,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                Engine::new(&thread_model, ctx, shape, thread_busy).run(jobs_rx);
+            })
+            .context("cannot start the chat engine thread")?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => bail!("llama.cpp cannot create a context for {}: {e}", path.display()),
+            Err(_) => bail!("the chat engine thread stopped while starting"),
+        }
+        tracing::info!(
+            model = %path.display(),
+            prompt_format = format.describe(),
+            slots = options.slots,
+            context_per_slot = options.context_per_slot,
+            threads,
+            "chat engine ready"
+        );
+        Ok(LlamaChat {
+            model,
+            format,
+            jobs: Mutex::new(jobs_tx),
+            options,
+            busy,
+        })
+    }
+
+    pub fn options(&self) -> ChatOptions {
+        self.options
+    }
+
+    /// Requests generating or waiting for a slot, as of the engine's last step.
+    /// A request whose receiver was dropped stops counting at the next step.
+    pub fn busy(&self) -> usize {
+        self.busy.load(Ordering::Relaxed)
+    }
+
+    pub fn prompt_format(&self) -> &PromptFormat {
+        &self.format
+    }
+
+    /// Formats and tokenizes `messages` (CPU work: call it off the async runtime
+    /// for long prompts).
+    pub fn prompt(&self, messages: &[ChatMessage]) -> Result<Prompt, PromptError> {
+        prompt::build(&self.model, &self.format, messages)
+    }
+
+    /// Queues a request; its text arrives on the returned receiver.
+    pub fn start(&self, messages: &[ChatMessage], params: &ChatParams) -> Result<Generation, ChatError> {
+        let prompt = self.prompt(messages)?;
+        let limit = self.options.context_per_slot;
+        let prompt_len = prompt.tokens.len();
+        let room = u32::try_from(prompt_len)
+            .ok()
+            .and_then(|p| limit.checked_sub(p))
+            .filter(|room| *room > 0 && prompt_len > 0)
+            .ok_or(ChatError::TooLong {
+                prompt: prompt_len,
+                limit,
+            })?;
+        let max_tokens = params.max_tokens.map_or(room, |m| m.min(room));
+        let (events_tx, events_rx) = unbounded_channel();
+        let mut stops = prompt.stops;
+        stops.extend(params.stop.iter().cloned());
+        let job = Job {
+            tokens: prompt.tokens,
+            max_tokens,
+            sampling: params.sampling,
+            stops,
+            trim_start: prompt.trim_start,
+            events: events_tx,
+        };
+        // A poisoned lock only means another sender panicked mid-send; the
+        // sender itself is still usable.
+        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        jobs.send(job).map_err(|_| ChatError::Stopped)?;
+        Ok(Generation {
+            prompt_tokens: u32::try_from(prompt_len).unwrap_or(u32::MAX),
+            events: events_rx,
+        })
+    }
+
+    /// Runs a request to the end on the calling thread (which must not be an
+    /// async runtime's): for tests and benchmarks.
+    pub fn complete_blocking(&self, messages: &[ChatMessage], params: &ChatParams) -> anyhow::Result<Completion> {
+        let mut generation = self.start(messages, params)?;
+        let mut text = String::new();
+        let mut pieces = 0;
+        while let Some(event) = generation.events.blocking_recv() {
+            match event {
+                Event::Text(t) => {
+                    text.push_str(&t);
+                    pieces += 1;
+                }
+                Event::Done {
+                    reason,
+                    completion_tokens,
+                } => {
+                    return Ok(Completion {
+                        text,
+                        reason,
+                        prompt_tokens: generation.prompt_tokens,
+                        completion_tokens,
+                        pieces,
+                    })
+                }
+                Event::Failed(e) => bail!("generation failed: {e}"),
+            }
+        }
+        bail!("the chat engine stopped mid-answer")
+    }
+}
