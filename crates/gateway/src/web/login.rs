@@ -74,18 +74,11 @@ pub async fn request_code(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, PageError> {
-    let form = Form::parse(&body);
-    let Some(csrf) = login_csrf(&headers, &form) else {
-        return Ok(form_expired());
+    let (form, csrf) = match checked_login_form(&state, &ip, &headers, &body) {
+        Ok(checked) => checked,
+        Err(refusal) => return Ok(refusal),
     };
     let web = &state.config.web;
-    if let Err(wait) = state
-        .web
-        .throttle
-        .check_window(&ip.throttle_key(), web.logins_per_ip_per_hour, HOUR)
-    {
-        return Ok(too_many(wait));
-    }
     let raw = form.get("email").unwrap_or("");
     let Some(email) = Email::parse(raw) else {
         let form = email_form(&csrf, Some("That does not look like an email address."), raw);
@@ -135,18 +128,11 @@ pub async fn verify_code(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, PageError> {
-    let form = Form::parse(&body);
-    let Some(csrf) = login_csrf(&headers, &form) else {
-        return Ok(form_expired());
+    let (form, csrf) = match checked_login_form(&state, &ip, &headers, &body) {
+        Ok(checked) => checked,
+        Err(refusal) => return Ok(refusal),
     };
     let web = &state.config.web;
-    if let Err(wait) = state
-        .web
-        .throttle
-        .check_window(&ip.throttle_key(), web.logins_per_ip_per_hour, HOUR)
-    {
-        return Ok(too_many(wait));
-    }
     let Some(email) = Email::parse(form.get("email").unwrap_or("")) else {
         return Ok(message_page(
             StatusCode::BAD_REQUEST,
@@ -251,6 +237,26 @@ fn login_token(headers: &HeaderMap) -> String {
 }
 
 /// The form's CSRF token when it matches the login cookie.
+/// What both login posts check first: the form's CSRF token (against the
+/// login cookie), then the per-IP login budget. Returns the form and token,
+/// or the page to answer with.
+fn checked_login_form(
+    state: &AppState,
+    ip: &ClientIp,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(Form, String), Response> {
+    let form = Form::parse(body);
+    let Some(csrf) = login_csrf(headers, &form) else {
+        return Err(form_expired());
+    };
+    let per_hour = state.config.web.logins_per_ip_per_hour;
+    if let Err(wait) = state.web.throttle.check_window(&ip.throttle_key(), per_hour, HOUR) {
+        return Err(too_many(wait));
+    }
+    Ok((form, csrf))
+}
+
 fn login_csrf(headers: &HeaderMap, form: &Form) -> Option<String> {
     let token = cookie(headers, LOGIN_COOKIE).filter(|t| well_formed(t))?;
     let expected = csrf_of(token);
