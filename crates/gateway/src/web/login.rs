@@ -76,7 +76,7 @@ pub async fn request_code(
 ) -> Result<Response, PageError> {
     let (form, csrf) = match checked_login_form(&state, &ip, &headers, &body) {
         Ok(checked) => checked,
-        Err(refusal) => return Ok(refusal),
+        Err(refusal) => return Ok(*refusal),
     };
     let web = &state.config.web;
     let raw = form.get("email").unwrap_or("");
@@ -130,7 +130,7 @@ pub async fn verify_code(
 ) -> Result<Response, PageError> {
     let (form, csrf) = match checked_login_form(&state, &ip, &headers, &body) {
         Ok(checked) => checked,
-        Err(refusal) => return Ok(refusal),
+        Err(refusal) => return Ok(*refusal),
     };
     let web = &state.config.web;
     let Some(email) = Email::parse(form.get("email").unwrap_or("")) else {
@@ -245,14 +245,14 @@ fn checked_login_form(
     ip: &ClientIp,
     headers: &HeaderMap,
     body: &Bytes,
-) -> Result<(Form, String), Response> {
+) -> Result<(Form, String), Box<Response>> {
     let form = Form::parse(body);
     let Some(csrf) = login_csrf(headers, &form) else {
-        return Err(form_expired());
+        return Err(Box::new(form_expired()));
     };
     let per_hour = state.config.web.logins_per_ip_per_hour;
     if let Err(wait) = state.web.throttle.check_window(&ip.throttle_key(), per_hour, HOUR) {
-        return Err(too_many(wait));
+        return Err(Box::new(too_many(wait)));
     }
     Ok((form, csrf))
 }
