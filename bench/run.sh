@@ -300,7 +300,7 @@ measure_cpu upstream "$UP/v1/chat/completions"
 # Link phase: gateway + one node linked over the reversed HTTP/2 connection.
 start_gateway gw_link
 spawn node_link env CXMPUTE_CREDENTIAL="$CREDENTIAL" CXMPUTE_LOG=warn "$BIN/cxmpute-provider" start \
-    --gateway "$GW" --upstream "$UP/v1" --no-embeddings --no-chat --no-scrape --max-concurrency "$NODE_MAX_CONCURRENCY"
+    --gateway "$GW" --upstream "$UP/v1" --no-embeddings --no-chat --no-speech --no-scrape --max-concurrency "$NODE_MAX_CONCURRENCY"
 NODE_PID=$LAST_PID
 wait_model node_link "$NODE_PID"
 check_answer
@@ -354,7 +354,7 @@ stop_pid "$GW_PID"
 start_gateway gw_direct
 NODE_PORT=$(free_port)
 spawn node_direct env CXMPUTE_CREDENTIAL="$CREDENTIAL" CXMPUTE_LOG=warn "$BIN/cxmpute-provider" start \
-    --gateway "$GW" --upstream "$UP/v1" --no-embeddings --no-chat --no-scrape --max-concurrency "$NODE_MAX_CONCURRENCY" \
+    --gateway "$GW" --upstream "$UP/v1" --no-embeddings --no-chat --no-speech --no-scrape --max-concurrency "$NODE_MAX_CONCURRENCY" \
     --listen "127.0.0.1:$NODE_PORT" --direct-url "http://127.0.0.1:$NODE_PORT"
 NODE_PID=$LAST_PID
 wait_model node_direct "$NODE_PID"

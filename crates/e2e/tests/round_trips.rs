@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use base64::Engine;
-use common::{sse_events, usage_totals, Db, Gateway, Node};
+use common::{page_server, sse_events, usage_totals, Db, Gateway, Node};
 use cxmpute_testkit::{expected_completion, fake_speech, FakeUpstream};
 use serde_json::{json, Value};
 
@@ -17,23 +17,6 @@ fn cosine(a: &[f64], b: &[f64]) -> f64 {
     let na: f64 = a.iter().map(|x| x * x).sum::<f64>().sqrt();
     let nb: f64 = b.iter().map(|x| x * x).sum::<f64>().sqrt();
     dot / (na * nb)
-}
-
-async fn page_server() -> String {
-    let app = axum::Router::new().route(
-        "/article",
-        axum::routing::get(|| async {
-            axum::response::Html(
-                "<html><head><title>Tides</title></head><body><article><h1>Tides of the North</h1>\
-                 <p>The tide rises twice a day along the northern coast, and the fishermen plan by it.</p>\
-                 <p>Read <a href=\"/more\">more about tides</a>.</p></article><script>alert('x')</script></body></html>",
-            )
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}")
 }
 
 async fn round_trips(db: Db) {

@@ -33,6 +33,12 @@ pub struct NodeConfig {
     pub embeddings: bool,
     /// Folder holding the MiniLM files, instead of the model cache.
     pub embeddings_model_dir: Option<PathBuf>,
+    /// Serve the built-in text-to-speech voice (Piper) when it, ONNX Runtime
+    /// and espeak-ng are available.
+    pub speech: bool,
+    /// A Piper voice folder (or `.onnx` file with its `.onnx.json`) instead of
+    /// the cached en_US-joe-medium; it must load.
+    pub speech_model_dir: Option<PathBuf>,
     /// Serve the built-in web scraper.
     pub scrape: bool,
     /// Let the scraper fetch loopback addresses (tests only; never on a real node).
@@ -69,6 +75,8 @@ impl Default for NodeConfig {
             chat_context: 4096,
             embeddings: true,
             embeddings_model_dir: None,
+            speech: true,
+            speech_model_dir: None,
             scrape: true,
             scrape_allow_loopback: false,
             listen: None,
@@ -93,6 +101,8 @@ impl std::fmt::Debug for NodeConfig {
             .field("chat_context", &self.chat_context)
             .field("embeddings", &self.embeddings)
             .field("embeddings_model_dir", &self.embeddings_model_dir)
+            .field("speech", &self.speech)
+            .field("speech_model_dir", &self.speech_model_dir)
             .field("scrape", &self.scrape)
             .field("scrape_allow_loopback", &self.scrape_allow_loopback)
             .field("listen", &self.listen)

@@ -21,7 +21,8 @@ enum Command {
     Start(StartArgs),
     /// Fetch the built-in models into the cache and print where they are.
     FetchModel {
-        /// Only this model: all-minilm-l6-v2 or gemma-3-270m.
+        /// Only this model: all-minilm-l6-v2, gemma-3-270m or piper-en-us-joe-medium
+        /// (which also fetches ONNX Runtime).
         #[arg(long)]
         model: Option<String>,
     },
@@ -86,6 +87,12 @@ struct StartArgs {
     /// Folder with model.safetensors, config.json and tokenizer.json for MiniLM.
     #[arg(long)]
     embeddings_model_dir: Option<PathBuf>,
+    /// Do not serve the built-in text-to-speech voice.
+    #[arg(long)]
+    no_speech: bool,
+    /// Piper voice folder (or .onnx file) instead of the cached piper-en-us-joe-medium.
+    #[arg(long)]
+    speech_model_dir: Option<PathBuf>,
     /// Do not serve the built-in scraper.
     #[arg(long)]
     no_scrape: bool,
@@ -105,14 +112,16 @@ struct StartArgs {
 
 fn fetch_models(only: Option<&str>) -> anyhow::Result<()> {
     use cxmpute_provider::models;
-    let (minilm, gemma) = match only {
-        None => (true, true),
-        Some(m) if models::canonical_embedding_model(m).is_some() => (true, false),
-        Some(m) if models::canonical_chat_model(m).is_some() => (false, true),
+    let (minilm, gemma, piper) = match only {
+        None => (true, true, true),
+        Some(m) if models::canonical_embedding_model(m).is_some() => (true, false, false),
+        Some(m) if models::canonical_chat_model(m).is_some() => (false, true, false),
+        Some(m) if models::canonical_speech_model(m).is_some() => (false, false, true),
         Some(m) => anyhow::bail!(
-            "unknown model '{m}': the built-in ones are {} and {}",
+            "unknown model '{m}': the built-in ones are {}, {} and {}",
             models::MINILM_ID,
-            models::GEMMA_ID
+            models::GEMMA_ID,
+            models::PIPER_ID
         ),
     };
     if minilm {
@@ -122,6 +131,12 @@ fn fetch_models(only: Option<&str>) -> anyhow::Result<()> {
     if gemma {
         let file = models::ensure_gemma(|m| eprintln!("{m}"))?;
         println!("{}", file.display());
+    }
+    if piper {
+        let dir = models::ensure_piper(|m| eprintln!("{m}"))?;
+        println!("{}", dir.display());
+        let lib = models::ensure_onnxruntime(|m| eprintln!("{m}"))?;
+        println!("{}", lib.display());
     }
     Ok(())
 }
@@ -171,6 +186,12 @@ fn config_from(a: StartArgs) -> anyhow::Result<NodeConfig> {
     }
     if a.embeddings_model_dir.is_some() {
         c.embeddings_model_dir = a.embeddings_model_dir;
+    }
+    if a.no_speech {
+        c.speech = false;
+    }
+    if a.speech_model_dir.is_some() {
+        c.speech_model_dir = a.speech_model_dir;
     }
     if a.no_scrape {
         c.scrape = false;

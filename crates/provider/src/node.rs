@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::NodeConfig;
 use crate::engines::llama::{ChatOptions, LlamaChat};
 use crate::engines::minilm::MiniLm;
+use crate::engines::piper::{self, PiperVoice};
 use crate::engines::scrape::{ScrapeConfig, ScrapeEngine};
 use crate::engines::upstream::Upstream;
 use crate::engines::{BuiltinChat, Engines};
@@ -62,9 +63,66 @@ async fn build_chat(config: &NodeConfig) -> anyhow::Result<Option<BuiltinChat>> 
     .context("the chat model loader panicked")?
 }
 
+/// Loads the text-to-speech voice: the configured one, else the cached Piper
+/// voice. Like chat, a missing cached voice, ONNX Runtime or espeak-ng is a
+/// warning (the node serves its other engines); a configured voice that cannot
+/// be loaded is an error.
+async fn build_speech(config: &NodeConfig) -> anyhow::Result<Option<Arc<PiperVoice>>> {
+    if !config.speech {
+        return Ok(None);
+    }
+    let explicit = config.speech_model_dir.clone();
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Arc<PiperVoice>>> {
+        let skip = |why: String| {
+            tracing::warn!(
+                "{why}, so this node offers no speech; fetch the voice with `cxmpute-provider fetch-model \
+                 --model {}`",
+                models::PIPER_ID
+            );
+            Ok(None)
+        };
+        let (dir, model) = match &explicit {
+            Some(path) => {
+                let file = piper::find_voice_file(path)?;
+                (path.clone(), models::speech_model_id(&file))
+            }
+            None if models::is_piper_folder(&models::piper_dir()) => (models::piper_dir(), models::PIPER_ID.to_string()),
+            None => {
+                return skip(format!(
+                    "the voice {} is not in {}",
+                    models::PIPER_ID,
+                    models::models_dir().display()
+                ))
+            }
+        };
+        let Some(library) = models::cached_onnxruntime() else {
+            if explicit.is_some() {
+                anyhow::bail!("ONNX Runtime is not installed: set ORT_DYLIB_PATH or run `cxmpute-provider fetch-model --model {}`", models::PIPER_ID);
+            }
+            return skip(format!("ONNX Runtime is not in {}", models::models_dir().display()));
+        };
+        let started = Instant::now();
+        let loaded = piper::init_onnxruntime(&library)
+            .and_then(|()| PiperVoice::load(&model, &dir, threads))
+            .with_context(|| format!("loading the voice in {}", dir.display()));
+        match loaded {
+            Ok(voice) => {
+                tracing::info!(model = %model, ms = started.elapsed().as_millis() as u64, "speech engine loaded");
+                Ok(Some(Arc::new(voice)))
+            }
+            Err(e) if explicit.is_none() => skip(format!("{e:#}")),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+    .context("the voice loader panicked")?
+}
+
 /// Loads every engine the configuration asks for.
 pub async fn build_engines(config: &NodeConfig) -> anyhow::Result<Engines> {
     let chat = build_chat(config).await?;
+    let speech = build_speech(config).await?;
     let minilm = if config.embeddings {
         let dir = config.embeddings_model_dir.clone();
         let engine = tokio::task::spawn_blocking(move || -> anyhow::Result<MiniLm> {
@@ -104,6 +162,7 @@ pub async fn build_engines(config: &NodeConfig) -> anyhow::Result<Engines> {
     Ok(Engines {
         chat,
         minilm,
+        speech,
         cpu_slots: Arc::new(Semaphore::new(cpus.max(1))),
         scrape,
         upstream,

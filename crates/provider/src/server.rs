@@ -16,14 +16,14 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use bytes::Bytes;
 use cxmpute_protocol::link::{Hello, HELLO_PATH};
-use cxmpute_protocol::openai::{ChatRequest, EmbeddingInput, EmbeddingsRequest, EncodingFormat};
+use cxmpute_protocol::openai::{ChatRequest, EmbeddingInput, EmbeddingsRequest, EncodingFormat, SpeechRequest};
 use cxmpute_protocol::parse::parse_json;
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::engines::scrape::ScrapeRequest;
 use crate::engines::{error_response, Engines};
-use crate::models::canonical_embedding_model;
+use crate::models::{canonical_embedding_model, canonical_speech_model};
 
 #[derive(Clone)]
 pub struct NodeState {
@@ -170,6 +170,19 @@ async fn chat(State(state): State<NodeState>, body: Bytes) -> Response<Body> {
 }
 
 async fn speech(State(state): State<NodeState>, body: Bytes) -> Response<Body> {
+    if let Some(voice) = &state.engines.speech {
+        let ours = parse_json::<ModelOnly>(&body).is_ok_and(|m| {
+            m.model.trim() == voice.model || canonical_speech_model(&m.model).is_some_and(|id| id == voice.model)
+        });
+        if ours {
+            return match parse_json::<SpeechRequest>(&body) {
+                Ok(req) => {
+                    crate::engines::piper::http::speech(voice.clone(), state.engines.cpu_slots.clone(), req).await
+                }
+                Err(e) => bad_request(&e.message),
+            };
+        }
+    }
     via_upstream(&state, "speech", "/audio/speech", body).await
 }
 

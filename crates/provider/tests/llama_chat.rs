@@ -317,6 +317,7 @@ async fn serve(engine: Arc<LlamaChat>) -> String {
     use std::sync::atomic::AtomicUsize;
 
     let engines = Engines {
+        speech: None,
         chat: Some(BuiltinChat {
             model: models::GEMMA_ID.into(),
             engine,

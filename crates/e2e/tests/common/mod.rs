@@ -258,7 +258,8 @@ pub struct Node {
 impl Node {
     /// Starts a node linked to `gw`. Without `--embeddings` in `args` the
     /// built-in MiniLM engine is off (it takes seconds to load); without
-    /// `--chat` the built-in chat engine is.
+    /// `--chat` the built-in chat engine is, and without `--speech` the
+    /// built-in voice.
     pub async fn start(gw: &Gateway, credential: &str, args: &[&str]) -> Node {
         let mut cmd = Command::new(bin("cxmpute-provider"));
         cmd.arg("start").args(["--gateway", &gw.url, "--headless"]);
@@ -268,7 +269,13 @@ impl Node {
         if !args.contains(&"--chat") {
             cmd.arg("--no-chat");
         }
-        cmd.args(args.iter().filter(|a| **a != "--embeddings" && **a != "--chat"))
+        if !args.contains(&"--speech") {
+            cmd.arg("--no-speech");
+        }
+        cmd.args(
+            args.iter()
+                .filter(|a| !matches!(**a, "--embeddings" | "--chat" | "--speech")),
+        )
             .env("CXMPUTE_CREDENTIAL", credential)
             .env(
                 "CXMPUTE_LOG",
@@ -308,4 +315,50 @@ pub fn sse_events(body: &str) -> Vec<String> {
 pub async fn usage_totals(store: &dyn Store, account: &str) -> (i64, usize) {
     let rows = store.usage_for_account(account, 100_000).await.unwrap();
     (rows.iter().map(|r| r.cost).sum(), rows.len())
+}
+
+/// The model cache root, found the way the node finds it
+/// (crates/provider/src/models.rs).
+#[allow(dead_code)]
+pub fn models_root() -> Option<PathBuf> {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    var("CXMPUTE_MODELS_DIR")
+        .or_else(|| var("XDG_CACHE_HOME").map(|c| c.join("cxmpute").join("models")))
+        .or_else(|| var("HOME").map(|h| h.join(".cache").join("cxmpute").join("models")))
+}
+
+/// True when what a test needs is there. When it is not, the test should
+/// return early: it passes with a loud SKIP message, unless
+/// CXMPUTE_REQUIRE_MODELS is set (CI sets it), when this fails instead.
+#[allow(dead_code)]
+pub fn present_or_skip(present: bool, what: &str, fix: &str) -> bool {
+    if present {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CXMPUTE_REQUIRE_MODELS").is_none_or(|v| v.is_empty()),
+        "CXMPUTE_REQUIRE_MODELS is set but {what} is missing; {fix}"
+    );
+    eprintln!("\n*** SKIPPED: {what} is missing. {fix} ***\n");
+    false
+}
+
+/// Serves `/article`, a small article page with a script, on a loopback port
+/// for the scraper; returns its base URL.
+#[allow(dead_code)]
+pub async fn page_server() -> String {
+    let app = axum::Router::new().route(
+        "/article",
+        axum::routing::get(|| async {
+            axum::response::Html(
+                "<html><head><title>Tides</title></head><body><article><h1>Tides of the North</h1>\
+                 <p>The tide rises twice a day along the northern coast, and the fishermen plan by it.</p>\
+                 <p>Read <a href=\"/more\">more about tides</a>.</p></article><script>alert('x')</script></body></html>",
+            )
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
 }

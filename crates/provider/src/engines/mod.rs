@@ -3,12 +3,14 @@
 //!
 //! - [`llama`]: built-in chat (llama.cpp, Gemma 3 270M by default), batched.
 //! - [`minilm`]: built-in sentence embeddings (candle, all-MiniLM-L6-v2).
+//! - [`piper`]: built-in text to speech (Piper voice on ONNX Runtime, espeak-ng).
 //! - [`scrape`]: built-in web pages → markdown, behind [`net_guard`].
 //! - [`upstream`]: any OpenAI-compatible server, for chat, embeddings, speech.
 
 pub mod llama;
 pub mod minilm;
 pub mod net_guard;
+pub mod piper;
 pub mod scrape;
 pub mod upstream;
 
@@ -39,6 +41,7 @@ impl BuiltinChat {
 pub struct Engines {
     pub chat: Option<BuiltinChat>,
     pub minilm: Option<Arc<minilm::MiniLm>>,
+    pub speech: Option<Arc<piper::PiperVoice>>,
     /// CPU-bound work runs on blocking threads; this bounds how many at once so
     /// a burst cannot starve the link of threads.
     pub cpu_slots: Arc<Semaphore>,
@@ -60,6 +63,12 @@ impl Engines {
             offers.push(Offer {
                 service: "embeddings".into(),
                 model: MINILM_ID.into(),
+            });
+        }
+        if let Some(voice) = &self.speech {
+            offers.push(Offer {
+                service: "speech".into(),
+                model: voice.model.clone(),
             });
         }
         if self.scrape.is_some() {
