@@ -193,13 +193,7 @@ async fn up(port: u16, data_dir: &Path, upstream: Option<String>, engines: Built
         "  curl {base}/v1/embeddings -H \"Authorization: Bearer {api_key}\" -H 'Content-Type: application/json' \\"
     );
     println!("    -d '{{\"model\":\"all-minilm-l6-v2\",\"input\":\"The weather is lovely today.\"}}'");
-    let offered = |service: &str| {
-        state
-            .pools
-            .summary()
-            .into_iter()
-            .any(|(s, _, _)| s.as_str() == service)
-    };
+    let offered = |service: &str| state.pools.summary().into_iter().any(|(s, _, _)| s.as_str() == service);
     if offered("speech") {
         println!(
             "  curl {base}/v1/audio/speech -H \"Authorization: Bearer {api_key}\" -H 'Content-Type: application/json' \\"

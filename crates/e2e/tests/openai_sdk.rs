@@ -56,7 +56,12 @@ async fn official_openai_python_client_works_for_every_service() {
         &["--chat", "--embeddings", "--speech", "--scrape-allow-loopback"],
     )
     .await;
-    for model in ["gemma-3-270m", "all-minilm-l6-v2", "piper-en-us-joe-medium", "web-scrape"] {
+    for model in [
+        "gemma-3-270m",
+        "all-minilm-l6-v2",
+        "piper-en-us-joe-medium",
+        "web-scrape",
+    ] {
         gw.wait_providers(model, 1, Duration::from_secs(90)).await;
     }
     let (_, key) = gw.account(1_000_000_000_000, json!({"name": "sdk"})).await;

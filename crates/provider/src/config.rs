@@ -51,6 +51,22 @@ pub struct NodeConfig {
     pub max_concurrency: u32,
     /// Seconds in-flight requests get to finish after Ctrl-C / SIGTERM.
     pub drain_timeout_secs: u64,
+    /// How this computer appears on the provider dashboard (set by the setup wizard).
+    pub device_name: Option<String>,
+    /// Where it is, as the person running it describes it (all optional).
+    pub location: Location,
+    /// GPU memory the node may use, in MB (0: none).
+    pub max_vram_mb: Option<u64>,
+    /// Disk the node may fill with models, in MB.
+    pub max_disk_mb: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Location {
+    pub country: Option<String>,
+    pub region: Option<String>,
+    pub city: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -83,6 +99,10 @@ impl Default for NodeConfig {
             direct_url: None,
             max_concurrency: 64,
             drain_timeout_secs: 30,
+            device_name: None,
+            location: Location::default(),
+            max_vram_mb: None,
+            max_disk_mb: None,
         }
     }
 }
@@ -109,6 +129,10 @@ impl std::fmt::Debug for NodeConfig {
             .field("direct_url", &self.direct_url)
             .field("max_concurrency", &self.max_concurrency)
             .field("drain_timeout_secs", &self.drain_timeout_secs)
+            .field("device_name", &self.device_name)
+            .field("location", &self.location)
+            .field("max_vram_mb", &self.max_vram_mb)
+            .field("max_disk_mb", &self.max_disk_mb)
             .finish()
     }
 }
@@ -121,7 +145,37 @@ fn redact_credential(c: &str) -> String {
     }
 }
 
+/// The per-user config folder: `$XDG_CONFIG_HOME/cxmpute`, else
+/// `~/.config/cxmpute` (`%APPDATA%\\cxmpute` on Windows).
+pub fn config_dir() -> Option<PathBuf> {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    var("XDG_CONFIG_HOME")
+        .map(|d| d.join("cxmpute"))
+        .or_else(|| var("HOME").map(|h| h.join(".config").join("cxmpute")))
+        .or_else(|| var("APPDATA").map(|a| a.join("cxmpute")))
+}
+
+/// Where `start` looks for its config file when none is named, and where the
+/// setup wizard saves its answers.
+pub fn default_config_file() -> Option<PathBuf> {
+    config_dir().map(|d| d.join("node.toml"))
+}
+
 impl NodeConfig {
+    /// Writes this configuration as TOML to `path` (creating its folder),
+    /// without the credential: secrets never go into the config file.
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let mut shown = self.clone();
+        shown.credential = None;
+        shown.upstream_api_key = None;
+        let text = toml::to_string_pretty(&shown).context("cannot write the configuration as TOML")?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let body = format!("# cxmpute provider node: written by the setup wizard; edit freely.\n{text}");
+        std::fs::write(path, body).with_context(|| format!("cannot write {}", path.display()))
+    }
+
     pub fn load(file: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<NodeConfig> {
         let mut c = match file {
             Some(path) => {
@@ -178,6 +232,32 @@ mod tests {
             shown.contains("dev_abc.***") && !shown.contains("supersecret"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn saved_config_loads_back_without_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("node.toml");
+        let c = NodeConfig {
+            credential: Some("dev_abc.supersecret".into()),
+            upstream_api_key: Some("upkey".into()),
+            device_name: Some("box".into()),
+            location: Location {
+                country: Some("DE".into()),
+                ..Location::default()
+            },
+            max_vram_mb: Some(2048),
+            speech: false,
+            ..NodeConfig::default()
+        };
+        c.save(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("supersecret") && !text.contains("upkey"), "{text}");
+        let back = NodeConfig::load(Some(&path), |_| None).unwrap();
+        assert_eq!(back.device_name.as_deref(), Some("box"));
+        assert_eq!(back.location.country.as_deref(), Some("DE"));
+        assert_eq!(back.max_vram_mb, Some(2048));
+        assert!(!back.speech && back.credential.is_none());
     }
 
     #[test]

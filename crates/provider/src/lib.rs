@@ -9,6 +9,8 @@
 //! - [`models`]: the per-user model cache, fetching models into it, listing and removing them.
 //! - [`config`]: layered configuration.
 //! - [`diagnose`]: hardware report and provider tier (`cxmpute-provider diagnose`).
+//! - [`status`]: what the node is doing now, for the dashboard.
+//! - [`tui`]: the setup wizard and the live terminal dashboard.
 
 pub mod config;
 pub mod diagnose;
@@ -17,5 +19,7 @@ pub mod link;
 pub mod models;
 pub mod node;
 pub mod server;
+pub mod status;
+pub mod tui;
 
 pub use config::NodeConfig;

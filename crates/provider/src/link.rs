@@ -17,6 +17,8 @@ use rand::Rng;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::status::Phase;
+
 /// Why one link attempt ended.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -69,11 +71,23 @@ pub async fn run(
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = std::time::Instant::now();
+        let status = crate::status::global();
         match connect_once(&target, credential, router.clone(), max_streams, stop.clone()).await {
             Ok(()) if stop.is_cancelled() || draining.is_cancelled() => return Ok(()),
-            Ok(()) => tracing::warn!("link closed by the gateway; reconnecting"),
-            Err(LinkError::Refused(why)) => return Err(LinkError::Refused(why)),
-            Err(LinkError::Other(e)) => tracing::warn!(error = %format!("{e:#}"), "link failed; retrying"),
+            Ok(()) => {
+                tracing::warn!("link closed by the gateway; reconnecting");
+                status.set_phase_unless_leaving(Phase::Retrying("the gateway closed the link".into()));
+            }
+            Err(LinkError::Refused(why)) => {
+                status.set_phase(Phase::Refused(why.clone()));
+                return Err(LinkError::Refused(why));
+            }
+            Err(LinkError::Other(e)) => {
+                let why = format!("{e:#}");
+                tracing::warn!(error = %why, "link failed; retrying");
+                status.error(format!("link failed: {why}"));
+                status.set_phase_unless_leaving(Phase::Retrying(why));
+            }
         }
         // A link that lived a while starts the backoff afresh.
         if started.elapsed() > Duration::from_secs(10) {
@@ -137,6 +151,9 @@ async fn connect_once(
     }
     let upgraded = hyper::upgrade::on(res).await.context("upgrading the link")?;
     tracing::info!(gateway = %target.authority, "linked to the gateway");
+    crate::status::global().set_phase_unless_leaving(Phase::Linked {
+        since: std::time::Instant::now(),
+    });
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())

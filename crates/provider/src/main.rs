@@ -54,7 +54,7 @@ enum ModelsCommand {
 
 #[derive(Args)]
 struct StartArgs {
-    /// TOML configuration file.
+    /// TOML configuration file (default: ~/.config/cxmpute/node.toml when it exists).
     #[arg(long, env = "CXMPUTE_NODE_CONFIG")]
     config: Option<PathBuf>,
     /// Gateway URL, e.g. http://127.0.0.1:8080.
@@ -102,7 +102,8 @@ struct StartArgs {
     /// Most requests at once.
     #[arg(long)]
     max_concurrency: Option<u32>,
-    /// Log instead of drawing a dashboard (the only mode for now).
+    /// Log to stderr instead of drawing the terminal dashboard (also when stdin
+    /// or stdout is not a terminal). Without it, a first run shows a setup form.
     #[arg(long)]
     headless: bool,
     /// Log as JSON lines.
@@ -155,8 +156,100 @@ fn init_logging(json: bool) {
     }
 }
 
+/// While the dashboard owns the screen, logs go to a file (appended).
+fn init_file_logging(path: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open the log file {}", path.display()))?;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CXMPUTE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,llama-cpp-2=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file))
+        .init();
+    Ok(())
+}
+
+/// `start` with the terminal UI: the setup form on first run, then the
+/// dashboard while the node runs. Logs go to `node.log` next to the config.
+async fn start_interactive(args: StartArgs) -> anyhow::Result<()> {
+    use cxmpute_provider::{config, tui};
+    let config_file = args.config.clone().or_else(config::default_config_file);
+    let first_run = args.config.is_none() && config_file.as_ref().is_some_and(|p| !p.exists());
+    let mut c = config_from(args)?;
+    if first_run {
+        let host = sysinfo::System::host_name().unwrap_or_else(|| "my-computer".into());
+        let mut answers = c.clone();
+        let saved =
+            tokio::task::spawn_blocking(move || tui::run_wizard(&mut answers, &host).map(|ok| (ok, answers))).await??;
+        match saved {
+            (true, answers) => {
+                c = answers;
+                if let Some(path) = &config_file {
+                    c.save(path)?;
+                    eprintln!("saved your answers to {}", path.display());
+                }
+            }
+            (false, _) => anyhow::bail!("setup cancelled: nothing was started"),
+        }
+    }
+    let log = config::config_dir().unwrap_or_else(std::env::temp_dir).join("node.log");
+    init_file_logging(&log)?;
+    tracing::info!(config = ?c, "starting node");
+    let report =
+        tokio::task::spawn_blocking(|| cxmpute_provider::diagnose::collect(&cxmpute_provider::models::models_dir()))
+            .await?;
+    let facts = tui::facts(&c, &report);
+    let stop = CancellationToken::new();
+    let done = CancellationToken::new();
+    let refresh = std::sync::Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(on_signal(stop.clone()));
+    let ui = tui::spawn_dashboard(facts, stop.clone(), done.clone(), refresh.clone());
+    if let Some(credential) = c.credential.clone() {
+        tokio::spawn(tui::poll_earnings(
+            c.gateway.clone(),
+            credential,
+            std::time::Duration::from_secs(30),
+            refresh,
+            done.clone(),
+        ));
+    }
+    let result = cxmpute_provider::node::run(c, stop).await;
+    // Let the last state (stopped, or why it failed) show for a moment.
+    if let Err(e) = &result {
+        cxmpute_provider::status::global().error(format!("{e:#}"));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    done.cancel();
+    let ui_result = tokio::task::spawn_blocking(move || ui.join()).await;
+    eprintln!("node stopped (log: {})", log.display());
+    match ui_result {
+        Ok(Ok(Err(e))) => eprintln!("the dashboard failed: {e:#}"),
+        Ok(Err(_)) => eprintln!("the dashboard panicked"),
+        _ => {}
+    }
+    result
+}
+
+fn interactive(args: &StartArgs) -> bool {
+    use std::io::IsTerminal;
+    !args.headless && !args.log_json && std::io::stdin().is_terminal() && std::io::stdout().is_terminal()
+}
+
 fn config_from(a: StartArgs) -> anyhow::Result<NodeConfig> {
-    let mut c = NodeConfig::load(a.config.as_deref(), |k| std::env::var(k).ok())?;
+    // The named file, else the one the setup wizard saved (if any).
+    let file = a
+        .config
+        .clone()
+        .or_else(|| cxmpute_provider::config::default_config_file().filter(|p| p.is_file()));
+    let mut c = NodeConfig::load(file.as_deref(), |k| std::env::var(k).ok())?;
     if let Some(v) = a.gateway {
         c.gateway = v;
     }
@@ -209,9 +302,9 @@ fn config_from(a: StartArgs) -> anyhow::Result<NodeConfig> {
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Start(args) if interactive(&args) => start_interactive(args).await,
         Command::Start(args) => {
             init_logging(args.log_json);
-            let _ = args.headless;
             match config_from(args) {
                 Ok(config) => {
                     tracing::info!(config = ?config, "starting node");

@@ -18,6 +18,7 @@ use crate::engines::scrape::{ScrapeConfig, ScrapeEngine};
 use crate::engines::upstream::Upstream;
 use crate::engines::{BuiltinChat, Engines};
 use crate::server::{self, NodeState};
+use crate::status::{self, Phase};
 use crate::{link, models};
 
 /// Loads the chat engine: the configured GGUF, else the cached Gemma 3 270M. A
@@ -119,10 +120,23 @@ async fn build_speech(config: &NodeConfig) -> anyhow::Result<Option<Arc<PiperVoi
     .context("the voice loader panicked")?
 }
 
+fn loading(step: &str) {
+    status::global().set_phase(Phase::Loading(step.to_string()));
+}
+
 /// Loads every engine the configuration asks for.
 pub async fn build_engines(config: &NodeConfig) -> anyhow::Result<Engines> {
+    if config.chat {
+        loading("loading the chat model");
+    }
     let chat = build_chat(config).await?;
+    if config.speech {
+        loading("loading the voice");
+    }
     let speech = build_speech(config).await?;
+    if config.embeddings {
+        loading("loading the embeddings model");
+    }
     let minilm = if config.embeddings {
         let dir = config.embeddings_model_dir.clone();
         let engine = tokio::task::spawn_blocking(move || -> anyhow::Result<MiniLm> {
@@ -152,6 +166,7 @@ pub async fn build_engines(config: &NodeConfig) -> anyhow::Result<Engines> {
     };
     let upstream = match &config.upstream {
         Some(url) => {
+            loading("asking the upstream for its models");
             let up = Upstream::discover(url, config.upstream_api_key.clone(), &config.upstream_models).await?;
             tracing::info!(upstream = %url, models = up.offers.len(), "upstream ready");
             Some(up)
@@ -192,6 +207,13 @@ pub async fn run_with_engines(config: NodeConfig, engines: Engines, shutdown: Ca
     for o in &hello.offers {
         tracing::info!(service = %o.service, model = %o.model, "offering");
     }
+    status::global().set_offers(
+        hello
+            .offers
+            .iter()
+            .map(|o| (o.service.clone(), o.model.clone()))
+            .collect(),
+    );
     let direct_token = config.direct_url.as_ref().map(|_| cxmpute_token());
     let state = NodeState {
         engines: Arc::new(engines),
@@ -239,12 +261,14 @@ pub async fn run_with_engines(config: NodeConfig, engines: Engines, shutdown: Ca
                 "the gateway refused the registration ({status}): {text}"
             );
             tracing::info!(url = %url, "registered in direct mode");
+            status::global().set_phase(Phase::Direct);
             None
         }
         _ => {
             let (router, stop) = (router.clone(), serving.clone());
             let max_streams = config.max_concurrency;
             let (gw, draining) = (gateway.clone(), shutdown.clone());
+            status::global().set_phase(Phase::Connecting);
             Some(tokio::spawn(async move {
                 link::run(&gw, &credential, router, max_streams, stop, draining).await
             }))
@@ -257,6 +281,7 @@ pub async fn run_with_engines(config: NodeConfig, engines: Engines, shutdown: Ca
             _ = shutdown.cancelled() => {}
             r = task => {
                 serving.cancel();
+                status::global().set_phase(Phase::Stopped);
                 return match r {
                     Ok(Err(e)) => Err(e.into()),
                     Ok(Ok(())) => Ok(()),
@@ -267,6 +292,7 @@ pub async fn run_with_engines(config: NodeConfig, engines: Engines, shutdown: Ca
     } else {
         shutdown.cancelled().await;
     }
+    status::global().set_phase(Phase::Draining);
     drain(
         &http,
         &gateway,
@@ -280,6 +306,7 @@ pub async fn run_with_engines(config: NodeConfig, engines: Engines, shutdown: Ca
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
     tracing::info!("node stopped");
+    status::global().set_phase(Phase::Stopped);
     Ok(())
 }
 

@@ -71,8 +71,18 @@ async fn guard(State(state): State<NodeState>, req: Request, next: Next) -> Resp
         }
     }
     state.in_flight.fetch_add(1, Ordering::SeqCst);
-    let counter = InFlight(state.in_flight.clone());
-    next.run(req).await.map(|body| {
+    crate::status::global().request_started();
+    let mut counter = InFlight {
+        count: state.in_flight.clone(),
+        ok: false,
+    };
+    let path = req.uri().path().to_string();
+    let res = next.run(req).await;
+    counter.ok = !res.status().is_server_error();
+    if !counter.ok {
+        crate::status::global().error(format!("{path} answered {}", res.status()));
+    }
+    res.map(|body| {
         Body::new(Counted {
             inner: body,
             _counter: counter,
@@ -80,11 +90,17 @@ async fn guard(State(state): State<NodeState>, req: Request, next: Next) -> Resp
     })
 }
 
-struct InFlight(Arc<AtomicUsize>);
+/// Counts a request as in flight until its answer is dropped; then as served
+/// (or failed, for 5xx answers and requests dropped before answering).
+struct InFlight {
+    count: Arc<AtomicUsize>,
+    ok: bool,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.count.fetch_sub(1, Ordering::SeqCst);
+        crate::status::global().request_finished(self.ok);
     }
 }
 

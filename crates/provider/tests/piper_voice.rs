@@ -27,7 +27,10 @@ fn voice() -> Option<Arc<PiperVoice>> {
                     "voice in cache: {ready}; espeak-ng: {:?}",
                     espeak.as_ref().err().map(|e| e.to_string())
                 );
-                assert!(!required, "CXMPUTE_REQUIRE_MODELS is set but the voice cannot run ({what})");
+                assert!(
+                    !required,
+                    "CXMPUTE_REQUIRE_MODELS is set but the voice cannot run ({what})"
+                );
                 eprintln!("\n*** SKIPPED: the built-in voice cannot run here ({what}). ***\n");
                 return None;
             }
@@ -54,7 +57,10 @@ fn speaks_a_sentence_at_a_plausible_length_and_faster_than_real_time() {
     let samples = v.speak(&parts[0], 1.0).unwrap();
     let took = started.elapsed().as_secs_f64();
     let secs = seconds(&v, &samples);
-    eprintln!("{secs:.2} s of audio in {took:.3} s: real-time factor {:.3}", took / secs);
+    eprintln!(
+        "{secs:.2} s of audio in {took:.3} s: real-time factor {:.3}",
+        took / secs
+    );
     // About 2.5-4 s for ten words; anything far off means wrong ids or scales.
     assert!((1.5..6.0).contains(&secs), "{secs} s");
     let peak = samples.iter().map(|s| s.unsigned_abs()).max().unwrap_or(0);

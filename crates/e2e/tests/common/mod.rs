@@ -276,12 +276,12 @@ impl Node {
             args.iter()
                 .filter(|a| !matches!(**a, "--embeddings" | "--chat" | "--speech")),
         )
-            .env("CXMPUTE_CREDENTIAL", credential)
-            .env(
-                "CXMPUTE_LOG",
-                std::env::var("CXMPUTE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .kill_on_drop(true);
+        .env("CXMPUTE_CREDENTIAL", credential)
+        .env(
+            "CXMPUTE_LOG",
+            std::env::var("CXMPUTE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .kill_on_drop(true);
         Node {
             child: cmd.spawn().expect("spawn cxmpute-provider"),
         }

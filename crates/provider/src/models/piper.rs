@@ -73,7 +73,10 @@ pub fn find_onnxruntime_library(dir: &Path) -> Option<PathBuf> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file())
         .filter(|p| {
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             is_onnxruntime_library(&name)
         })
         .collect();
@@ -164,7 +167,10 @@ pub fn ensure_onnxruntime(mut progress: impl FnMut(&str)) -> Result<PathBuf> {
     // Keep the runtime's own libraries, not the Python bindings.
     for entry in fs::read_dir(stage.path()).with_context(|| format!("cannot list {}", stage.path().display()))? {
         let path = entry?.path();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let keep = path.is_file()
             && (name.starts_with("libonnxruntime") || (name.starts_with("onnxruntime") && name.ends_with(".dll")));
         if !keep {
@@ -194,7 +200,9 @@ fn sha256_file(path: &Path) -> Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -217,7 +225,10 @@ mod tests {
     #[test]
     fn voice_files_get_piper_ids() {
         assert_eq!(speech_model_id(Path::new("/x/en_US-joe-medium.onnx")), PIPER_ID);
-        assert_eq!(speech_model_id(Path::new("de_DE-thorsten-high.onnx")), "piper-de-de-thorsten-high");
+        assert_eq!(
+            speech_model_id(Path::new("de_DE-thorsten-high.onnx")),
+            "piper-de-de-thorsten-high"
+        );
     }
 
     #[test]
@@ -232,7 +243,11 @@ mod tests {
     #[test]
     fn picks_the_versioned_library() {
         let dir = tempfile::tempdir().expect("tempdir");
-        for name in ["libonnxruntime.so", "libonnxruntime.so.1.32.0", "libonnxruntime_providers_shared.so"] {
+        for name in [
+            "libonnxruntime.so",
+            "libonnxruntime.so.1.32.0",
+            "libonnxruntime_providers_shared.so",
+        ] {
             fs::write(dir.path().join(name), b"x").expect("write");
         }
         let lib = find_onnxruntime_library(dir.path()).expect("found");

@@ -107,6 +107,7 @@ async fn whole(model: String, prompt_tokens: u32, mut events: UnboundedReceiver<
                 reason,
                 completion_tokens,
             } => {
+                crate::status::global().add_tokens(u64::from(completion_tokens));
                 let body = json!({
                     "id": completion_id(),
                     "object": "chat.completion",
@@ -217,6 +218,7 @@ fn stream(model: String, include_usage: bool, prompt_tokens: u32, events: Unboun
                     reason,
                     completion_tokens,
                 }) => {
+                    crate::status::global().add_tokens(u64::from(completion_tokens));
                     st.queued.push_back(st.frames.delta(json!({}), Some(reason)));
                     if st.include_usage {
                         let u = usage(st.prompt_tokens, completion_tokens);

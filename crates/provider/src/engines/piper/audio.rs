@@ -33,9 +33,7 @@ impl Format {
             Some(other @ ("opus" | "aac")) => Err(format!(
                 "response_format '{other}' is not available from this voice; use mp3, wav, flac or pcm"
             )),
-            Some(other) => Err(format!(
-                "unknown response_format '{other}'; use mp3, wav, flac or pcm"
-            )),
+            Some(other) => Err(format!("unknown response_format '{other}'; use mp3, wav, flac or pcm")),
         }
     }
 

@@ -120,7 +120,10 @@ impl PiperVoice {
             .with_context(|| format!("{} is not a Piper voice config", json_path.display()))?;
         if let Some(kind) = config.phoneme_type.as_deref() {
             if kind != "espeak" {
-                bail!("voice {} uses '{kind}' phonemes; only espeak voices are supported", onnx.display());
+                bail!(
+                    "voice {} uses '{kind}' phonemes; only espeak voices are supported",
+                    onnx.display()
+                );
             }
         }
         let ids = PhonemeIds::new(&config.phoneme_id_map)?;
@@ -209,7 +212,14 @@ pub fn find_voice_file(dir: &Path) -> Result<PathBuf> {
         .collect();
     match voices.as_slice() {
         [one] => Ok(one.clone()),
-        [] => bail!("{} holds no Piper voice (a .onnx file with its .onnx.json)", dir.display()),
-        _ => bail!("{} holds {} voices; name the .onnx file to serve", dir.display(), voices.len()),
+        [] => bail!(
+            "{} holds no Piper voice (a .onnx file with its .onnx.json)",
+            dir.display()
+        ),
+        _ => bail!(
+            "{} holds {} voices; name the .onnx file to serve",
+            dir.display(),
+            voices.len()
+        ),
     }
 }

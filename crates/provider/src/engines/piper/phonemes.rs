@@ -200,7 +200,11 @@ pub fn join_clauses(clauses: &[String], marks: &[char], end: char) -> String {
     for (i, clause) in clauses.iter().enumerate() {
         out.push_str(clause);
         if i + 1 < clauses.len() {
-            let mark = if exact { marks.get(i).copied().unwrap_or(',') } else { ',' };
+            let mark = if exact {
+                marks.get(i).copied().unwrap_or(',')
+            } else {
+                ','
+            };
             out.push(mark);
             out.push(' ');
         }
@@ -220,7 +224,8 @@ fn is_executable(p: &Path) -> bool {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        p.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     }
     #[cfg(not(unix))]
     {
@@ -293,7 +298,12 @@ mod tests {
         let s = sentences("Hello there. How are you?! Pay 3.50 now... Done");
         assert_eq!(
             texts(&s),
-            vec![("Hello there", '.'), ("How are you", '!'), ("Pay 3.50 now", '.'), ("Done", '.')]
+            vec![
+                ("Hello there", '.'),
+                ("How are you", '!'),
+                ("Pay 3.50 now", '.'),
+                ("Done", '.')
+            ]
         );
     }
 
@@ -322,7 +332,10 @@ mod tests {
     fn clause_marks_are_put_back_when_espeak_agrees() {
         let marks = clause_marks("Well, yes; maybe: no");
         assert_eq!(marks, vec![',', ';', ':']);
-        let clauses: Vec<String> = ["wˈɛl", "jˈɛs", "mˈeɪbiː", "nˈoʊ"].iter().map(|s| s.to_string()).collect();
+        let clauses: Vec<String> = ["wˈɛl", "jˈɛs", "mˈeɪbiː", "nˈoʊ"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         assert_eq!(join_clauses(&clauses, &marks, '?'), "wˈɛl, jˈɛs; mˈeɪbiː: nˈoʊ?");
         // espeak split elsewhere: commas stand in.
         assert_eq!(join_clauses(&clauses[..2], &marks, '.'), "wˈɛl, jˈɛs.");
