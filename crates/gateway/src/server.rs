@@ -9,7 +9,7 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use cxmpute_protocol::link::{DRAIN_PATH, LINK_PATH, REGISTER_PATH};
+use cxmpute_protocol::link::{DRAIN_PATH, LINK_PATH, REGISTER_PATH, STATS_PATH};
 use cxmpute_store::Store;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -123,6 +123,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/provider/link"),
     ("POST", "/v1/provider/register"),
     ("POST", "/v1/provider/drain"),
+    ("GET", "/v1/provider/stats"),
     ("POST", "/admin/accounts"),
     ("GET", "/admin/accounts"),
     ("GET", "/admin/accounts/{id}"),
@@ -153,6 +154,7 @@ pub fn router(state: AppState) -> Router {
         .route(LINK_PATH, get(accept::link))
         .route(REGISTER_PATH, post(direct::register_direct))
         .route(DRAIN_PATH, post(direct::drain))
+        .route(STATS_PATH, get(crate::link::stats::stats))
         .nest("/admin", crate::admin::routes())
         .merge(crate::web::routes())
         .route("/healthz", get(healthz))

@@ -17,6 +17,8 @@ pub const HELLO_PATH: &str = "/_cxmpute/hello";
 pub const REGISTER_PATH: &str = "/v1/provider/register";
 /// Sent by a node that is about to stop, so the gateway stops routing to it.
 pub const DRAIN_PATH: &str = "/v1/provider/drain";
+/// A node asks for its earnings (device credential), for its dashboard.
+pub const STATS_PATH: &str = "/v1/provider/stats";
 /// The request id the gateway gives every forwarded request.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// The model id of the built-in scrape service.

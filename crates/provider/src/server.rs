@@ -71,15 +71,20 @@ async fn guard(State(state): State<NodeState>, req: Request, next: Next) -> Resp
         }
     }
     state.in_flight.fetch_add(1, Ordering::SeqCst);
-    crate::status::global().request_started();
+    // The gateway's hello is bookkeeping, not a request served.
+    let path = req.uri().path().to_string();
+    let counted = path != HELLO_PATH;
+    if counted {
+        crate::status::global().request_started();
+    }
     let mut counter = InFlight {
         count: state.in_flight.clone(),
+        counted,
         ok: false,
     };
-    let path = req.uri().path().to_string();
     let res = next.run(req).await;
     counter.ok = !res.status().is_server_error();
-    if !counter.ok {
+    if counted && !counter.ok {
         crate::status::global().error(format!("{path} answered {}", res.status()));
     }
     res.map(|body| {
@@ -94,13 +99,17 @@ async fn guard(State(state): State<NodeState>, req: Request, next: Next) -> Resp
 /// (or failed, for 5xx answers and requests dropped before answering).
 struct InFlight {
     count: Arc<AtomicUsize>,
+    /// Counted on the dashboard (everything but the gateway's hello).
+    counted: bool,
     ok: bool,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.count.fetch_sub(1, Ordering::SeqCst);
-        crate::status::global().request_finished(self.ok);
+        if self.counted {
+            crate::status::global().request_finished(self.ok);
+        }
     }
 }
 

@@ -9,3 +9,4 @@
 pub mod accept;
 pub mod direct;
 pub mod register;
+pub mod stats;
