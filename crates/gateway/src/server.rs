@@ -9,6 +9,7 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use cxmpute_protocol::assign::ASSIGNMENT_PATH;
 use cxmpute_protocol::link::{DRAIN_PATH, LINK_PATH, REGISTER_PATH};
 use cxmpute_store::Store;
 use serde_json::json;
@@ -123,6 +124,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/provider/link"),
     ("POST", "/v1/provider/register"),
     ("POST", "/v1/provider/drain"),
+    ("POST", "/v1/provider/assignment"),
     ("POST", "/admin/accounts"),
     ("GET", "/admin/accounts"),
     ("GET", "/admin/accounts/{id}"),
@@ -153,6 +155,7 @@ pub fn router(state: AppState) -> Router {
         .route(LINK_PATH, get(accept::link))
         .route(REGISTER_PATH, post(direct::register_direct))
         .route(DRAIN_PATH, post(direct::drain))
+        .route(ASSIGNMENT_PATH, post(crate::orchestrator::handler::request_assignment))
         .nest("/admin", crate::admin::routes())
         .merge(crate::web::routes())
         .route("/healthz", get(healthz))
@@ -210,7 +213,7 @@ async fn sweep_holds(state: AppState) {
     }
 }
 
-/// Deletes expired login codes and sessions every ten minutes.
+/// Deletes expired login codes, sessions and device codes every ten minutes.
 async fn sweep_logins(state: AppState) {
     loop {
         tokio::select! {
@@ -221,6 +224,15 @@ async fn sweep_logins(state: AppState) {
             Ok(0) => {}
             Ok(n) => tracing::debug!(deleted = n, "purged expired login codes and sessions"),
             Err(e) => tracing::warn!(error = %e, "could not purge expired logins"),
+        }
+        match state
+            .store
+            .purge_expired_device_codes(cxmpute_store::now_millis())
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(deleted = n, "purged expired device codes"),
+            Err(e) => tracing::warn!(error = %e, "could not purge expired device codes"),
         }
     }
 }

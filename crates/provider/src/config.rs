@@ -43,6 +43,10 @@ pub struct NodeConfig {
     pub direct_url: Option<String>,
     /// Requests run at once; more wait in the link's queue.
     pub max_concurrency: u32,
+    /// Most GPU memory the assigned models may need together, in MiB.
+    pub max_vram_mb: Option<u64>,
+    /// Most disk space the assigned models' downloads may take, in MiB.
+    pub max_disk_mb: Option<u64>,
     /// Seconds in-flight requests get to finish after Ctrl-C / SIGTERM.
     pub drain_timeout_secs: u64,
 }
@@ -74,6 +78,8 @@ impl Default for NodeConfig {
             listen: None,
             direct_url: None,
             max_concurrency: 64,
+            max_vram_mb: None,
+            max_disk_mb: None,
             drain_timeout_secs: 30,
         }
     }
@@ -98,6 +104,8 @@ impl std::fmt::Debug for NodeConfig {
             .field("listen", &self.listen)
             .field("direct_url", &self.direct_url)
             .field("max_concurrency", &self.max_concurrency)
+            .field("max_vram_mb", &self.max_vram_mb)
+            .field("max_disk_mb", &self.max_disk_mb)
             .field("drain_timeout_secs", &self.drain_timeout_secs)
             .finish()
     }
@@ -142,8 +150,8 @@ impl NodeConfig {
             self.gateway
         );
         let cred = self.credential.as_deref().context(
-            "no device credential: create one with `cxmpute-gateway admin device create <account>` \
-             and pass it with --credential or CXMPUTE_CREDENTIAL",
+            "no device credential: run `cxmpute-provider login`, or create one with \
+             `cxmpute-gateway admin device create <account>` and pass it with --credential or CXMPUTE_CREDENTIAL",
         )?;
         anyhow::ensure!(cred.contains('.'), "the credential must look like <device id>.<secret>");
         anyhow::ensure!(self.max_concurrency >= 1, "max_concurrency must be at least 1");

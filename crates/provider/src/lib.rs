@@ -8,9 +8,14 @@
 //! - [`engines`]: MiniLM embeddings, web scraping, OpenAI-compatible upstreams.
 //! - [`models`]: the per-user model cache, fetching models into it, listing and removing them.
 //! - [`config`]: layered configuration.
+//! - [`assignment`]: report the hardware, learn from the gateway what to serve.
+//! - [`device_login`], [`credentials`]: `login` (device codes) and the saved credentials file.
 //! - [`diagnose`]: hardware report and provider tier (`cxmpute-provider diagnose`).
 
+pub mod assignment;
 pub mod config;
+pub mod credentials;
+pub mod device_login;
 pub mod diagnose;
 pub mod engines;
 pub mod link;

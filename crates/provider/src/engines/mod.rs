@@ -54,18 +54,21 @@ impl Engines {
             offers.push(Offer {
                 service: "chat".into(),
                 model: chat.model.clone(),
+                upstream: false,
             });
         }
         if self.minilm.is_some() {
             offers.push(Offer {
                 service: "embeddings".into(),
                 model: MINILM_ID.into(),
+                upstream: false,
             });
         }
         if self.scrape.is_some() {
             offers.push(Offer {
                 service: "scrape".into(),
                 model: SCRAPE_MODEL.into(),
+                upstream: false,
             });
         }
         if let Some(up) = &self.upstream {
