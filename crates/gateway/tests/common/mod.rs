@@ -99,7 +99,7 @@ impl Browser {
     }
 
     fn remember(&mut self, answer: &Answer) {
-        for name in ["cx_session", "cx_login"] {
+        for name in ["cx_session", "cx_login", "cx_link"] {
             if let Some(value) = answer.cookie(name) {
                 self.cookies.retain(|(k, _)| k != name);
                 if !value.is_empty() {
