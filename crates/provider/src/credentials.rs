@@ -102,18 +102,20 @@ pub fn save(path: &Path, creds: &Credentials) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let written = (|| -> anyhow::Result<()> {
-        let mut file = opts
-            .open(&staging)
-            .with_context(|| format!("cannot create {}", staging.display()))?;
-        file.write_all(text.as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&staging, path).with_context(|| format!("cannot write {}", path.display()))
-    })();
+    let written = write_then_rename(&opts, &staging, path, text.as_bytes());
     if written.is_err() {
         let _ = std::fs::remove_file(&staging);
     }
     written
+}
+
+fn write_then_rename(opts: &std::fs::OpenOptions, staging: &Path, path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut file = opts
+        .open(staging)
+        .with_context(|| format!("cannot create {}", staging.display()))?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(staging, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Deletes the file; returns whether there was one.
