@@ -32,6 +32,36 @@ pub struct Config {
     pub link: LinkConfig,
     pub pricing: Pricing,
     pub web: WebConfig,
+    /// Device login (`cxmpute-provider login`).
+    pub device_login: DeviceLoginConfig,
+    /// The models nodes may be assigned (`[[catalog]]`); replaces the built-in
+    /// list when given.
+    pub catalog: Vec<CatalogEntry>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeviceLoginConfig {
+    /// How long a device code waits for approval.
+    pub code_ttl_secs: u64,
+    /// Seconds a node waits between polls (more after a `slow_down`).
+    pub poll_interval_secs: u32,
+    /// Device codes one client IP may ask for per hour.
+    pub codes_per_ip_per_hour: u32,
+    /// Code look-ups on the /link page (right or wrong) per account and per
+    /// client IP per hour.
+    pub link_attempts_per_hour: u32,
+}
+
+impl Default for DeviceLoginConfig {
+    fn default() -> Self {
+        DeviceLoginConfig {
+            code_ttl_secs: 600,
+            poll_interval_secs: 5,
+            codes_per_ip_per_hour: 20,
+            link_attempts_per_hour: 30,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -78,6 +108,7 @@ pub struct ModelPrice {
     pub output: Option<i64>,
 }
 
+pub use crate::orchestrator::{default_catalog, validate_catalog, CatalogEntry, Engine};
 pub use crate::web::config::{SmtpConfig, SmtpTls, WebConfig};
 
 impl Default for Config {
@@ -93,6 +124,8 @@ impl Default for Config {
             link: LinkConfig::default(),
             pricing: Pricing::default(),
             web: WebConfig::default(),
+            device_login: DeviceLoginConfig::default(),
+            catalog: default_catalog(),
         }
     }
 }
@@ -173,6 +206,8 @@ impl std::fmt::Debug for Config {
             .field("link", &self.link)
             .field("pricing", &self.pricing)
             .field("web", &self.web)
+            .field("device_login", &self.device_login)
+            .field("catalog", &self.catalog.len())
             .finish()
     }
 }
@@ -234,6 +269,16 @@ impl Config {
             anyhow::ensure!(t.len() >= 16, "admin_token must be at least 16 characters");
         }
         self.web.validate()?;
+        let d = &self.device_login;
+        anyhow::ensure!(
+            d.code_ttl_secs >= 10 && d.poll_interval_secs >= 1,
+            "device_login.code_ttl_secs must be at least 10 and poll_interval_secs at least 1"
+        );
+        anyhow::ensure!(
+            d.codes_per_ip_per_hour >= 1 && d.link_attempts_per_hour >= 1,
+            "device_login rate limits must be at least 1"
+        );
+        validate_catalog(&self.catalog)?;
         self.pricing.validate()
     }
 }
@@ -259,6 +304,24 @@ mod tests {
         let shown = format!("{c:?}");
         assert!(!shown.contains("secret") && !shown.contains("pw@"), "{shown}");
         assert_eq!(c.admin_token.as_deref(), Some("0123456789abcdef-secret"));
+    }
+
+    #[test]
+    fn catalog_entries_replace_the_builtin_list() {
+        assert_eq!(Config::default().catalog, default_catalog());
+        let c: Config = toml::from_str(
+            "[[catalog]]\nid = \"llama-3-8b\"\nservice = \"chat\"\nengine = \"llama\"\n\
+             min_vram_mb = 6000\ndisk_mb = 4900\nsources = [\"hf:x/y\"]\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.catalog.len(), 1);
+        assert_eq!((c.catalog[0].engine, c.catalog[0].min_ram_mb), (Engine::Llama, 0));
+        assert!(toml::from_str::<Config>("[[catalog]]\nid = \"x\"\nservice = \"chat\"\nengine = \"vllm\"\n").is_err());
+        assert!(toml::from_str::<Config>("[device_login]\npoll_interval_secs = 0\n")
+            .unwrap()
+            .validate()
+            .is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`pools`], [`transport`]: live provisions and how to reach them.
 //! - [`relay`]: forward with one retry, stream back, settle before the end.
 //! - [`link`]: provider links (reversed HTTP/2) and direct-mode registration.
+//! - [`orchestrator`]: the model catalog and which models each node serves.
 //! - [`admin`]: the operator's HTTP API; [`config`], [`error`], [`metrics`].
 //! - [`web`]: email login, sessions, the dashboard and its JSON API.
 
@@ -22,6 +23,7 @@ pub mod error;
 pub mod link;
 pub mod meter;
 pub mod metrics;
+pub mod orchestrator;
 pub mod pools;
 pub mod ratelimit;
 pub mod relay;

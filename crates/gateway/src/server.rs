@@ -10,6 +10,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use cxmpute_protocol::link::{DRAIN_PATH, LINK_PATH, REGISTER_PATH, STATS_PATH};
+use cxmpute_protocol::assign::ASSIGNMENT_PATH;
 use cxmpute_store::Store;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -124,6 +125,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/provider/register"),
     ("POST", "/v1/provider/drain"),
     ("GET", "/v1/provider/stats"),
+    ("POST", "/v1/provider/assignment"),
     ("POST", "/admin/accounts"),
     ("GET", "/admin/accounts"),
     ("GET", "/admin/accounts/{id}"),
@@ -155,6 +157,7 @@ pub fn router(state: AppState) -> Router {
         .route(REGISTER_PATH, post(direct::register_direct))
         .route(DRAIN_PATH, post(direct::drain))
         .route(STATS_PATH, get(crate::link::stats::stats))
+        .route(ASSIGNMENT_PATH, post(crate::orchestrator::handler::request_assignment))
         .nest("/admin", crate::admin::routes())
         .merge(crate::web::routes())
         .route("/healthz", get(healthz))
@@ -212,7 +215,7 @@ async fn sweep_holds(state: AppState) {
     }
 }
 
-/// Deletes expired login codes and sessions every ten minutes.
+/// Deletes expired login codes, sessions and device codes every ten minutes.
 async fn sweep_logins(state: AppState) {
     loop {
         tokio::select! {
@@ -223,6 +226,15 @@ async fn sweep_logins(state: AppState) {
             Ok(0) => {}
             Ok(n) => tracing::debug!(deleted = n, "purged expired login codes and sessions"),
             Err(e) => tracing::warn!(error = %e, "could not purge expired logins"),
+        }
+        match state
+            .store
+            .purge_expired_device_codes(cxmpute_store::now_millis())
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(deleted = n, "purged expired device codes"),
+            Err(e) => tracing::warn!(error = %e, "could not purge expired device codes"),
         }
     }
 }

@@ -47,6 +47,14 @@ fn expected(method: &str, path: &str) -> Option<[u16; 5]> {
         ("GET", "/web/api/ledger") => [401, 200, 200, 403, 200],
         ("GET", "/web/api/usage") => [401, 200, 200, 403, 200],
         ("GET", "/web/api/admin/accounts") => [401, 403, 403, 403, 200],
+        // Device login: the node's half needs no session.
+        ("POST", "/v1/device/code") => [200; 5],
+        // A device code nobody issued.
+        ("POST", "/v1/device/token") => [400; 5],
+        // Without a code: the form to type one in.
+        ("GET", "/link") => [303, 200, 200, 403, 200],
+        // A well-formed code no node is waiting with.
+        ("POST", "/link") => [303, 404, 404, 403, 404],
         _ => return None,
     })
 }
@@ -111,6 +119,19 @@ async fn every_web_route_answers_each_caller_as_the_table_says() {
                         &app,
                         &uri,
                         &[("email", &email), ("code", "123456"), ("csrf", &login_csrf)],
+                    )
+                    .await
+                }
+                ("POST", "/v1/device/code") => b.json(&app, Method::POST, &uri, r#"{"name": "matrix node"}"#).await,
+                ("POST", "/v1/device/token") => {
+                    let body = format!(r#"{{"device_code": "{}"}}"#, random_secret());
+                    b.json(&app, Method::POST, &uri, &body).await
+                }
+                ("POST", "/link") => {
+                    b.form(
+                        &app,
+                        &uri,
+                        &[("csrf", &csrf), ("code", "BBBB-CCCC"), ("action", "approve")],
                     )
                     .await
                 }

@@ -30,6 +30,10 @@ pub struct Offer {
     /// `chat`, `embeddings`, `speech` or `scrape`.
     pub service: String,
     pub model: String,
+    /// Served by the node's own OpenAI-compatible upstream, not a built-in
+    /// engine: admitted without a catalog assignment.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub upstream: bool,
 }
 
 /// The node's introduction.

@@ -49,16 +49,16 @@ pub struct NodeConfig {
     pub direct_url: Option<String>,
     /// Requests run at once; more wait in the link's queue.
     pub max_concurrency: u32,
+    /// Most GPU memory the assigned models may need together, in MiB.
+    pub max_vram_mb: Option<u64>,
+    /// Most disk space the assigned models' downloads may take, in MiB.
+    pub max_disk_mb: Option<u64>,
     /// Seconds in-flight requests get to finish after Ctrl-C / SIGTERM.
     pub drain_timeout_secs: u64,
     /// How this computer appears on the provider dashboard (set by the setup wizard).
     pub device_name: Option<String>,
     /// Where it is, as the person running it describes it (all optional).
     pub location: Location,
-    /// GPU memory the node may use, in MB (0: none).
-    pub max_vram_mb: Option<u64>,
-    /// Disk the node may fill with models, in MB.
-    pub max_disk_mb: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,11 +98,11 @@ impl Default for NodeConfig {
             listen: None,
             direct_url: None,
             max_concurrency: 64,
+            max_vram_mb: None,
+            max_disk_mb: None,
             drain_timeout_secs: 30,
             device_name: None,
             location: Location::default(),
-            max_vram_mb: None,
-            max_disk_mb: None,
         }
     }
 }
@@ -128,11 +128,11 @@ impl std::fmt::Debug for NodeConfig {
             .field("listen", &self.listen)
             .field("direct_url", &self.direct_url)
             .field("max_concurrency", &self.max_concurrency)
+            .field("max_vram_mb", &self.max_vram_mb)
+            .field("max_disk_mb", &self.max_disk_mb)
             .field("drain_timeout_secs", &self.drain_timeout_secs)
             .field("device_name", &self.device_name)
             .field("location", &self.location)
-            .field("max_vram_mb", &self.max_vram_mb)
-            .field("max_disk_mb", &self.max_disk_mb)
             .finish()
     }
 }
@@ -206,8 +206,8 @@ impl NodeConfig {
             self.gateway
         );
         let cred = self.credential.as_deref().context(
-            "no device credential: create one with `cxmpute-gateway admin device create <account>` \
-             and pass it with --credential or CXMPUTE_CREDENTIAL",
+            "no device credential: run `cxmpute-provider login`, or create one with \
+             `cxmpute-gateway admin device create <account>` and pass it with --credential or CXMPUTE_CREDENTIAL",
         )?;
         anyhow::ensure!(cred.contains('.'), "the credential must look like <device id>.<secret>");
         anyhow::ensure!(self.max_concurrency >= 1, "max_concurrency must be at least 1");

@@ -1,11 +1,13 @@
-//! `cxmpute-provider`: run a provider node (`start`), check what this machine offers
-//! (`diagnose`), and manage the model cache (`models`).
+//! `cxmpute-provider`: link this machine to an account (`login`, `logout`), run a
+//! provider node (`start`), check what this machine offers (`diagnose`), and
+//! manage the model cache (`models`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use cxmpute_provider::NodeConfig;
+use cxmpute_provider::{credentials, NodeConfig};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -17,6 +19,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Link this machine to your account: shows a code to approve on the web,
+    /// then saves the device credentials.
+    Login {
+        /// Gateway URL, e.g. http://127.0.0.1:8080.
+        #[arg(long, env = "CXMPUTE_GATEWAY", default_value = "http://127.0.0.1:8080")]
+        gateway: String,
+        /// The device's name on your account (default: this machine's host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Where to save the credentials (default: $XDG_CONFIG_HOME/cxmpute/credentials.toml).
+        #[arg(long, env = "CXMPUTE_CREDENTIALS")]
+        credentials: Option<PathBuf>,
+    },
+    /// Delete the saved device credentials.
+    Logout {
+        /// The credentials file (default: $XDG_CONFIG_HOME/cxmpute/credentials.toml).
+        #[arg(long, env = "CXMPUTE_CREDENTIALS")]
+        credentials: Option<PathBuf>,
+    },
     /// Link to the gateway and serve requests until Ctrl-C / SIGTERM.
     Start(StartArgs),
     /// Fetch the built-in models into the cache and print where they are.
@@ -61,8 +82,12 @@ struct StartArgs {
     #[arg(long)]
     gateway: Option<String>,
     /// Device credential `<device id>.<secret>` (prefer CXMPUTE_CREDENTIAL).
+    /// Without one, the credentials `login` saved are used.
     #[arg(long)]
     credential: Option<String>,
+    /// The credentials file `login` wrote (default: $XDG_CONFIG_HOME/cxmpute/credentials.toml).
+    #[arg(long, env = "CXMPUTE_CREDENTIALS")]
+    credentials: Option<PathBuf>,
     /// OpenAI-compatible server whose models this node also serves.
     #[arg(long)]
     upstream: Option<String>,
@@ -102,6 +127,12 @@ struct StartArgs {
     /// Most requests at once.
     #[arg(long)]
     max_concurrency: Option<u32>,
+    /// Most GPU memory (MiB) the models the gateway assigns may need together.
+    #[arg(long)]
+    max_vram_mb: Option<u64>,
+    /// Most disk space (MiB) downloads of assigned models may take.
+    #[arg(long)]
+    max_disk_mb: Option<u64>,
     /// Log to stderr instead of drawing the terminal dashboard (also when stdin
     /// or stdout is not a terminal). Without it, a first run shows a setup form.
     #[arg(long)]
@@ -158,7 +189,6 @@ fn init_logging(json: bool) {
 
 /// While the dashboard owns the screen, logs go to a file (appended).
 fn init_file_logging(path: &std::path::Path) -> anyhow::Result<()> {
-    use anyhow::Context;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -243,13 +273,31 @@ fn interactive(args: &StartArgs) -> bool {
     !args.headless && !args.log_json && std::io::stdin().is_terminal() && std::io::stdout().is_terminal()
 }
 
-fn config_from(a: StartArgs) -> anyhow::Result<NodeConfig> {
-    // The named file, else the one the setup wizard saved (if any).
-    let file = a
-        .config
+/// The config file `start` reads: the named one, else the one the setup
+/// wizard saved (if any).
+fn config_file(a: &StartArgs) -> Option<PathBuf> {
+    a.config
         .clone()
-        .or_else(|| cxmpute_provider::config::default_config_file().filter(|p| p.is_file()));
+        .or_else(|| cxmpute_provider::config::default_config_file().filter(|p| p.is_file()))
+}
+
+/// Whether the gateway URL was chosen by flag, environment or config file
+/// (then saved credentials do not override it).
+fn gateway_chosen(a: &StartArgs, file: Option<&std::path::Path>) -> anyhow::Result<bool> {
+    if a.gateway.is_some() || std::env::var_os("CXMPUTE_GATEWAY").is_some_and(|v| !v.is_empty()) {
+        return Ok(true);
+    }
+    let Some(path) = file else { return Ok(false) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+    Ok(table.contains_key("gateway"))
+}
+
+fn config_from(a: StartArgs) -> anyhow::Result<NodeConfig> {
+    let file = config_file(&a);
     let mut c = NodeConfig::load(file.as_deref(), |k| std::env::var(k).ok())?;
+    let gateway_chosen = gateway_chosen(&a, file.as_deref())?;
     if let Some(v) = a.gateway {
         c.gateway = v;
     }
@@ -295,7 +343,52 @@ fn config_from(a: StartArgs) -> anyhow::Result<NodeConfig> {
     if let Some(n) = a.max_concurrency {
         c.max_concurrency = n;
     }
+    if a.max_vram_mb.is_some() {
+        c.max_vram_mb = a.max_vram_mb;
+    }
+    if a.max_disk_mb.is_some() {
+        c.max_disk_mb = a.max_disk_mb;
+    }
+    if c.credential.is_none() {
+        let path = a.credentials.unwrap_or_else(credentials::default_path);
+        if let Some(saved) = credentials::load(&path)? {
+            tracing::info!(device = %saved.device_id, file = %path.display(), "using saved credentials");
+            if !gateway_chosen {
+                c.gateway = saved.gateway.clone();
+            } else if c.gateway.trim_end_matches('/') != saved.gateway {
+                tracing::warn!(saved = %saved.gateway, gateway = %c.gateway, "the saved credentials are for another gateway");
+            }
+            c.credential = Some(saved.credential());
+        }
+    }
     Ok(c)
+}
+
+async fn login(gateway: &str, name: Option<String>, path: Option<PathBuf>) -> anyhow::Result<()> {
+    let path = path.unwrap_or_else(credentials::default_path);
+    let name = name.unwrap_or_else(cxmpute_provider::device_login::default_name);
+    let creds = cxmpute_provider::device_login::login(gateway, &name, &mut std::io::stdout()).await?;
+    credentials::save(&path, &creds)?;
+    println!(
+        "Linked: this node is device {} (\"{}\"). Credentials saved to {}.\nStart serving with `cxmpute-provider start`.",
+        creds.device_id,
+        creds.name,
+        path.display()
+    );
+    Ok(())
+}
+
+fn logout(path: Option<PathBuf>) -> anyhow::Result<()> {
+    let path = path.unwrap_or_else(credentials::default_path);
+    if credentials::remove(&path)? {
+        println!(
+            "Deleted {}. The device stays on your account until it is removed there.",
+            path.display()
+        );
+    } else {
+        println!("No saved credentials at {}.", path.display());
+    }
+    Ok(())
 }
 
 #[tokio::main]
@@ -303,6 +396,15 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Start(args) if interactive(&args) => start_interactive(args).await,
+        Command::Login {
+            gateway,
+            name,
+            credentials,
+        } => {
+            init_logging(false);
+            login(&gateway, name, credentials).await
+        }
+        Command::Logout { credentials } => logout(credentials),
         Command::Start(args) => {
             init_logging(args.log_json);
             match config_from(args) {

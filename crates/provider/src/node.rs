@@ -19,7 +19,7 @@ use crate::engines::upstream::Upstream;
 use crate::engines::{BuiltinChat, Engines};
 use crate::server::{self, NodeState};
 use crate::status::{self, Phase};
-use crate::{link, models};
+use crate::{assignment, link, models};
 
 /// Loads the chat engine: the configured GGUF, else the cached Gemma 3 270M. A
 /// missing cached model is not an error (the node serves its other engines);
@@ -124,8 +124,8 @@ fn loading(step: &str) {
     status::global().set_phase(Phase::Loading(step.to_string()));
 }
 
-/// Loads every engine the configuration asks for.
-pub async fn build_engines(config: &NodeConfig) -> anyhow::Result<Engines> {
+/// Loads every engine the configuration asks for; `upstream` is already discovered.
+pub async fn build_engines(config: &NodeConfig, upstream: Option<Upstream>) -> anyhow::Result<Engines> {
     if config.chat {
         loading("loading the chat model");
     }
@@ -164,15 +164,6 @@ pub async fn build_engines(config: &NodeConfig) -> anyhow::Result<Engines> {
     } else {
         None
     };
-    let upstream = match &config.upstream {
-        Some(url) => {
-            loading("asking the upstream for its models");
-            let up = Upstream::discover(url, config.upstream_api_key.clone(), &config.upstream_models).await?;
-            tracing::info!(upstream = %url, models = up.offers.len(), "upstream ready");
-            Some(up)
-        }
-        None => None,
-    };
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     Ok(Engines {
         chat,
@@ -184,10 +175,44 @@ pub async fn build_engines(config: &NodeConfig) -> anyhow::Result<Engines> {
     })
 }
 
-/// Runs the node until `shutdown` is cancelled, then drains.
-pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Runs the node until `shutdown` is cancelled, then drains: discover the
+/// upstream, ask the gateway for an assignment, load what was assigned, link.
+pub async fn run(mut config: NodeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.validate()?;
-    let engines = build_engines(&config).await?;
+    let upstream = match &config.upstream {
+        Some(url) => {
+            let up = Upstream::discover(url, config.upstream_api_key.clone(), &config.upstream_models).await?;
+            tracing::info!(upstream = %url, models = up.offers.len(), "upstream ready");
+            Some(up)
+        }
+        None => None,
+    };
+    let chat_model = if config.chat {
+        assignment::chat_model_id(&config)?
+    } else {
+        String::new()
+    };
+    let report = tokio::task::spawn_blocking(|| crate::diagnose::collect(&models::models_dir()))
+        .await
+        .context("the hardware probe panicked")?;
+    let hardware = assignment::hardware(&report);
+    tracing::info!(
+        tier = hardware.tier,
+        vram_mb = ?hardware.vram_mb,
+        ram_mb = ?hardware.ram_mb,
+        free_disk_mb = ?hardware.free_disk_mb,
+        "asking the gateway for an assignment"
+    );
+    let req = assignment::request(&config, hardware, &chat_model, upstream.as_ref());
+    let credential = config.credential.clone().unwrap_or_default();
+    let fetched = tokio::select! {
+        r = assignment::fetch(&config.gateway, &credential, &req) => r?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    if let Some(assigned) = fetched {
+        assignment::apply(&mut config, &assigned, &chat_model);
+    }
+    let engines = build_engines(&config, upstream).await?;
     run_with_engines(config, engines, shutdown).await
 }
 
@@ -197,7 +222,8 @@ pub async fn run_with_engines(config: NodeConfig, engines: Engines, shutdown: Ca
     let offers = engines.offers();
     anyhow::ensure!(
         !offers.is_empty(),
-        "this node has nothing to offer: enable an engine or give it an upstream"
+        "this node has nothing to offer: enable an engine or give it an upstream (if the gateway assigned \
+         nothing, the log above says why)"
     );
     let hello = Hello {
         node_version: env!("CARGO_PKG_VERSION").into(),

@@ -11,11 +11,13 @@
 mod accounts;
 mod concurrency;
 mod credits;
+mod devices;
 mod web;
 
 pub use accounts::*;
 pub use concurrency::*;
 pub use credits::*;
+pub use devices::*;
 pub use web::*;
 
 use crate::{now_millis, Account, ApiKey, Device, HoldRequest, LedgerKind, NewApiKey, Service, Store, UsageRecord};
@@ -47,6 +49,9 @@ macro_rules! conformance_tests {
             login_codes,
             concurrent_code_checks,
             sessions,
+            device_codes,
+            concurrent_device_polls,
+            assignments,
         );
     };
     (@each $runner:path; $($name:ident),* $(,)?) => {

@@ -31,10 +31,15 @@
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+mod devices;
 mod error;
 mod rows;
 mod rules;
 mod web;
+pub use devices::{
+    DecideOutcome, DeviceCodeInfo, DeviceDecision, NewDeviceCode, NewDeviceKey, PollOutcome, StoredAssignment,
+    SLOW_DOWN_STEP_SECS,
+};
 pub use error::StoreError;
 pub use web::{CodeCheck, Session};
 
@@ -384,6 +389,35 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_sessions_of(&self, account_id: &str) -> Result<u64>;
     /// Deletes expired codes and sessions; returns how many rows went.
     async fn purge_expired_logins(&self, now: Millis) -> Result<u64>;
+
+    // Device login and assignments (see the `devices` module).
+    /// Stores a new code pair; a user code hash already in use is a
+    /// [`StoreError::Conflict`] (the caller draws another).
+    async fn create_device_code(&self, code: NewDeviceCode) -> Result<()>;
+    /// The code with this user code hash, expired or not.
+    async fn device_code(&self, user_code_hash: &str) -> Result<Option<DeviceCodeInfo>>;
+    /// Approves or denies a pending, unexpired code.
+    async fn decide_device_code(
+        &self,
+        user_code_hash: &str,
+        decision: DeviceDecision<'_>,
+        now: Millis,
+    ) -> Result<DecideOutcome>;
+    /// A node's poll: see [`PollOutcome`]. On approval creates the device
+    /// with `key` and consumes the code, in one transaction.
+    async fn poll_device_code(&self, device_code_hash: &str, now: Millis, key: NewDeviceKey) -> Result<PollOutcome>;
+    /// Deletes expired device codes; returns how many.
+    async fn purge_expired_device_codes(&self, now: Millis) -> Result<u64>;
+    /// Replaces a device's assignment and hardware report.
+    async fn put_assignment(
+        &self,
+        device_id: &str,
+        models: &[(Service, String)],
+        hardware: &str,
+        now: Millis,
+    ) -> Result<()>;
+    /// The device's assignment, if it ever asked for one.
+    async fn assignment(&self, device_id: &str) -> Result<Option<StoredAssignment>>;
 }
 
 /// `YYYY-MM-DD` (UTC) of a millisecond timestamp, without a date library.

@@ -14,6 +14,7 @@
 //! the credit thread and the pools share it like any file.
 
 mod credits;
+mod devices;
 mod web;
 
 use std::path::{Path, PathBuf};
@@ -496,5 +497,49 @@ impl Store for SqliteStore {
 
     async fn purge_expired_logins(&self, now: Millis) -> Result<u64> {
         self.purge_expired_logins_impl(now).await
+    }
+
+    async fn create_device_code(&self, code: crate::NewDeviceCode) -> Result<()> {
+        self.create_device_code_impl(code).await
+    }
+
+    async fn device_code(&self, user_code_hash: &str) -> Result<Option<crate::DeviceCodeInfo>> {
+        self.device_code_impl(user_code_hash).await
+    }
+
+    async fn decide_device_code(
+        &self,
+        user_code_hash: &str,
+        decision: crate::DeviceDecision<'_>,
+        now: Millis,
+    ) -> Result<crate::DecideOutcome> {
+        self.decide_device_code_impl(user_code_hash, decision, now).await
+    }
+
+    async fn poll_device_code(
+        &self,
+        device_code_hash: &str,
+        now: Millis,
+        key: crate::NewDeviceKey,
+    ) -> Result<crate::PollOutcome> {
+        self.poll_device_code_impl(device_code_hash, now, key).await
+    }
+
+    async fn purge_expired_device_codes(&self, now: Millis) -> Result<u64> {
+        self.purge_expired_device_codes_impl(now).await
+    }
+
+    async fn put_assignment(
+        &self,
+        device_id: &str,
+        models: &[(Service, String)],
+        hardware: &str,
+        now: Millis,
+    ) -> Result<()> {
+        self.put_assignment_impl(device_id, models, hardware, now).await
+    }
+
+    async fn assignment(&self, device_id: &str) -> Result<Option<crate::StoredAssignment>> {
+        self.assignment_impl(device_id).await
     }
 }

@@ -14,6 +14,8 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+pub mod mail;
+
 pub const ADMIN_TOKEN: &str = "e2e-admin-token-0123456789";
 
 /// A binary of this workspace, built next to the test executable.

@@ -1,5 +1,6 @@
-//! What links and direct registrations share: learn the node's offers, fill the
-//! pools, and empty them again when the node goes.
+//! What links and direct registrations share: learn the node's offers, admit
+//! those of its assignment (and its upstream's), fill the pools, and empty
+//! them again when the node goes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use cxmpute_store::{Device, Service};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::Request;
 
+use crate::orchestrator::handler::admits;
 use crate::pools::Provision;
 use crate::state::AppState;
 use crate::transport::Transport;
@@ -36,6 +38,7 @@ pub async fn register(
     endpoint: Option<&str>,
 ) -> anyhow::Result<usize> {
     let hello = hello(&transport).await?;
+    let assignment = state.store.assignment(&device.id).await?;
     let mut provisions = Vec::new();
     for offer in &hello.offers {
         let Some(service) = Service::parse(&offer.service) else {
@@ -46,6 +49,15 @@ pub async fn register(
             !offer.model.is_empty() && offer.model.len() <= 200,
             "model ids must be 1-200 characters"
         );
+        if !admits(assignment.as_ref(), service, offer) {
+            tracing::warn!(
+                device = %device.id,
+                service = %service,
+                model = %offer.model,
+                "refusing an offer that is not in the device's assignment"
+            );
+            continue;
+        }
         let id = state
             .store
             .upsert_provision(&device.id, service, &offer.model, transport.mode(), endpoint)

@@ -17,7 +17,10 @@ use crate::state::AppState;
 const HISTORY: i64 = 50;
 
 /// A page's signed-in user, or the response that replaces the page.
-async fn require_page(state: &AppState, headers: &HeaderMap) -> Result<Result<WebUser, Response>, PageError> {
+pub(super) async fn require_page(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<Result<WebUser, Response>, PageError> {
     Ok(match session::current(state, headers).await? {
         Ok(user) => Ok(user),
         Err(Denied::NoSession) => Err(session::to_login()),
@@ -31,7 +34,7 @@ async fn require_page(state: &AppState, headers: &HeaderMap) -> Result<Result<We
 }
 
 /// Like [`require_page`], and the form must carry the session's CSRF token.
-async fn require_form(
+pub(super) async fn require_form(
     state: &AppState,
     headers: &HeaderMap,
     form: &Form,

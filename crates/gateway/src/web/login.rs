@@ -18,6 +18,7 @@ use cxmpute_store::{now_millis, CodeCheck, StoreError};
 use lettre::Address;
 use rand::Rng;
 
+use super::device::page as link_page;
 use super::html::{esc, message_page, page, respond};
 use super::session::{self, cookie, csrf_of, csrf_ok, set_cookie, well_formed, CSRF_FIELD, LOGIN_COOKIE};
 use super::{ClientIp, Form, PageError};
@@ -156,7 +157,7 @@ pub async fn verify_code(
         )
         .await?;
     let problem = match verdict {
-        CodeCheck::Valid => return sign_in(&state, &email).await,
+        CodeCheck::Valid => return sign_in(&state, &email, &headers).await,
         CodeCheck::Wrong { attempts_left } if attempts_left > 0 => {
             format!("That code is not right. {attempts_left} more tries, then the code stops working.")
         }
@@ -174,8 +175,9 @@ pub async fn verify_code(
 }
 
 /// The code was right: find or create the account, refuse it if suspended,
-/// otherwise set the session cookie and go to the dashboard.
-async fn sign_in(state: &AppState, email: &Email) -> Result<Response, PageError> {
+/// otherwise set the session cookie and go to the dashboard (or back to the
+/// `/link` page the visitor came from).
+async fn sign_in(state: &AppState, email: &Email, headers: &HeaderMap) -> Result<Response, PageError> {
     let account = match state.store.account_by_email(email.as_str()).await? {
         Some(account) => account,
         None => {
@@ -204,10 +206,20 @@ async fn sign_in(state: &AppState, email: &Email) -> Result<Response, PageError>
         ));
     }
     let cookie = session::start(state, &account.id).await?;
-    let mut res = session::redirect("/app");
+    let next = link_page::after_login(headers);
+    let mut res = match &next {
+        Some(to) => link_page::see_other(to),
+        None => session::redirect("/app"),
+    };
     let h = res.headers_mut();
     h.append(header::SET_COOKIE, cookie);
     h.append(header::SET_COOKIE, set_cookie(state, LOGIN_COOKIE, "", "/login", 0)?);
+    if next.is_some() {
+        h.append(
+            header::SET_COOKIE,
+            set_cookie(state, link_page::LINK_COOKIE, "", "/login", 0)?,
+        );
+    }
     Ok(res)
 }
 

@@ -6,6 +6,7 @@
 //! - [`login`]: one-time codes by mail, the login and logout forms.
 //! - [`session`]: session cookies, roles, CSRF tokens.
 //! - [`app`]: the dashboard page and its forms.
+//! - [`device`]: device login: codes for nodes, the `/link` approval page.
 //! - [`api`]: `/web/api/…`, JSON for the same things.
 //! - [`mail`]: SMTP (or the log when no SMTP is configured).
 //! - [`html`]: escaping and the page frame.
@@ -19,6 +20,7 @@
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod device;
 pub mod html;
 pub mod login;
 pub mod mail;
@@ -56,6 +58,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/web/api/ledger"),
     ("GET", "/web/api/usage"),
     ("GET", "/web/api/admin/accounts"),
+    ("POST", "/v1/device/code"),
+    ("POST", "/v1/device/token"),
+    ("GET", "/link"),
+    ("POST", "/link"),
 ];
 
 pub fn routes() -> Router<AppState> {
@@ -72,6 +78,9 @@ pub fn routes() -> Router<AppState> {
         .route("/web/api/ledger", get(api::ledger))
         .route("/web/api/usage", get(api::usage))
         .route("/web/api/admin/accounts", get(api::admin_accounts))
+        .route("/v1/device/code", post(device::api::request_code))
+        .route("/v1/device/token", post(device::api::poll_token))
+        .route("/link", get(device::page::link_page).post(device::page::decide))
 }
 
 /// What the web side adds to the application state.

@@ -99,7 +99,7 @@ impl Browser {
     }
 
     fn remember(&mut self, answer: &Answer) {
-        for name in ["cx_session", "cx_login"] {
+        for name in ["cx_session", "cx_login", "cx_link"] {
             if let Some(value) = answer.cookie(name) {
                 self.cookies.retain(|(k, _)| k != name);
                 if !value.is_empty() {
@@ -245,4 +245,28 @@ pub async fn session_for(store: &dyn Store, account_id: &str) -> String {
         .await
         .unwrap();
     token
+}
+
+/// Like [`app`], with the rest of the configuration edited by `edit`.
+pub async fn app_configured(edit: impl FnOnce(&mut Config)) -> App {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config {
+        database_url: format!("sqlite://{}", dir.path().join("g.db").display()),
+        web: WebConfig {
+            admin_emails: vec![ADMIN_EMAIL.into()],
+            ..WebConfig::default()
+        },
+        admin_token: Some(ADMIN_TOKEN.into()),
+        ..Config::default()
+    };
+    edit(&mut config);
+    let store = cxmpute_store::connect(&config.database_url).await.unwrap();
+    let (mailer, mail) = Mailer::capture();
+    let gw = Gateway::with_mailer(config, store.clone(), mailer).await.unwrap();
+    App {
+        router: gw.router(),
+        store,
+        mail,
+        _dir: dir,
+    }
 }

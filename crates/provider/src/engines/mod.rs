@@ -57,12 +57,14 @@ impl Engines {
             offers.push(Offer {
                 service: "chat".into(),
                 model: chat.model.clone(),
+                upstream: false,
             });
         }
         if self.minilm.is_some() {
             offers.push(Offer {
                 service: "embeddings".into(),
                 model: MINILM_ID.into(),
+                upstream: false,
             });
         }
         if let Some(voice) = &self.speech {
@@ -75,6 +77,7 @@ impl Engines {
             offers.push(Offer {
                 service: "scrape".into(),
                 model: SCRAPE_MODEL.into(),
+                upstream: false,
             });
         }
         if let Some(up) = &self.upstream {

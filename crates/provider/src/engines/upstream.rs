@@ -87,6 +87,7 @@ impl Upstream {
             offers.push(Offer {
                 service: service.into(),
                 model: m.id,
+                upstream: true,
             });
         }
         Ok(Upstream {

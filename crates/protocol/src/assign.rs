@@ -1,0 +1,108 @@
+//! The orchestrator's exchange with a node before it links: the node reports
+//! its hardware and what its owner allows, the gateway answers which catalog
+//! models it should load and serve (its *assignment*).
+//!
+//! A node `POST`s an [`AssignmentRequest`] to [`ASSIGNMENT_PATH`] with its
+//! device credential, loads what the [`Assignment`] lists, then links. The
+//! gateway admits only assigned offers, plus the node's own upstream models
+//! (offers marked `upstream`).
+
+use serde::{Deserialize, Serialize};
+
+/// Where a node asks for its assignment.
+pub const ASSIGNMENT_PATH: &str = "/v1/provider/assignment";
+
+/// What the node found out about its machine (from `cxmpute-provider diagnose`).
+/// Sizes are MiB; `None` is "could not learn".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Hardware {
+    /// Provider tier 0-4 (see docs/provider.md).
+    pub tier: u8,
+    /// Memory of the best counted GPU.
+    pub vram_mb: Option<u64>,
+    /// Total system memory.
+    pub ram_mb: Option<u64>,
+    /// Free space where models are stored.
+    pub free_disk_mb: Option<u64>,
+    /// Logical processors.
+    pub cpu_threads: Option<u32>,
+    pub cpu_model: Option<String>,
+    pub os: Option<String>,
+}
+
+/// What the node's owner allows it to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OptIn {
+    /// Services the node may serve (`chat`, `embeddings`, `speech`, `scrape`).
+    pub services: Vec<String>,
+    /// Requests at once.
+    pub max_concurrency: u32,
+    /// Most GPU memory the assigned models may need together, in MiB.
+    pub max_vram_mb: Option<u64>,
+    /// Most disk space new downloads may take together, in MiB.
+    pub max_disk_mb: Option<u64>,
+}
+
+impl Default for OptIn {
+    fn default() -> Self {
+        OptIn {
+            services: vec!["chat".into(), "embeddings".into(), "speech".into(), "scrape".into()],
+            max_concurrency: 64,
+            max_vram_mb: None,
+            max_disk_mb: None,
+        }
+    }
+}
+
+/// Body of `POST /v1/provider/assignment`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AssignmentRequest {
+    pub hardware: Hardware,
+    pub opt_in: OptIn,
+    /// Engines this node can run: `llama`, `minilm`, `piper`, `scrape`.
+    pub engines: Vec<String>,
+    /// Model ids this node can load with those engines (it has them or knows
+    /// where to fetch them).
+    pub models: Vec<String>,
+    /// Of those, the ones already on its disk: they need no download space.
+    pub cached: Vec<String>,
+    /// Models its own OpenAI-compatible upstream serves.
+    pub upstream_models: Vec<String>,
+}
+
+/// One catalog model the node should load and serve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignedModel {
+    /// Public model id.
+    pub id: String,
+    pub service: String,
+    /// `llama`, `minilm`, `piper`, `scrape` or `upstream`.
+    pub engine: String,
+    /// Where the model's files can be fetched, best first.
+    #[serde(default)]
+    pub sources: Vec<String>,
+}
+
+/// A catalog model the node was not given, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Declined {
+    pub id: String,
+    pub reason: String,
+}
+
+/// The answer to an [`AssignmentRequest`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub models: Vec<AssignedModel>,
+    #[serde(default)]
+    pub declined: Vec<Declined>,
+}
+
+impl Assignment {
+    pub fn has(&self, id: &str) -> bool {
+        self.models.iter().any(|m| m.id == id)
+    }
+}

@@ -1,0 +1,208 @@
+//! Before it links, a node asks the gateway's orchestrator what to serve: it
+//! reports its hardware (from `diagnose`) and its owner's opt-ins, and loads
+//! only the built-in models it is assigned. Upstream models are its own and
+//! are always offered (marked `upstream`).
+
+use std::time::Duration;
+
+use anyhow::Context;
+use cxmpute_protocol::assign::{Assignment, AssignmentRequest, Hardware, OptIn, ASSIGNMENT_PATH};
+use cxmpute_protocol::link::SCRAPE_MODEL;
+use rand::Rng;
+
+use crate::config::NodeConfig;
+use crate::diagnose::Report;
+use crate::engines::upstream::Upstream;
+use crate::models;
+
+const MIB: u64 = 1 << 20;
+
+/// The engines this build of the node has.
+pub const ENGINES: &[&str] = &["llama", "minilm", "piper", "scrape"];
+
+/// The figures of a `diagnose` report the orchestrator looks at.
+pub fn hardware(report: &Report) -> Hardware {
+    Hardware {
+        tier: report.tier.level,
+        vram_mb: report.tier.vram_bytes.map(|b| b / MIB),
+        ram_mb: report.memory.total_bytes.map(|b| b / MIB),
+        free_disk_mb: report.disk.free_bytes.map(|b| b / MIB),
+        cpu_threads: report.cpu.threads,
+        cpu_model: report.cpu.model.clone(),
+        os: Some(report.os.family.clone()),
+    }
+}
+
+/// The model id the chat engine would load: the configured GGUF's, else Gemma's.
+pub fn chat_model_id(config: &NodeConfig) -> anyhow::Result<String> {
+    Ok(match &config.chat_model_dir {
+        Some(path) => models::chat_model_id(&models::resolve_gguf(path)?),
+        None => models::GEMMA_ID.to_string(),
+    })
+}
+
+/// The model id the built-in voice will be offered under.
+pub fn speech_model_id(config: &NodeConfig) -> String {
+    config
+        .speech_model_dir
+        .as_deref()
+        .and_then(|p| crate::engines::piper::find_voice_file(p).ok())
+        .map(|f| models::speech_model_id(&f))
+        .unwrap_or_else(|| models::PIPER_ID.to_string())
+}
+
+/// What this node asks for, given its configuration.
+pub fn request(
+    config: &NodeConfig,
+    hardware: Hardware,
+    chat_model: &str,
+    upstream: Option<&Upstream>,
+) -> AssignmentRequest {
+    let mut services = Vec::new();
+    let mut loadable = Vec::new();
+    let mut cached = Vec::new();
+    if config.chat {
+        services.push("chat".to_string());
+        loadable.push(chat_model.to_string());
+        if config.chat_model_dir.is_some() || models::cached_gemma().is_some() {
+            cached.push(chat_model.to_string());
+        }
+    }
+    if config.embeddings {
+        services.push("embeddings".to_string());
+        loadable.push(models::MINILM_ID.to_string());
+        if config.embeddings_model_dir.is_some() || models::is_model_folder(&models::minilm_dir()) {
+            cached.push(models::MINILM_ID.to_string());
+        }
+    }
+    if config.speech {
+        services.push("speech".to_string());
+        loadable.push(speech_model_id(config));
+        if config.speech_model_dir.is_some() || models::is_piper_folder(&models::piper_dir()) {
+            cached.push(speech_model_id(config));
+        }
+    }
+    if config.scrape {
+        services.push("scrape".to_string());
+        loadable.push(SCRAPE_MODEL.to_string());
+        cached.push(SCRAPE_MODEL.to_string());
+    }
+    let upstream_models: Vec<String> = upstream
+        .map(|u| u.offers.iter().map(|o| o.model.clone()).collect())
+        .unwrap_or_default();
+    for o in upstream.map(|u| u.offers.as_slice()).unwrap_or_default() {
+        if !services.contains(&o.service) {
+            services.push(o.service.clone());
+        }
+    }
+    AssignmentRequest {
+        hardware,
+        opt_in: OptIn {
+            services,
+            max_concurrency: config.max_concurrency,
+            max_vram_mb: config.max_vram_mb,
+            max_disk_mb: config.max_disk_mb,
+        },
+        engines: ENGINES.iter().map(|e| e.to_string()).collect(),
+        models: loadable,
+        cached,
+        upstream_models,
+    }
+}
+
+/// Asks the gateway, retrying while it cannot be reached (stop it by dropping
+/// the future). `Ok(None)`: the gateway predates the orchestrator (no such
+/// route), so everything is offered.
+pub async fn fetch(gateway: &str, credential: &str, req: &AssignmentRequest) -> anyhow::Result<Option<Assignment>> {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build()?;
+    let url = format!("{}{ASSIGNMENT_PATH}", gateway.trim_end_matches('/'));
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match http.post(&url).bearer_auth(credential).json(req).send().await {
+            Ok(res) if res.status().is_success() => {
+                return res
+                    .json()
+                    .await
+                    .context("the gateway's assignment is not readable")
+                    .map(Some)
+            }
+            Ok(res) if res.status() == reqwest::StatusCode::NOT_FOUND => {
+                tracing::warn!("the gateway assigns no models (it is older than this node): offering everything");
+                return Ok(None);
+            }
+            Ok(res) if res.status().is_client_error() => {
+                let status = res.status();
+                let text = res.text().await.unwrap_or_default();
+                anyhow::bail!(
+                    "the gateway refused this node ({status}): {}",
+                    text.chars().take(300).collect::<String>()
+                );
+            }
+            Ok(res) => tracing::warn!(status = %res.status(), "the gateway could not make an assignment; retrying"),
+            Err(e) => tracing::warn!(error = %e, "cannot reach the gateway for an assignment; retrying"),
+        }
+        let jitter = rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 2);
+        tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Turns off the built-in engines whose model was not assigned, logging what
+/// is served and why the rest is not.
+pub fn apply(config: &mut NodeConfig, assignment: &Assignment, chat_model: &str) {
+    for m in &assignment.models {
+        tracing::info!(model = %m.id, service = %m.service, engine = %m.engine, "assigned");
+    }
+    for d in &assignment.declined {
+        tracing::info!(model = %d.id, reason = %d.reason, "not assigned");
+    }
+    let keep = |on: &mut bool, id: &str| {
+        if *on && !assignment.has(id) {
+            tracing::info!(model = %id, "not loading: the gateway did not assign it");
+            *on = false;
+        }
+    };
+    keep(&mut config.chat, chat_model);
+    keep(&mut config.embeddings, models::MINILM_ID);
+    let speech_id = speech_model_id(config);
+    keep(&mut config.speech, &speech_id);
+    keep(&mut config.scrape, SCRAPE_MODEL);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cxmpute_protocol::assign::AssignedModel;
+
+    #[test]
+    fn only_assigned_builtins_stay_on() {
+        let mut config = NodeConfig::default();
+        let assignment = Assignment {
+            models: vec![AssignedModel {
+                id: SCRAPE_MODEL.into(),
+                service: "scrape".into(),
+                engine: "scrape".into(),
+                sources: vec![],
+            }],
+            declined: vec![],
+        };
+        apply(&mut config, &assignment, models::GEMMA_ID);
+        assert!(config.scrape);
+        assert!(!config.chat && !config.embeddings && !config.speech);
+    }
+
+    #[test]
+    fn the_request_lists_enabled_services_and_their_models() {
+        let config = NodeConfig {
+            chat: false,
+            max_vram_mb: Some(4096),
+            ..NodeConfig::default()
+        };
+        let req = request(&config, Hardware::default(), models::GEMMA_ID, None);
+        assert_eq!(req.opt_in.services, ["embeddings", "scrape"]);
+        assert_eq!(req.models, [models::MINILM_ID, SCRAPE_MODEL]);
+        assert_eq!(req.opt_in.max_vram_mb, Some(4096));
+        assert!(req.cached.contains(&SCRAPE_MODEL.to_string()));
+        assert!(req.upstream_models.is_empty());
+    }
+}
