@@ -9,13 +9,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod accounts;
+mod admin;
 mod concurrency;
 mod credits;
+mod referrals;
 mod web;
 
 pub use accounts::*;
+pub use admin::*;
 pub use concurrency::*;
 pub use credits::*;
+pub use referrals::*;
 pub use web::*;
 
 use crate::{now_millis, Account, ApiKey, Device, HoldRequest, LedgerKind, NewApiKey, Service, Store, UsageRecord};
@@ -47,6 +51,11 @@ macro_rules! conformance_tests {
             login_codes,
             concurrent_code_checks,
             sessions,
+            account_search_and_adjustments,
+            pricing_versions_and_banners,
+            usage_and_provider_aggregates,
+            referral_codes_and_referrers,
+            referral_payouts_are_idempotent,
         );
     };
     (@each $runner:path; $($name:ident),* $(,)?) => {
@@ -146,6 +155,7 @@ pub async fn assert_invariant(s: &dyn Store, account_id: &str) {
         LedgerKind::Charge,
         LedgerKind::Reward,
         LedgerKind::Adjust,
+        LedgerKind::Referral,
     ] {
         ledger += s.ledger_sum(account_id, kind).await.expect("ledger sum");
     }
