@@ -8,4 +8,5 @@
 
 pub mod accept;
 pub mod direct;
+pub mod links;
 pub mod register;
