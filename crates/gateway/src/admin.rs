@@ -134,20 +134,8 @@ async fn unsuspend(State(s): State<AppState>, h: HeaderMap, Path(id): Path<Strin
 }
 
 async fn set_suspension(s: &AppState, id: &str, reason: Option<&str>) -> Result<Json<Value>, ApiError> {
-    if s.store.account(id).await?.is_none() {
-        return Err(ApiError::not_found(format!("no account '{id}'")));
-    }
-    s.store.set_suspended(id, reason).await?;
-    // Cached keys of this account must see the change now, not in two seconds.
-    s.keys.clear();
-    if reason.is_some() {
-        // Web sessions are refused while suspended anyway; ending them means
-        // lifting the suspension does not bring a stolen cookie back to life.
-        s.store.delete_sessions_of(id).await?;
-        for device in s.store.devices(id).await? {
-            s.pools.remove_device(&device.id);
-        }
-    }
+    // The same as the web admin's suspension: keys, sessions and links too.
+    crate::web::ops::set_suspended(s, id, reason).await?;
     Ok(Json(json!({ "account_id": id, "suspended": reason.is_some() })))
 }
 

@@ -25,6 +25,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::billing::{self, Bounds};
+use crate::config::Pricing;
 use crate::error::ApiError;
 use crate::meter::{Meter, Observed};
 use crate::pools::{InFlight, Provision};
@@ -68,6 +69,8 @@ struct Billing {
     model: String,
     bounds: Bounds,
     hold: i64,
+    /// The prices the hold was computed with; the charge uses the same.
+    pricing: Arc<Pricing>,
     started: Instant,
     ttfb: Option<Duration>,
     provision: Option<Arc<Provision>>,
@@ -78,7 +81,7 @@ impl Billing {
     /// cancel the transaction; resolves to whether it committed.
     fn settle(self, seen: Observed, status: u16) -> tokio::task::JoinHandle<bool> {
         tokio::spawn(async move {
-            let pricing = &self.state.config.pricing;
+            let pricing = &*self.pricing;
             let chargeable = (200..300).contains(&status) || status == 499;
             let units = billing::units(self.service, &self.bounds, &seen);
             let cost = if chargeable {
@@ -138,7 +141,8 @@ pub async fn relay(state: &AppState, caller: Caller, fwd: Forward) -> Result<Res
             ApiError::model_not_found(&fwd.model)
         });
     }
-    let hold = billing::hold_amount(&state.config.pricing, fwd.service, &fwd.model, &fwd.bounds);
+    let pricing = state.pricing();
+    let hold = billing::hold_amount(&pricing, fwd.service, &fwd.model, &fwd.bounds);
     let key = &caller.auth.key;
     let outcome = state
         .store
@@ -173,6 +177,7 @@ pub async fn relay(state: &AppState, caller: Caller, fwd: Forward) -> Result<Res
         model: fwd.model.clone(),
         bounds: fwd.bounds,
         hold,
+        pricing,
         started,
         ttfb: None,
         provision: None,

@@ -50,6 +50,10 @@ impl Gateway {
         let known = store.known_models().await?;
         let state = AppState::new(config, store, mailer);
         state.pools.mark_known(known);
+        // A price table saved by an administrator outranks the file's.
+        if crate::web::ops::refresh_pricing(&state).await? {
+            tracing::info!(version = state.pricing_version(), "prices from the store");
+        }
         Ok(Gateway { state })
     }
 
@@ -75,6 +79,8 @@ impl Gateway {
         let state = self.state.clone();
         tokio::spawn(sweep_holds(state.clone()));
         tokio::spawn(sweep_logins(state.clone()));
+        tokio::spawn(refresh_pricing(state.clone()));
+        tokio::spawn(pay_referrals(state.clone()));
         let listener = listener.tap_io(|tcp| {
             // Small streamed chunks must not wait for Nagle's algorithm.
             let _ = tcp.set_nodelay(true);
@@ -235,6 +241,40 @@ async fn sweep_logins(state: AppState) {
             Ok(0) => {}
             Ok(n) => tracing::debug!(deleted = n, "purged expired device codes"),
             Err(e) => tracing::warn!(error = %e, "could not purge expired device codes"),
+        }
+    }
+}
+
+/// Picks up price table versions saved through another replica.
+async fn refresh_pricing(state: AppState) {
+    let every = Duration::from_secs(state.config.web.pricing_refresh_secs);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = state.shutdown.cancelled() => return,
+        }
+        match crate::web::ops::refresh_pricing(&state).await {
+            Ok(true) => tracing::info!(version = state.pricing_version(), "new prices in force"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "could not read the price table"),
+        }
+    }
+}
+
+/// Pays referral shares of the last finished days, off the request path.
+/// Runs are idempotent, so several replicas doing the same day pay once.
+async fn pay_referrals(state: AppState) {
+    let secs = state.config.web.referrals.payout_interval_secs;
+    if secs == 0 {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(secs)) => {}
+            _ = state.shutdown.cancelled() => return,
+        }
+        if let Err(e) = crate::web::ops::pay_referrals(&state, None).await {
+            tracing::warn!(error = %e.message, "referral payouts failed");
         }
     }
 }

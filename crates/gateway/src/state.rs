@@ -1,13 +1,14 @@
 //! The application state every handler shares: cheap to clone, built once.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use cxmpute_store::Store;
 
 use crate::auth::KeyCache;
-use crate::config::Config;
+use crate::config::{Config, Pricing};
+use crate::link::links::Links;
 use crate::metrics::Metrics;
 use crate::pools::Pools;
 use crate::ratelimit::RateLimiter;
@@ -27,6 +28,10 @@ pub struct Inner {
     pub metrics: Metrics,
     pub direct: DirectClient,
     pub web: WebState,
+    /// The price table in force and its version (0: the configuration's).
+    pricing: RwLock<(i64, Arc<Pricing>)>,
+    /// Live provider links, so an operator can close one.
+    pub links: Links,
     next_session: AtomicU64,
     /// Tells background tasks (links, sweepers) to stop.
     pub shutdown: tokio_util::sync::CancellationToken,
@@ -41,6 +46,7 @@ impl std::ops::Deref for AppState {
 
 impl AppState {
     pub fn new(config: Config, store: Arc<dyn Store>, mailer: Mailer) -> AppState {
+        let pricing = RwLock::new((0, Arc::new(config.pricing.clone())));
         AppState(Arc::new(Inner {
             config,
             store,
@@ -49,7 +55,9 @@ impl AppState {
             limiter: RateLimiter::default(),
             metrics: Metrics::default(),
             direct: direct_client(),
+            pricing,
             web: WebState::new(mailer),
+            links: Links::default(),
             next_session: AtomicU64::new(1),
             shutdown: tokio_util::sync::CancellationToken::new(),
         }))
@@ -57,6 +65,25 @@ impl AppState {
 
     pub fn new_session(&self) -> u64 {
         self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The prices in force: one read lock and a reference count per request.
+    pub fn pricing(&self) -> Arc<Pricing> {
+        self.pricing.read().unwrap_or_else(|p| p.into_inner()).1.clone()
+    }
+
+    pub fn pricing_version(&self) -> i64 {
+        self.pricing.read().unwrap_or_else(|p| p.into_inner()).0
+    }
+
+    /// Puts a stored version in force unless a newer one already is.
+    pub fn use_pricing(&self, version: i64, pricing: Pricing) -> bool {
+        let mut current = self.pricing.write().unwrap_or_else(|p| p.into_inner());
+        if version <= current.0 {
+            return false;
+        }
+        *current = (version, Arc::new(pricing));
+        true
     }
 
     pub fn first_byte_timeout(&self) -> Duration {

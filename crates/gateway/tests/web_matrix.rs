@@ -55,8 +55,43 @@ fn expected(method: &str, path: &str) -> Option<[u16; 5]> {
         ("GET", "/link") => [303, 200, 200, 403, 200],
         // A well-formed code no node is waiting with.
         ("POST", "/link") => [303, 404, 404, 403, 404],
+        ("GET", "/app/provider") => [303, 200, 200, 403, 200],
+        ("GET", "/web/api/provider" | "/web/api/usage/daily" | "/web/api/referrals") => [401, 200, 200, 403, 200],
+        // Operator pages: the login for visitors, 403 for everyone but admins.
+        ("GET", "/admin" | "/admin/users/{id}") => [303, 403, 403, 403, 200],
+        ("POST", "/admin/referrals/run") => [303, 403, 403, 403, 200],
+        ("POST", p) if p.starts_with("/admin/") => [303, 403, 403, 403, 303],
+        ("GET", p) if p.starts_with("/web/api/admin/") => [401, 403, 403, 403, 200],
+        ("POST", "/web/api/admin/banners") => [401, 403, 403, 403, 201],
+        ("POST" | "DELETE", p) if p.starts_with("/web/api/admin/") => [401, 403, 403, 403, 200],
+        // Public: the same for everyone, suspended or not.
+        ("GET", "/network" | "/models") => [200; 5],
+        ("GET", p) if p.starts_with("/web/api/public/") => [200; 5],
         _ => return None,
     })
+}
+
+/// Valid fields of each operator form, so that an allowed caller succeeds.
+fn form_fields(path: &str) -> Vec<(&'static str, &'static str)> {
+    match path {
+        "/admin/users/{id}/credits" => vec![("kind", "deposit"), ("amount_usd", "1"), ("reason", "matrix")],
+        "/admin/users/{id}/suspend" | "/admin/users/{id}/unsuspend" => vec![("reason", "matrix")],
+        "/admin/banners" => vec![("message", "matrix"), ("ends", "2099-01-01T00:00")],
+        _ => vec![],
+    }
+}
+
+/// A valid JSON body for each JSON route that takes one.
+fn json_body(method: &str, path: &str) -> &'static str {
+    match (method, path) {
+        ("POST", "/web/api/admin/accounts/{id}/credits") => r#"{"kind":"deposit","amount":1,"reason":"matrix"}"#,
+        ("POST", "/web/api/admin/accounts/{id}/suspend" | "/web/api/admin/accounts/{id}/unsuspend") => {
+            r#"{"reason":"matrix"}"#
+        }
+        ("POST", "/web/api/admin/pricing") => "{}",
+        ("POST", "/web/api/admin/banners") => r#"{"message":"matrix","ends_at":4070908800000}"#,
+        _ => "",
+    }
 }
 
 async fn new_key(app: &common::App, owner: &Account) -> String {
@@ -110,7 +145,29 @@ async fn every_web_route_answers_each_caller_as_the_table_says() {
             b.cookies.push(("cx_login".into(), login.clone()));
             let login_csrf = csrf_of(&login);
             let csrf = b.session_csrf();
-            let uri = path.replace("{id}", &key);
+            // Each route's {id} names a fresh thing of its kind.
+            let id = if path.contains("/users/{id}") || path.contains("/accounts/{id}") {
+                s.create_account(&format!("target {n} {who:?}"), None).await.unwrap().id
+            } else if path.contains("/devices/{id}") {
+                s.create_device(&owner.id, "matrix", &cxmpute_store::ids::new_id("dev_"), "h")
+                    .await
+                    .unwrap()
+                    .id
+            } else if path.contains("/banners/{id}") {
+                s.create_banner(cxmpute_store::NewBanner {
+                    message: "matrix".into(),
+                    level: cxmpute_store::BannerLevel::Info,
+                    starts_at: 0,
+                    ends_at: 4_070_908_800_000,
+                    created_by: "matrix".into(),
+                })
+                .await
+                .unwrap()
+                .id
+            } else {
+                key.clone()
+            };
+            let uri = path.replace("{id}", &id);
             let email = format!("matrix{n}-{who:?}@example.com").to_lowercase();
             let got = match (*method, *path) {
                 ("POST", "/login") => b.form(&app, &uri, &[("email", &email), ("csrf", &login_csrf)]).await,
@@ -139,8 +196,20 @@ async fn every_web_route_answers_each_caller_as_the_table_says() {
                     b.form(&app, &uri, &[("csrf", &csrf), ("name", "m"), ("service", "chat")])
                         .await
                 }
-                ("POST", _) if !path.starts_with("/web/api/") => b.form(&app, &uri, &[("csrf", &csrf)]).await,
-                (m, _) => b.json(&app, Method::from_bytes(m.as_bytes()).unwrap(), &uri, "").await,
+                ("POST", _) if !path.starts_with("/web/api/") => {
+                    let mut fields = vec![("csrf", csrf.as_str())];
+                    fields.extend(form_fields(path));
+                    b.form(&app, &uri, &fields).await
+                }
+                (m, _) => {
+                    b.json(
+                        &app,
+                        Method::from_bytes(m.as_bytes()).unwrap(),
+                        &uri,
+                        json_body(m, path),
+                    )
+                    .await
+                }
             };
             if got.status.as_u16() != want {
                 failures.push(format!(
@@ -151,7 +220,7 @@ async fn every_web_route_answers_each_caller_as_the_table_says() {
             }
             // Whoever may not revoke a key must have left it alone.
             let revoked = s.key_auth(&key).await.unwrap().unwrap().key.revoked_at.is_some();
-            let revoking = path.contains("{id}");
+            let revoking = path.contains("keys/{id}");
             let allowed = revoking && *who == Who::Owner;
             if revoked != allowed {
                 failures.push(format!("{method} {path} as {who:?}: key revoked = {revoked}"));

@@ -9,15 +9,19 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod accounts;
+mod admin;
 mod concurrency;
 mod credits;
 mod devices;
+mod referrals;
 mod web;
 
 pub use accounts::*;
+pub use admin::*;
 pub use concurrency::*;
 pub use credits::*;
 pub use devices::*;
+pub use referrals::*;
 pub use web::*;
 
 use crate::{now_millis, Account, ApiKey, Device, HoldRequest, LedgerKind, NewApiKey, Service, Store, UsageRecord};
@@ -52,6 +56,11 @@ macro_rules! conformance_tests {
             device_codes,
             concurrent_device_polls,
             assignments,
+            account_search_and_adjustments,
+            pricing_versions_and_banners,
+            usage_and_provider_aggregates,
+            referral_codes_and_referrers,
+            referral_payouts_are_idempotent,
         );
     };
     (@each $runner:path; $($name:ident),* $(,)?) => {
@@ -151,6 +160,7 @@ pub async fn assert_invariant(s: &dyn Store, account_id: &str) {
         LedgerKind::Charge,
         LedgerKind::Reward,
         LedgerKind::Adjust,
+        LedgerKind::Referral,
     ] {
         ledger += s.ledger_sum(account_id, kind).await.expect("ledger sum");
     }

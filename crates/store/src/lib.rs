@@ -43,6 +43,13 @@ pub use devices::{
 pub use error::StoreError;
 pub use web::{CodeCheck, Session};
 
+#[doc(hidden)]
+pub mod admin;
+#[doc(hidden)]
+pub mod referrals;
+pub use admin::{Banner, BannerLevel, NetworkUsage, NewBanner, PricingVersion, ProviderDay, UsageDay};
+pub use referrals::{PayoutKind, PayoutRun, ReferralPlan, Referred};
+
 pub mod ids;
 
 mod postgres;
@@ -210,6 +217,8 @@ pub enum LedgerKind {
     Charge,
     Reward,
     Adjust,
+    /// A referral payout (see the `referrals` module).
+    Referral,
 }
 
 impl LedgerKind {
@@ -219,6 +228,7 @@ impl LedgerKind {
             LedgerKind::Charge => "charge",
             LedgerKind::Reward => "reward",
             LedgerKind::Adjust => "adjust",
+            LedgerKind::Referral => "referral",
         }
     }
 }
@@ -309,7 +319,7 @@ pub enum SettleOutcome {
 /// The storage operations of the gateway. Implemented by [`SqliteStore`] and
 /// [`PgStore`]; both pass [`conformance`].
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: AdminStore + ReferralStore + Send + Sync + 'static {
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;
 
@@ -418,6 +428,53 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<()>;
     /// The device's assignment, if it ever asked for one.
     async fn assignment(&self, device_id: &str) -> Result<Option<StoredAssignment>>;
+}
+
+/// The operator tools and dashboards (see the `admin` module); part of every [`Store`].
+#[async_trait]
+pub trait AdminStore: Send + Sync {
+    /// Accounts whose id is `query` or whose email or name contains it (any case).
+    async fn search_accounts(&self, query: &str, limit: i64) -> Result<Vec<Account>>;
+    /// Adds a signed, non-zero `amount` with an `adjust` ledger entry carrying
+    /// `note`; refused (nothing written) when the balance would go negative.
+    /// Returns the new balance.
+    async fn adjust_balance(&self, account_id: &str, amount: i64, note: &str) -> Result<i64>;
+    /// Ledger entries with an id below `before_id` (all when none), newest first.
+    async fn ledger_page(&self, account_id: &str, before_id: Option<i64>, limit: i64) -> Result<Vec<LedgerEntry>>;
+    /// Stores the next version of the price table (JSON text).
+    async fn add_pricing_version(&self, pricing: &str, created_by: &str) -> Result<PricingVersion>;
+    async fn latest_pricing_version(&self) -> Result<Option<PricingVersion>>;
+    /// Newest first.
+    async fn pricing_versions(&self, limit: i64) -> Result<Vec<PricingVersion>>;
+    async fn create_banner(&self, banner: NewBanner) -> Result<Banner>;
+    /// Banners that have not ended at `now` (current and scheduled), by start.
+    async fn banners_from(&self, now: Millis) -> Result<Vec<Banner>>;
+    /// Returns false when there was no such banner.
+    async fn delete_banner(&self, id: &str) -> Result<bool>;
+    /// The account's usage per day, service and model from `since_day` on.
+    async fn usage_days(&self, account_id: &str, since_day: &str) -> Result<Vec<UsageDay>>;
+    /// Requests served and rewards earned per day by the account's devices.
+    async fn provider_days(&self, account_id: &str, since_day: &str) -> Result<Vec<ProviderDay>>;
+    /// (requests served, rewards earned) by the account's devices, all time.
+    async fn provider_totals(&self, account_id: &str) -> Result<(i64, i64)>;
+    /// Network-wide usage since `since`.
+    async fn network_usage(&self, since: Millis) -> Result<NetworkUsage>;
+}
+
+/// Referral codes, referrers and payouts (see the `referrals` module); part of every [`Store`].
+#[async_trait]
+pub trait ReferralStore: Send + Sync {
+    /// The account's code, made on first use.
+    async fn referral_code(&self, account_id: &str) -> Result<String>;
+    async fn account_of_referral_code(&self, code: &str) -> Result<Option<String>>;
+    async fn referrer_of(&self, account_id: &str) -> Result<Option<String>>;
+    /// Records who referred `account_id`: once (`Conflict` after), never
+    /// itself or an account it referred, directly or not (`InvalidInput`).
+    async fn set_referrer(&self, account_id: &str, referrer_id: &str) -> Result<()>;
+    /// Accounts `referrer_id` referred directly.
+    async fn referred_by(&self, referrer_id: &str) -> Result<Vec<Referred>>;
+    /// Pays one UTC day's referral shares; idempotent (see the `referrals` module).
+    async fn pay_referrals(&self, day: &str, plan: &ReferralPlan) -> Result<PayoutRun>;
 }
 
 /// `YYYY-MM-DD` (UTC) of a millisecond timestamp, without a date library.

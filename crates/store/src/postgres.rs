@@ -7,8 +7,10 @@
 //! locked in id order so transactions cannot deadlock. Should a transaction
 //! still fail with a serialization failure or deadlock, it is retried.
 
+mod admin;
 mod credits;
 mod devices;
+mod referrals;
 mod web;
 
 use std::future::Future;

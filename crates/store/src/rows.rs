@@ -295,6 +295,7 @@ fn parse_kind(text: &str) -> Result<LedgerKind> {
         "charge" => Ok(LedgerKind::Charge),
         "reward" => Ok(LedgerKind::Reward),
         "adjust" => Ok(LedgerKind::Adjust),
+        "referral" => Ok(LedgerKind::Referral),
         _ => Err(StoreError::Corrupt(format!("unknown ledger kind {text:?}"))),
     }
 }

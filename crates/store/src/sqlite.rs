@@ -13,8 +13,10 @@
 //! the store is dropped: it behaves like memory (gone with the store) while
 //! the credit thread and the pools share it like any file.
 
+mod admin;
 mod credits;
 mod devices;
+mod referrals;
 mod web;
 
 use std::path::{Path, PathBuf};

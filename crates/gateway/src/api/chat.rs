@@ -29,7 +29,7 @@ pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Bod
     }
     let bounds = Bounds {
         input_max: req.prompt_bytes(),
-        output_max: u64::from(req.max_output().unwrap_or(state.config.pricing.default_max_tokens)),
+        output_max: u64::from(req.max_output().unwrap_or(state.pricing().default_max_tokens)),
         ..Bounds::default()
     };
     let (body, meter) = if !req.is_stream() {

@@ -92,7 +92,7 @@ where
     };
     let session = state.new_session();
     state.metrics.link_opened();
-    let conn_task = tokio::spawn(conn);
+    let mut conn_task = tokio::spawn(conn);
     let registered = register::register(
         &state,
         &device,
@@ -111,10 +111,15 @@ where
         }
     }
     let shutdown = state.shutdown.clone();
+    let close = state.links.open(session, &device.id);
     let result = tokio::select! {
-        r = conn_task => r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())),
+        r = &mut conn_task => r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())),
         _ = shutdown.cancelled() => Ok(()),
+        _ = close.cancelled() => Err("closed by an operator".to_string()),
     };
+    state.links.closed(session);
+    // Dropping a JoinHandle leaves its task running: end the connection.
+    conn_task.abort();
     register::unregister(&state, &device.id, session).await;
     state.metrics.link_closed();
     match result {

@@ -8,5 +8,6 @@
 
 pub mod accept;
 pub mod direct;
+pub mod links;
 pub mod register;
 pub mod stats;

@@ -1,7 +1,7 @@
 //! The user dashboard at `/app`: balance, API keys, ledger and recent usage,
 //! with forms to create and revoke keys.
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
@@ -54,13 +54,56 @@ pub(super) async fn require_form(
     Ok(Ok(user))
 }
 
-/// `GET /app`.
-pub async fn dashboard(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, PageError> {
+/// `GET /app` (`?before=ID` pages the ledger).
+pub async fn dashboard(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, PageError> {
     let user = match require_page(&state, &headers).await? {
         Ok(user) => user,
         Err(res) => return Ok(res),
     };
-    render(&state, &user, StatusCode::OK, None, None).await
+    let before = q.as_deref().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "before")
+            .and_then(|(_, v)| v.parse::<i64>().ok())
+    });
+    render_page(&state, &user, StatusCode::OK, None, None, before).await
+}
+
+/// Where clients reach this gateway: `web.public_url`, else the listen address.
+pub fn base_url(state: &AppState) -> String {
+    match &state.config.web.public_url {
+        Some(url) => url.trim_end_matches('/').to_string(),
+        None => format!("http://{}", state.config.listen),
+    }
+}
+
+/// The banners showing now, as alerts at the top of a page. A store error
+/// only costs the banners, not the page.
+pub async fn banner_html(state: &AppState) -> String {
+    match super::ops::live_banners(state).await {
+        Ok(banners) => banners
+            .iter()
+            .map(|b| {
+                let class = if b.level == cxmpute_store::BannerLevel::Info {
+                    "msg"
+                } else {
+                    "msg err"
+                };
+                format!(
+                    "<p class=\"{class}\" role=\"status\"><strong>{}:</strong> {}</p>",
+                    b.level.as_str(),
+                    esc(&b.message)
+                )
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "banners could not be read");
+            String::new()
+        }
+    }
 }
 
 /// `POST /app/keys`: creates a key and shows its secret once.
@@ -176,9 +219,20 @@ async fn render(
     created: Option<(&ApiKey, &str)>,
     problem: Option<&str>,
 ) -> Result<Response, PageError> {
+    render_page(state, user, status, created, problem, None).await
+}
+
+async fn render_page(
+    state: &AppState,
+    user: &WebUser,
+    status: StatusCode,
+    created: Option<(&ApiKey, &str)>,
+    problem: Option<&str>,
+    before: Option<i64>,
+) -> Result<Response, PageError> {
     let account = &user.account;
     let keys = state.store.api_keys(&account.id).await?;
-    let ledger = state.store.ledger(&account.id, HISTORY).await?;
+    let ledger = state.store.ledger_page(&account.id, before, HISTORY).await?;
     let usage = state.store.usage_for_account(&account.id, HISTORY).await?;
     let csrf = esc(&user.csrf);
 
@@ -188,7 +242,12 @@ async fn render(
         email = esc(account.email.as_deref().unwrap_or(&account.name)),
         admin = if user.role == Role::Admin { " (admin)" } else { "" },
     );
-    let mut body = String::from("<h1>Dashboard</h1>");
+    let mut body = banner_html(state).await;
+    body.push_str(&format!(
+        "<nav><a href=\"/app/provider\">Provider</a> · <a href=\"/network\">Network</a> · <a href=\"/models\">Models</a>{}</nav>",
+        if user.role == Role::Admin { " · <a href=\"/admin\">Admin</a>" } else { "" }
+    ));
+    body.push_str("<h1>Dashboard</h1>");
     if let Some(problem) = problem {
         body.push_str(&format!("<p class=\"msg err\" role=\"alert\">{}</p>", esc(problem)));
     }
@@ -206,8 +265,12 @@ async fn render(
         account.balance
     ));
     body.push_str(&keys_section(&keys, &csrf));
-    body.push_str(&ledger_section(&ledger));
+    body.push_str(&snippets_section(&base_url(state)));
+    let since = cxmpute_store::day_of(cxmpute_store::now_millis() - (USAGE_DAYS - 1) * 86_400_000);
+    body.push_str(&usage_days_section(&state.store.usage_days(&account.id, &since).await?));
+    body.push_str(&ledger_section(&ledger, before, HISTORY));
     body.push_str(&usage_section(&usage));
+    body.push_str(&referral_section(state, &account.id).await?);
     Ok(respond(status, page("Dashboard", &header, &body)))
 }
 
@@ -270,11 +333,98 @@ fn keys_section(keys: &[ApiKey], csrf: &str) -> String {
     html
 }
 
-fn ledger_section(entries: &[LedgerEntry]) -> String {
-    let mut html = String::from("<h2>Ledger</h2>");
+const USAGE_DAYS: i64 = 30;
+
+fn snippets_section(base: &str) -> String {
+    let base = esc(base);
+    format!(
+        "<h2>Use the API</h2><p>Replace <code>$CXMPUTE_KEY</code> with one of your keys. The API is OpenAI-compatible.</p>\
+         <h3>curl</h3><pre><code>curl {base}/v1/chat/completions \\\n  -H \"Authorization: Bearer $CXMPUTE_KEY\" \\\n  \
+         -H \"Content-Type: application/json\" \\\n  -d '{{\"model\": \"MODEL\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'</code></pre>\
+         <h3>Python</h3><pre><code>import os\nfrom openai import OpenAI\n\nclient = OpenAI(base_url=\"{base}/v1\", api_key=os.environ[\"CXMPUTE_KEY\"])\n\
+         reply = client.chat.completions.create(model=\"MODEL\", messages=[{{\"role\": \"user\", \"content\": \"Hello\"}}])\n\
+         print(reply.choices[0].message.content)</code></pre>\
+         <h3>JavaScript</h3><pre><code>const res = await fetch(\"{base}/v1/chat/completions\", {{\n  method: \"POST\",\n  \
+         headers: {{ Authorization: `Bearer ${{process.env.CXMPUTE_KEY}}`, \"Content-Type\": \"application/json\" }},\n  \
+         body: JSON.stringify({{ model: \"MODEL\", messages: [{{ role: \"user\", content: \"Hello\" }}] }}),\n}});\n\
+         console.log((await res.json()).choices[0].message.content);</code></pre>\
+         <p class=\"muted\">Models and prices: <a href=\"/models\">/models</a>.</p>"
+    )
+}
+
+fn usage_days_section(rows: &[cxmpute_store::UsageDay]) -> String {
+    let mut by_day = std::collections::BTreeMap::new();
+    for r in rows {
+        *by_day.entry(r.day.clone()).or_insert(0i64) += r.cost;
+    }
+    let bars = super::charts::days(cxmpute_store::now_millis(), USAGE_DAYS, &by_day);
+    let mut html = String::from("<h2>Usage by day</h2>");
+    html.push_str(&super::charts::bar_chart(
+        "spend",
+        "Spend per day, last 30 days (UTC)",
+        &bars,
+        usd,
+    ));
+    if rows.is_empty() {
+        return html + "<p>No usage in the last 30 days.</p>";
+    }
+    html.push_str(
+        "<table><caption>Usage by day, service and model</caption><thead><tr><th scope=\"col\">Day (UTC)</th><th scope=\"col\">Service</th>\
+         <th scope=\"col\">Model</th><th scope=\"col\">Requests</th><th scope=\"col\">Errors</th><th scope=\"col\">Tokens in/out</th>\
+         <th scope=\"col\">Cost</th></tr></thead><tbody>",
+    );
+    for r in rows.iter().rev() {
+        html.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} / {}</td><td>{}</td></tr>",
+            esc(&r.day),
+            r.service.as_str(),
+            esc(&r.model),
+            r.requests,
+            r.errors,
+            r.input_tokens,
+            r.output_tokens,
+            usd(r.cost)
+        ));
+    }
+    html + "</tbody></table>"
+}
+
+async fn referral_section(state: &AppState, account_id: &str) -> Result<String, PageError> {
+    let code = state.store.referral_code(account_id).await?;
+    let referred = state.store.referred_by(account_id).await?;
+    let earned = state
+        .store
+        .ledger_sum(account_id, cxmpute_store::LedgerKind::Referral)
+        .await?;
+    let r = &state.config.web.referrals;
+    let list = |v: &[f64]| v.iter().map(|p| format!("{p} %")).collect::<Vec<_>>().join(" / ");
+    Ok(format!(
+        "<h2>Referrals</h2><p>Your code: <strong class=\"secret\">{code}</strong>. Sign-up link: \
+         <span class=\"secret\">{link}</span></p><p>You earn {rw} of the provider rewards and {sp} of the usage spend \
+         of the accounts you bring in (and of theirs, by level). {n} accounts signed up with your code; you earned {earned}.</p>",
+        code = esc(&code),
+        link = esc(&format!("{}/login?ref={code}", base_url(state))),
+        rw = list(&r.reward_levels_percent),
+        sp = list(&r.spend_levels_percent),
+        n = referred.len(),
+        earned = usd(earned),
+    ))
+}
+
+fn ledger_section(entries: &[LedgerEntry], before: Option<i64>, page_size: i64) -> String {
+    let mut html = String::from("<h2 id=\"ledger\">Ledger</h2>");
+    if before.is_some() {
+        html.push_str("<p><a href=\"/app#ledger\">Newest entries</a></p>");
+    }
     if entries.is_empty() {
         return html + "<p>No entries yet.</p>";
     }
+    let more = match entries.last() {
+        Some(last) if entries.len() as i64 == page_size => {
+            format!("<p><a href=\"/app?before={}#ledger\">Older entries</a></p>", last.id)
+        }
+        _ => String::new(),
+    };
     html.push_str(
         "<table><thead><tr><th scope=\"col\">When (UTC)</th><th scope=\"col\">Kind</th><th scope=\"col\">Amount</th>\
          <th scope=\"col\">Note</th></tr></thead><tbody>",
@@ -288,7 +438,7 @@ fn ledger_section(entries: &[LedgerEntry]) -> String {
             esc(e.note.as_deref().or(e.request_id.as_deref()).unwrap_or("")),
         ));
     }
-    html + "</tbody></table>"
+    html + "</tbody></table>" + &more
 }
 
 fn usage_section(rows: &[UsageRecord]) -> String {

@@ -25,6 +25,60 @@ pub struct WebConfig {
     /// Outgoing mail. Without it codes are written to the gateway log
     /// (fine for a laptop, not for real users).
     pub smtp: Option<SmtpConfig>,
+    /// How often a gateway looks for a newer price table version in the
+    /// store (one written by another replica's admin page).
+    pub pricing_refresh_secs: u64,
+    /// Referral shares and the payout job.
+    pub referrals: ReferralConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReferralConfig {
+    /// Shares of a referred account's provider rewards, level 1 first, in percent.
+    pub reward_levels_percent: Vec<f64>,
+    /// Shares of a referred account's usage spend, level 1 first, in percent.
+    pub spend_levels_percent: Vec<f64>,
+    /// Credits paid once to the direct referrer when the referred account
+    /// first pays for usage (0: no bonus).
+    pub first_usage_bonus: i64,
+    /// How often the payout job runs; 0 turns it off (admins can still run it).
+    pub payout_interval_secs: u64,
+    /// How many finished days each run (re)visits; paid days are skipped.
+    pub payout_days_back: u32,
+}
+
+impl Default for ReferralConfig {
+    fn default() -> Self {
+        ReferralConfig {
+            reward_levels_percent: vec![10.0, 5.0, 2.5],
+            spend_levels_percent: vec![15.0, 8.0, 4.0],
+            first_usage_bonus: 0,
+            payout_interval_secs: 3600,
+            payout_days_back: 3,
+        }
+    }
+}
+
+impl ReferralConfig {
+    /// The plan in basis points; `None` when a share is not a multiple of
+    /// 0.01 % between 0 and 100.
+    pub fn plan(&self) -> Option<cxmpute_store::ReferralPlan> {
+        let bps = |v: &[f64]| -> Option<Vec<u32>> {
+            v.iter()
+                .map(|p| {
+                    let b = (p * 100.0).round();
+                    ((0.0..=10_000.0).contains(&b) && (p * 100.0 - b).abs() < 1e-6).then_some(b as u32)
+                })
+                .collect()
+        };
+        let plan = cxmpute_store::ReferralPlan {
+            reward_bps: bps(&self.reward_levels_percent)?,
+            spend_bps: bps(&self.spend_levels_percent)?,
+            first_usage_bonus: self.first_usage_bonus,
+        };
+        plan.validate().ok().map(|_| plan)
+    }
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -69,6 +123,8 @@ impl Default for WebConfig {
             session_ttl_hours: 24 * 7,
             trust_forwarded_for: false,
             smtp: None,
+            pricing_refresh_secs: 30,
+            referrals: ReferralConfig::default(),
         }
     }
 }
@@ -90,6 +146,18 @@ impl WebConfig {
             "web rate limits must be at least 1"
         );
         anyhow::ensure!(self.session_ttl_hours >= 1, "web.session_ttl_hours must be at least 1");
+        anyhow::ensure!(
+            self.pricing_refresh_secs >= 1,
+            "web.pricing_refresh_secs must be at least 1"
+        );
+        anyhow::ensure!(
+            self.referrals.plan().is_some(),
+            "web.referrals: shares are 0-100 percent in steps of 0.01, at most 10 levels; the bonus is not negative"
+        );
+        anyhow::ensure!(
+            (1..=366).contains(&self.referrals.payout_days_back),
+            "web.referrals.payout_days_back must be 1-366"
+        );
         if let Some(url) = &self.public_url {
             anyhow::ensure!(
                 url.starts_with("http://") || url.starts_with("https://"),
@@ -132,6 +200,8 @@ impl std::fmt::Debug for WebConfig {
             .field("session_ttl_hours", &self.session_ttl_hours)
             .field("trust_forwarded_for", &self.trust_forwarded_for)
             .field("smtp", &self.smtp)
+            .field("pricing_refresh_secs", &self.pricing_refresh_secs)
+            .field("referrals", &self.referrals)
             .finish()
     }
 }
@@ -196,6 +266,9 @@ mod tests {
             "[web.smtp]\nhost = \"\"\nfrom = \"a@b.c\"\n",
             "[web]\npublic_url = \"ftp://x\"\n",
             "[web]\ncode_attempts = 0\n",
+            "[web.referrals]\nreward_levels_percent = [10.001]\n",
+            "[web.referrals]\nspend_levels_percent = [101]\n",
+            "[web.referrals]\nfirst_usage_bonus = -1\n",
         ] {
             let config: Config = toml::from_str(bad).unwrap();
             assert!(config.validate().is_err(), "{bad}");

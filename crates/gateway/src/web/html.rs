@@ -39,7 +39,9 @@ button.link{background:none;color:var(--accent);padding:0;margin:0;text-decorati
 table{border-collapse:collapse;width:100%;font-size:.9rem}th,td{text-align:left;padding:.35rem .5rem;border-bottom:1px solid var(--line)}\
 .msg{padding:.75rem;border-left:4px solid var(--accent)}.err{border-color:var(--bad)}.ok{border-color:var(--ok)}\
 .secret{font-family:ui-monospace,monospace;word-break:break-all}.muted{color:var(--muted)}\
-fieldset{border:1px solid var(--line);border-radius:4px}fieldset label{display:inline;font-weight:normal;margin-right:1rem}";
+fieldset{border:1px solid var(--line);border-radius:4px}fieldset label{display:inline;font-weight:normal;margin-right:1rem}\
+pre{overflow-x:auto;padding:.75rem;border:1px solid var(--line);border-radius:4px}textarea,select{font:inherit}\
+.chart{color:var(--muted);height:12rem}.chart .bar{fill:var(--accent)}figure{margin:1rem 0}";
 
 /// A whole page. `header` is already HTML (escaped by its builder).
 pub fn page(title: &str, header: &str, body: &str) -> String {

@@ -9,11 +9,12 @@
 
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
 use cxmpute_store::ids::{hash_secret, random_secret};
+use cxmpute_store::referrals::normalize_code;
 use cxmpute_store::{now_millis, CodeCheck, StoreError};
 use lettre::Address;
 use rand::Rng;
@@ -57,10 +58,23 @@ pub fn hash_code(email: &Email, code: &str) -> String {
     hash_secret(&format!("cxmpute-login\0{}\0{code}", email.as_str()))
 }
 
-/// `GET /login`: the address form. Issues the login CSRF cookie.
-pub async fn login_page(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, PageError> {
+/// `GET /login` (`?ref=CODE` for a referral): the address form. Issues the
+/// login CSRF cookie.
+pub async fn login_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response, PageError> {
     let token = login_token(&headers);
-    let mut res = respond(StatusCode::OK, email_form(&csrf_of(&token), None, ""));
+    let referral = query.as_deref().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "ref")
+            .and_then(|(_, v)| normalize_code(&v))
+    });
+    let mut res = respond(
+        StatusCode::OK,
+        email_form(&csrf_of(&token), None, "", referral.as_deref()),
+    );
     res.headers_mut().append(
         header::SET_COOKIE,
         set_cookie(&state, LOGIN_COOKIE, &token, "/login", LOGIN_COOKIE_SECS)?,
@@ -82,7 +96,12 @@ pub async fn request_code(
     let web = &state.config.web;
     let raw = form.get("email").unwrap_or("");
     let Some(email) = Email::parse(raw) else {
-        let form = email_form(&csrf, Some("That does not look like an email address."), raw);
+        let form = email_form(
+            &csrf,
+            Some("That does not look like an email address."),
+            raw,
+            referral_of(&form).as_deref(),
+        );
         return Ok(respond(StatusCode::BAD_REQUEST, form));
     };
     let address_key = format!("addr:{}", email.as_str());
@@ -119,7 +138,10 @@ pub async fn request_code(
             ("/login", "Back to login"),
         ));
     }
-    Ok(respond(StatusCode::OK, code_form(&csrf, &email, None)))
+    Ok(respond(
+        StatusCode::OK,
+        code_form(&csrf, &email, None, referral_of(&form).as_deref()),
+    ))
 }
 
 /// `POST /login/verify`: checks the code; on success starts a session.
@@ -144,7 +166,12 @@ pub async fn verify_code(
     };
     let code = form.get("code").unwrap_or("").trim();
     if code.len() != 6 || !code.bytes().all(|b| b.is_ascii_digit()) {
-        let page = code_form(&csrf, &email, Some("The code is six digits."));
+        let page = code_form(
+            &csrf,
+            &email,
+            Some("The code is six digits."),
+            referral_of(&form).as_deref(),
+        );
         return Ok(respond(StatusCode::BAD_REQUEST, page));
     }
     let verdict = state
@@ -157,7 +184,7 @@ pub async fn verify_code(
         )
         .await?;
     let problem = match verdict {
-        CodeCheck::Valid => return sign_in(&state, &email, &headers).await,
+        CodeCheck::Valid => return sign_in(&state, &email, &headers, referral_of(&form).as_deref()).await,
         CodeCheck::Wrong { attempts_left } if attempts_left > 0 => {
             format!("That code is not right. {attempts_left} more tries, then the code stops working.")
         }
@@ -170,14 +197,20 @@ pub async fn verify_code(
     };
     Ok(respond(
         StatusCode::UNAUTHORIZED,
-        code_form(&csrf, &email, Some(&problem)),
+        code_form(&csrf, &email, Some(&problem), referral_of(&form).as_deref()),
     ))
 }
 
 /// The code was right: find or create the account, refuse it if suspended,
 /// otherwise set the session cookie and go to the dashboard (or back to the
-/// `/link` page the visitor came from).
-async fn sign_in(state: &AppState, email: &Email, headers: &HeaderMap) -> Result<Response, PageError> {
+/// `/link` page the visitor came from). A first login with a referral code
+/// records the referrer.
+async fn sign_in(
+    state: &AppState,
+    email: &Email,
+    headers: &HeaderMap,
+    referral: Option<&str>,
+) -> Result<Response, PageError> {
     let account = match state.store.account_by_email(email.as_str()).await? {
         Some(account) => account,
         None => {
@@ -185,6 +218,9 @@ async fn sign_in(state: &AppState, email: &Email, headers: &HeaderMap) -> Result
             match state.store.create_account(name, Some(email.as_str())).await {
                 Ok(account) => {
                     tracing::info!(account = %account.id, "account created at first login");
+                    if let Some(code) = referral {
+                        record_referrer(state, &account.id, code).await;
+                    }
                     account
                 }
                 // Created concurrently (e.g. by an operator): use that one.
@@ -221,6 +257,44 @@ async fn sign_in(state: &AppState, email: &Email, headers: &HeaderMap) -> Result
         );
     }
     Ok(res)
+}
+
+/// An account made by a first login with a referral code records its
+/// referrer. A code that names nobody, or is refused by the store (self,
+/// cycle, set already), does not stop the login: it is only logged.
+async fn record_referrer(state: &AppState, account_id: &str, code: &str) {
+    let referrer = match state.store.account_of_referral_code(code).await {
+        Ok(Some(referrer)) => referrer,
+        Ok(None) => {
+            tracing::info!(account = %account_id, "sign-up with an unknown referral code");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(account = %account_id, error = %e, "referral code not read");
+            return;
+        }
+    };
+    match state.store.set_referrer(account_id, &referrer).await {
+        Ok(()) => tracing::info!(account = %account_id, referrer = %referrer, "referred sign-up"),
+        Err(e) => tracing::info!(account = %account_id, error = %e, "referrer not recorded"),
+    }
+}
+
+/// The referral code a login form carries, if it is well formed.
+fn referral_of(form: &Form) -> Option<String> {
+    form.get("ref").and_then(normalize_code)
+}
+
+/// The hidden field that carries a referral code from form to form.
+fn referral_field(referral: Option<&str>) -> String {
+    referral
+        .map(|code| {
+            format!(
+                "<input type=\"hidden\" name=\"ref\" value=\"{0}\"><p class=\"muted\">Invited with code <strong>{0}</strong>.</p>",
+                esc(code)
+            )
+        })
+        .unwrap_or_default()
 }
 
 /// `POST /logout`: deletes the session on the server and the cookie.
@@ -305,29 +379,30 @@ fn alert(message: Option<&str>) -> String {
         .unwrap_or_default()
 }
 
-fn email_form(csrf: &str, problem: Option<&str>, email: &str) -> String {
+fn email_form(csrf: &str, problem: Option<&str>, email: &str, referral: Option<&str>) -> String {
     let body = format!(
         "<h1>Sign in</h1>{alert}\
          <p>We send a six-digit code to your address. New here? The first login creates your account.</p>\
          <form method=\"post\" action=\"/login\">\
-         <input type=\"hidden\" name=\"{CSRF_FIELD}\" value=\"{csrf}\">\
+         <input type=\"hidden\" name=\"{CSRF_FIELD}\" value=\"{csrf}\">{referral}\
          <label for=\"email\">Email address</label>\
          <input id=\"email\" name=\"email\" type=\"email\" autocomplete=\"email\" required maxlength=\"254\" value=\"{email}\">\
          <div><button type=\"submit\">Send me a code</button></div></form>",
         alert = alert(problem),
         csrf = esc(csrf),
         email = esc(email),
+        referral = referral_field(referral),
     );
     page("Sign in", "", &body)
 }
 
-fn code_form(csrf: &str, email: &Email, problem: Option<&str>) -> String {
+fn code_form(csrf: &str, email: &Email, problem: Option<&str>, referral: Option<&str>) -> String {
     let body = format!(
         "<h1>Enter your code</h1>{alert}\
          <p>If <strong>{email}</strong> can receive mail, a code is on its way. It works once and expires soon.</p>\
          <form method=\"post\" action=\"/login/verify\">\
          <input type=\"hidden\" name=\"{CSRF_FIELD}\" value=\"{csrf}\">\
-         <input type=\"hidden\" name=\"email\" value=\"{email}\">\
+         <input type=\"hidden\" name=\"email\" value=\"{email}\">{referral}\
          <label for=\"code\">Six-digit code</label>\
          <input id=\"code\" name=\"code\" type=\"text\" inputmode=\"numeric\" pattern=\"[0-9]{{6}}\" \
          autocomplete=\"one-time-code\" maxlength=\"6\" required autofocus>\
@@ -336,6 +411,7 @@ fn code_form(csrf: &str, email: &Email, problem: Option<&str>) -> String {
         alert = alert(problem),
         csrf = esc(csrf),
         email = esc(email.as_str()),
+        referral = referral_field(referral),
     );
     page("Enter your code", "", &body)
 }

@@ -7,7 +7,11 @@
 //! - [`session`]: session cookies, roles, CSRF tokens.
 //! - [`app`]: the dashboard page and its forms.
 //! - [`device`]: device login: codes for nodes, the `/link` approval page.
+//! - [`app`]: the dashboard page and its forms; [`provider`]: the provider page.
+//! - [`admin`]: the operator pages under `/admin` (and their JSON), doing
+//!   what [`ops`] does; [`public`]: `/network`, `/models`, public JSON.
 //! - [`api`]: `/web/api/…`, JSON for the same things.
+//! - [`charts`]: inline SVG bar charts.
 //! - [`mail`]: SMTP (or the log when no SMTP is configured).
 //! - [`html`]: escaping and the page frame.
 //!
@@ -15,15 +19,22 @@
 //! Pages and routes act only on the signed-in account's own data: a key id of
 //! another account answers 404, the same as a key that does not exist.
 //! Suspended accounts cannot sign in and their sessions stop working.
-//! Administrators (emails in `web.admin_emails`) may also list accounts.
+//! Administrators (emails in `web.admin_emails`) also get `/admin` and
+//! `/web/api/admin/…`; everyone else gets 403 there (401 or the login page
+//! without a session). `/network`, `/models` and `/web/api/public/…` need no login.
 
+pub mod admin;
 pub mod api;
 pub mod app;
+pub mod charts;
 pub mod config;
 pub mod device;
 pub mod html;
 pub mod login;
 pub mod mail;
+pub mod ops;
+pub mod provider;
+pub mod public;
 pub mod session;
 
 use std::net::{IpAddr, SocketAddr};
@@ -62,6 +73,37 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/device/token"),
     ("GET", "/link"),
     ("POST", "/link"),
+    ("GET", "/app/provider"),
+    ("GET", "/web/api/provider"),
+    ("GET", "/web/api/usage/daily"),
+    ("GET", "/web/api/referrals"),
+    ("GET", "/admin"),
+    ("GET", "/admin/users/{id}"),
+    ("POST", "/admin/users/{id}/credits"),
+    ("POST", "/admin/users/{id}/suspend"),
+    ("POST", "/admin/users/{id}/unsuspend"),
+    ("POST", "/admin/pricing"),
+    ("POST", "/admin/devices/{id}/disconnect"),
+    ("POST", "/admin/banners"),
+    ("POST", "/admin/banners/{id}/delete"),
+    ("POST", "/admin/referrals/run"),
+    ("GET", "/web/api/admin/accounts/{id}"),
+    ("POST", "/web/api/admin/accounts/{id}/credits"),
+    ("POST", "/web/api/admin/accounts/{id}/suspend"),
+    ("POST", "/web/api/admin/accounts/{id}/unsuspend"),
+    ("GET", "/web/api/admin/pricing"),
+    ("POST", "/web/api/admin/pricing"),
+    ("GET", "/web/api/admin/provisions"),
+    ("POST", "/web/api/admin/devices/{id}/disconnect"),
+    ("GET", "/web/api/admin/banners"),
+    ("POST", "/web/api/admin/banners"),
+    ("DELETE", "/web/api/admin/banners/{id}"),
+    ("POST", "/web/api/admin/referrals/run"),
+    ("GET", "/network"),
+    ("GET", "/models"),
+    ("GET", "/web/api/public/stats"),
+    ("GET", "/web/api/public/models"),
+    ("GET", "/web/api/public/banners"),
 ];
 
 pub fn routes() -> Router<AppState> {
@@ -81,6 +123,42 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/device/code", post(device::api::request_code))
         .route("/v1/device/token", post(device::api::poll_token))
         .route("/link", get(device::page::link_page).post(device::page::decide))
+        .route("/web/api/admin/accounts", get(admin::api_accounts))
+        .route("/app/provider", get(provider::page_handler))
+        .route("/web/api/provider", get(provider::api))
+        .route("/web/api/usage/daily", get(api::usage_daily))
+        .route("/web/api/referrals", get(api::referrals))
+        .route("/admin", get(admin::home))
+        .route("/admin/users/{id}", get(admin::user_page))
+        .route("/admin/users/{id}/credits", post(admin::credits_form))
+        .route("/admin/users/{id}/suspend", post(admin::suspend_form))
+        .route("/admin/users/{id}/unsuspend", post(admin::unsuspend_form))
+        .route("/admin/pricing", post(admin::pricing_form))
+        .route("/admin/devices/{id}/disconnect", post(admin::disconnect_form))
+        .route("/admin/banners", post(admin::banner_form))
+        .route("/admin/banners/{id}/delete", post(admin::banner_delete_form))
+        .route("/admin/referrals/run", post(admin::referrals_form))
+        .route("/web/api/admin/accounts/{id}", get(admin::api_account))
+        .route("/web/api/admin/accounts/{id}/credits", post(admin::api_credits))
+        .route("/web/api/admin/accounts/{id}/suspend", post(admin::api_suspend))
+        .route("/web/api/admin/accounts/{id}/unsuspend", post(admin::api_unsuspend))
+        .route(
+            "/web/api/admin/pricing",
+            get(admin::api_pricing).post(admin::api_set_pricing),
+        )
+        .route("/web/api/admin/provisions", get(admin::api_provisions))
+        .route("/web/api/admin/devices/{id}/disconnect", post(admin::api_disconnect))
+        .route(
+            "/web/api/admin/banners",
+            get(admin::api_banners).post(admin::api_add_banner),
+        )
+        .route("/web/api/admin/banners/{id}", delete(admin::api_delete_banner))
+        .route("/web/api/admin/referrals/run", post(admin::api_run_referrals))
+        .route("/network", get(public::network_page))
+        .route("/models", get(public::models_page))
+        .route("/web/api/public/stats", get(public::api_stats))
+        .route("/web/api/public/models", get(public::api_models))
+        .route("/web/api/public/banners", get(public::api_banners))
 }
 
 /// What the web side adds to the application state.
@@ -88,6 +166,8 @@ pub struct WebState {
     pub mailer: Mailer,
     /// Login throttles, keyed `ip:…` and `addr:…`.
     pub throttle: RateLimiter,
+    /// Today's network usage for the public statistics, briefly cached.
+    pub stats: public::StatsCache,
 }
 
 impl WebState {
@@ -95,6 +175,7 @@ impl WebState {
         WebState {
             mailer,
             throttle: RateLimiter::default(),
+            stats: public::StatsCache::default(),
         }
     }
 }

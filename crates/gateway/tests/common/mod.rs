@@ -23,6 +23,8 @@ pub const ADMIN_TOKEN: &str = "web-tests-admin-token-0123";
 pub struct App {
     pub router: Router,
     pub store: Arc<dyn Store>,
+    /// The gateway's state: its pools, prices and links.
+    pub state: cxmpute_gateway::state::AppState,
     pub mail: Captured,
     _dir: tempfile::TempDir,
 }
@@ -52,21 +54,35 @@ impl Answer {
 }
 
 pub async fn app_with(web: WebConfig) -> App {
+    app_with_config(|c| {
+        c.web = WebConfig {
+            admin_emails: vec![ADMIN_EMAIL.into()],
+            ..web
+        }
+    })
+    .await
+}
+
+/// A gateway whose configuration `change` adjusts (the database and the
+/// admin token are set already; keep `web.admin_emails` if you replace `web`).
+pub async fn app_with_config(change: impl FnOnce(&mut Config)) -> App {
     let dir = tempfile::tempdir().unwrap();
-    let config = Config {
+    let mut config = Config {
         database_url: format!("sqlite://{}", dir.path().join("g.db").display()),
         web: WebConfig {
             admin_emails: vec![ADMIN_EMAIL.into()],
-            ..web
+            ..WebConfig::default()
         },
         admin_token: Some(ADMIN_TOKEN.into()),
         ..Config::default()
     };
+    change(&mut config);
     let store = cxmpute_store::connect(&config.database_url).await.unwrap();
     let (mailer, mail) = Mailer::capture();
     let gw = Gateway::with_mailer(config, store.clone(), mailer).await.unwrap();
     App {
         router: gw.router(),
+        state: gw.state().clone(),
         store,
         mail,
         _dir: dir,
