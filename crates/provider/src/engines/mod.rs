@@ -5,10 +5,12 @@
 //! - [`minilm`]: built-in sentence embeddings (candle, all-MiniLM-L6-v2).
 //! - [`scrape`]: built-in web pages → markdown, behind [`net_guard`].
 //! - [`upstream`]: any OpenAI-compatible server, for chat, embeddings, speech.
+//! - [`ollama`]: a local Ollama through its own API, for chat and embeddings.
 
 pub mod llama;
 pub mod minilm;
 pub mod net_guard;
+pub mod ollama;
 pub mod scrape;
 pub mod upstream;
 
@@ -44,6 +46,7 @@ pub struct Engines {
     pub cpu_slots: Arc<Semaphore>,
     pub scrape: Option<Arc<scrape::ScrapeEngine>>,
     pub upstream: Option<upstream::Upstream>,
+    pub ollama: Option<ollama::Ollama>,
 }
 
 impl Engines {
@@ -68,11 +71,10 @@ impl Engines {
                 model: SCRAPE_MODEL.into(),
             });
         }
-        if let Some(up) = &self.upstream {
-            for o in &up.offers {
-                if !offers.contains(o) {
-                    offers.push(o.clone());
-                }
+        let extra = self.upstream.iter().flat_map(|u| &u.offers);
+        for o in extra.chain(self.ollama.iter().flat_map(|o| &o.offers)) {
+            if !offers.contains(o) {
+                offers.push(o.clone());
             }
         }
         offers
