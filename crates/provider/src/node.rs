@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::NodeConfig;
 use crate::engines::llama::{ChatOptions, LlamaChat};
 use crate::engines::minilm::MiniLm;
+use crate::engines::ollama::{self, Ollama};
 use crate::engines::piper::{self, PiperVoice};
 use crate::engines::scrape::{ScrapeConfig, ScrapeEngine};
 use crate::engines::upstream::Upstream;
@@ -164,6 +165,22 @@ pub async fn build_engines(config: &NodeConfig, upstream: Option<Upstream>) -> a
     } else {
         None
     };
+    // Last, so nothing after it can fail and leave pulled models behind.
+    let ollama = match &config.ollama {
+        Some(url) => {
+            loading("connecting to Ollama");
+            let mut reporters = std::collections::HashMap::new();
+            let ol = Ollama::connect(url, &config.ollama_pull, |model, p| {
+                reporters
+                    .entry(model.to_owned())
+                    .or_insert_with(|| ollama::log_progress(model))(p)
+            })
+            .await?;
+            tracing::info!(ollama = %url, models = ol.offers.len(), pulled = ?ol.pulled(), "Ollama ready");
+            Some(ol)
+        }
+        None => None,
+    };
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     Ok(Engines {
         chat,
@@ -172,6 +189,7 @@ pub async fn build_engines(config: &NodeConfig, upstream: Option<Upstream>) -> a
         cpu_slots: Arc::new(Semaphore::new(cpus.max(1))),
         scrape,
         upstream,
+        ollama,
     })
 }
 
@@ -213,7 +231,13 @@ pub async fn run(mut config: NodeConfig, shutdown: CancellationToken) -> anyhow:
         assignment::apply(&mut config, &assigned, &chat_model);
     }
     let engines = build_engines(&config, upstream).await?;
-    run_with_engines(config, engines, shutdown).await
+    let ollama = engines.ollama.clone();
+    let result = run_with_engines(config, engines, shutdown).await;
+    // Whatever ended the node, models it pulled into Ollama go again.
+    if let Some(ollama) = ollama {
+        ollama.remove_pulled().await;
+    }
+    result
 }
 
 pub async fn run_with_engines(config: NodeConfig, engines: Engines, shutdown: CancellationToken) -> anyhow::Result<()> {

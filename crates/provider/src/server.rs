@@ -191,6 +191,21 @@ async fn chat(State(state): State<NodeState>, body: Bytes) -> Response<Body> {
             };
         }
     }
+    if let Some(ollama) = &state.engines.ollama {
+        // The upstream wins a model both offer, as it did before Ollama existed.
+        let model = parse_json::<ModelOnly>(&body).map(|m| m.model).unwrap_or_default();
+        let upstream_has = state
+            .engines
+            .upstream
+            .as_ref()
+            .is_some_and(|u| u.serves("chat", &model));
+        if ollama.serves("chat", &model) && !upstream_has {
+            return match parse_json::<ChatRequest>(&body) {
+                Ok(req) => ollama.chat(req).await,
+                Err(e) => bad_request(&e.message),
+            };
+        }
+    }
     via_upstream(&state, "chat", "/chat/completions", body).await
 }
 
@@ -222,8 +237,9 @@ async fn embeddings(State(state): State<NodeState>, body: Bytes) -> Response<Bod
         .as_ref()
         .filter(|_| canonical_embedding_model(&req.model).is_some());
     let Some(engine) = builtin.cloned() else {
-        return match &state.engines.upstream {
-            Some(up) if up.serves("embeddings", &req.model) => up.forward("/embeddings", body).await,
+        return match (&state.engines.upstream, &state.engines.ollama) {
+            (Some(up), _) if up.serves("embeddings", &req.model) => up.forward("/embeddings", body).await,
+            (_, Some(ollama)) if ollama.serves("embeddings", &req.model) => ollama.embeddings(req).await,
             _ => unknown_model(&req.model),
         };
     };

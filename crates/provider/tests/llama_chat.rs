@@ -326,6 +326,7 @@ async fn serve(engine: Arc<LlamaChat>) -> String {
         cpu_slots: Arc::new(tokio::sync::Semaphore::new(2)),
         scrape: None,
         upstream: None,
+        ollama: None,
     };
     let hello = Hello {
         node_version: "test".into(),

@@ -32,6 +32,47 @@ const ARTICLE: &str = r#"<!doctype html>
   <p><a href="mailto:someone@example.org">mail</a> <a href="javascript:void(0)">js</a></p>
 </body></html>"#;
 
+/// A news article inside the usual boilerplate: navigation, an ad column,
+/// a newsletter box and a footer, all with plenty of links.
+const NEWS: &str = r#"<!doctype html>
+<html lang="en-GB"><head>
+  <title>Tide pools hold more life than expected | Example Gazette</title>
+  <meta name="author" content="Ada Lovelace">
+  <meta property="og:site_name" content="Example Gazette">
+  <meta property="article:published_time" content="2026-03-01T10:00:00Z">
+</head><body>
+  <header><nav class="site-nav"><ul>
+    <li><a href="/">Home</a></li><li><a href="/world">World news</a></li>
+    <li><a href="/sport">Sport results</a></li><li><a href="/login">Sign in to your account</a></li>
+  </ul></nav></header>
+  <div class="layout">
+    <aside class="sidebar ad-column"><div class="advert">
+      <a href="/ads/1">Buy cheap widgets today</a> <a href="/ads/2">Limited offer on gadgets</a>
+    </div></aside>
+    <main><article>
+      <h1>Tide pools hold more life than expected</h1>
+      <p>Researchers counting species along the northern coast found that small tide pools,
+      often overlooked by surveys, shelter nearly twice as many kinds of invertebrates as the
+      open rocks around them. The team sampled two hundred pools over three summers.</p>
+      <p>The pools act as refuges during low tide, when exposed rock heats quickly in the sun.
+      Temperatures inside the deeper pools stayed within a few degrees of the sea, while the
+      surrounding surfaces grew hot enough to kill most soft-bodied animals within an hour.</p>
+      <p>Details of the counting protocol are in <a href="../papers/methods">the methods section</a>,
+      and the raw tallies are published as <a href="data/tallies.csv">a spreadsheet</a>.
+      The authors caution that a warming sea could narrow the margin the pools provide.</p>
+    </article></main>
+  </div>
+  <div class="newsletter">Subscribe now to our newsletter <a href="/subscribe">Subscribe</a></div>
+  <footer class="site-footer"><p>Copyright Example Gazette. <a href="/privacy">Privacy policy</a>
+  <a href="/terms">Terms of use</a> <a href="/contact">Contact us</a></p></footer>
+</body></html>"#;
+
+/// A directory page: links and a line of text, nothing readability would call
+/// an article.
+const DIRECTORY: &str = r#"<!doctype html><html><head><title>Index</title></head><body>
+  <h1>Files</h1><ul><li><a href="alpha.html">Alpha</a></li><li><a href="sub/beta.html">Beta</a></li>
+  <li><a href="/gamma">Gamma</a></li></ul><p>Three files.</p></body></html>"#;
+
 struct Server {
     base: String,
     hits: Arc<Mutex<HashMap<String, usize>>>,
@@ -78,6 +119,12 @@ fn redirect(to: &str) -> Response {
 async fn page(uri: Uri) -> Response {
     match uri.path() {
         "/article" => html(ARTICLE),
+        "/news/2026/tide-pools" => html(NEWS),
+        "/dir/" => html(DIRECTORY),
+        "/wait" => {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            html("<title>Waited</title><p>done</p>")
+        }
         "/redirect" => redirect("/article"),
         "/loop" => redirect("/loop"),
         "/to-file" => redirect("file:///etc/passwd"),
@@ -390,4 +437,142 @@ async fn host_names_go_through_the_guarded_resolver() {
     let page = scrape_one(&engine(|_| {}), format!("http://localhost:{port}/plain")).await;
     assert_eq!(page.error, None, "{page:?}");
     assert_eq!(page.markdown.as_deref(), Some("just some *text*"));
+}
+
+#[tokio::test]
+async fn readability_keeps_the_article_and_drops_the_boilerplate() {
+    let srv = serve().await;
+    let req: ScrapeRequest = serde_json::from_value(serde_json::json!({
+        "urls": [srv.url("/news/2026/tide-pools")],
+        "formats": ["markdown", "text", "html"],
+    }))
+    .unwrap();
+    let res = engine(|_| {}).scrape(req).await.unwrap();
+    let page = &res.results[0];
+    assert_eq!(page.error, None);
+    assert_eq!(page.extracted, Some(Extracted::Article));
+    let md = page.markdown.as_deref().unwrap();
+    for kept in [
+        "Researchers counting species along the northern coast",
+        "Temperatures inside the deeper pools",
+        "a warming sea could narrow the margin",
+    ] {
+        assert!(md.contains(kept), "{kept:?} missing from {md}");
+    }
+    for boilerplate in [
+        "World news",
+        "Sport results",
+        "Sign in",
+        "Buy cheap widgets",
+        "Subscribe now",
+        "Privacy policy",
+        "Copyright",
+    ] {
+        assert!(!md.contains(boilerplate), "{boilerplate:?} kept in {md}");
+    }
+    // Relative links inside the article are absolute, against the page URL.
+    assert!(
+        md.contains(&format!("[the methods section]({})", srv.url("/news/papers/methods"))),
+        "{md}"
+    );
+    assert!(
+        md.contains(&format!("[a spreadsheet]({})", srv.url("/news/2026/data/tallies.csv"))),
+        "{md}"
+    );
+    let text = page.text.as_deref().unwrap();
+    assert!(
+        text.contains("shelter nearly twice as many kinds") && !text.contains("Buy cheap"),
+        "{text}"
+    );
+    assert!(!text.contains("]("), "{text}");
+
+    // html: the page as served, plus the article alone.
+    assert_eq!(page.html.as_deref(), Some(NEWS));
+    let main = page.main_html.as_deref().unwrap();
+    assert!(main.contains("Temperatures inside the deeper pools"), "{main}");
+    assert!(main.contains(&srv.url("/news/papers/methods")), "{main}");
+    assert!(
+        !main.contains("Buy cheap widgets") && !main.contains("Sport results"),
+        "{main}"
+    );
+
+    // Metadata.
+    assert_eq!(
+        page.title.as_deref(),
+        Some("Tide pools hold more life than expected | Example Gazette")
+    );
+    assert_eq!(page.byline.as_deref(), Some("Ada Lovelace"));
+    assert_eq!(page.site_name.as_deref(), Some("Example Gazette"));
+    assert_eq!(page.language.as_deref(), Some("en-GB"));
+    assert_eq!(page.published_time.as_deref(), Some("2026-03-01T10:00:00Z"));
+    // Links list the whole page, nav included, all absolute.
+    let links = page.links.as_deref().unwrap();
+    assert!(links.contains(&srv.url("/world")) && links.contains(&srv.url("/news/papers/methods")));
+
+    // The new fields are additions: every field the response had before
+    // keeps its name.
+    let json = serde_json::to_value(page).unwrap();
+    for key in [
+        "url",
+        "final_url",
+        "status",
+        "title",
+        "markdown",
+        "html",
+        "text",
+        "links",
+    ] {
+        assert!(json.get(key).is_some(), "{key} missing in {json}");
+    }
+    assert_eq!(json["extracted"], "article");
+}
+
+#[tokio::test]
+async fn pages_without_an_article_fall_back_to_the_whole_page() {
+    let srv = serve().await;
+    let req: ScrapeRequest = serde_json::from_value(serde_json::json!({
+        "urls": [srv.url("/dir/")],
+        "formats": ["markdown", "html"],
+    }))
+    .unwrap();
+    let res = engine(|_| {}).scrape(req).await.unwrap();
+    let page = &res.results[0];
+    assert_eq!(page.error, None);
+    assert_eq!(page.extracted, Some(Extracted::Page));
+    let md = page.markdown.as_deref().unwrap();
+    assert!(md.contains("# Files"), "{md}");
+    assert!(md.contains("Three files."), "{md}");
+    for (text, path) in [
+        ("Alpha", "/dir/alpha.html"),
+        ("Beta", "/dir/sub/beta.html"),
+        ("Gamma", "/gamma"),
+    ] {
+        assert!(md.contains(&format!("[{text}]({})", srv.url(path))), "{text} in {md}");
+    }
+    // main_html is the sanitized page with absolute links.
+    let main = page.main_html.as_deref().unwrap();
+    assert!(
+        main.contains(&format!("href=\"{}\"", srv.url("/dir/sub/beta.html"))),
+        "{main}"
+    );
+    assert_eq!(page.title.as_deref(), Some("Index"));
+    assert_eq!(page.byline, None);
+
+    // The short test article of the other tests falls back too, nav and all.
+    let page = scrape_one(&engine(|_| {}), srv.url("/article")).await;
+    assert_eq!(page.extracted, Some(Extracted::Page));
+}
+
+#[tokio::test]
+async fn fifty_urls_are_fetched_at_once() {
+    let srv = serve().await;
+    let eng = engine(|_| {});
+    assert_eq!(eng.config().max_concurrency, 50);
+    let started = Instant::now();
+    let res = eng.scrape(request(vec![srv.url("/wait"); 50])).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(res.pages_ok(), 50);
+    assert!(res.results.iter().all(|p| p.title.as_deref() == Some("Waited")));
+    // Each page takes 600 ms: 16 at a time would need four rounds (2.4 s).
+    assert!(took < Duration::from_millis(1800), "50 pages took {took:?}");
 }

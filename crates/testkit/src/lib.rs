@@ -2,12 +2,15 @@
 //!
 //! - [`FakeUpstream`]: a deterministic OpenAI-compatible server to put behind
 //!   a provider node (and the benchmark's baseline).
+//! - [`fake_ollama::FakeOllama`]: a small server following Ollama's documented
+//!   REST API, for the provider's Ollama backend.
 //! - [`wait_for_http`]: wait until a spawned server process answers.
 //!
 //! Tests bind port 0 and read the chosen address back; there is deliberately
 //! no "free port" helper, because picking a port and binding it later races
 //! with other tests.
 
+pub mod fake_ollama;
 pub mod fake_upstream;
 
 use std::time::Duration;

@@ -85,17 +85,7 @@ pub fn collect(models_dir: &Path) -> HostFacts {
         available_bytes: Some(sys.available_memory()).filter(|n| *n > 0),
     };
 
-    let mounts: Vec<Mount> = Disks::new_with_refreshed_list()
-        .list()
-        .iter()
-        .map(|d| Mount {
-            mount_point: d.mount_point().to_path_buf(),
-            free_bytes: d.available_space(),
-            total_bytes: d.total_space(),
-        })
-        .collect();
-    let resolved = existing_ancestor(models_dir);
-    let mount = filesystem_of(&resolved, &mounts);
+    let mount = disk_of(models_dir);
     let mount = mount.as_ref();
     let disk = Disk {
         models_dir: models_dir.display().to_string(),
@@ -111,6 +101,21 @@ pub fn collect(models_dir: &Path) -> HostFacts {
         kernel: System::kernel_version().filter(|s| !s.is_empty()),
     };
     HostFacts { cpu, memory, disk, os }
+}
+
+/// The filesystem `path` lives (or will live) on, with its free space; `None`
+/// when no probe could tell.
+pub fn disk_of(path: &Path) -> Option<Mount> {
+    let mounts: Vec<Mount> = Disks::new_with_refreshed_list()
+        .list()
+        .iter()
+        .map(|d| Mount {
+            mount_point: d.mount_point().to_path_buf(),
+            free_bytes: d.available_space(),
+            total_bytes: d.total_space(),
+        })
+        .collect();
+    filesystem_of(&existing_ancestor(path), &mounts)
 }
 
 /// The closest folder at or above `path` that exists, with links resolved, so a cache

@@ -6,11 +6,13 @@
 //! - [`piper`]: built-in text to speech (Piper voice on ONNX Runtime, espeak-ng).
 //! - [`scrape`]: built-in web pages → markdown, behind [`net_guard`].
 //! - [`upstream`]: any OpenAI-compatible server, for chat, embeddings, speech.
+//! - [`ollama`]: a local Ollama through its own API, for chat and embeddings.
 
 pub mod llama;
 pub mod minilm;
 pub mod net_guard;
 pub mod piper;
+pub mod ollama;
 pub mod scrape;
 pub mod upstream;
 
@@ -47,6 +49,7 @@ pub struct Engines {
     pub cpu_slots: Arc<Semaphore>,
     pub scrape: Option<Arc<scrape::ScrapeEngine>>,
     pub upstream: Option<upstream::Upstream>,
+    pub ollama: Option<ollama::Ollama>,
 }
 
 impl Engines {
@@ -80,11 +83,10 @@ impl Engines {
                 upstream: false,
             });
         }
-        if let Some(up) = &self.upstream {
-            for o in &up.offers {
-                if !offers.contains(o) {
-                    offers.push(o.clone());
-                }
+        let extra = self.upstream.iter().flat_map(|u| &u.offers);
+        for o in extra.chain(self.ollama.iter().flat_map(|o| &o.offers)) {
+            if !offers.contains(o) {
+                offers.push(o.clone());
             }
         }
         offers

@@ -1,5 +1,11 @@
 //! Built-in web-scrape engine: fetch URLs and return them as markdown, HTML
-//! or plain text, with title, description and links.
+//! or plain text, with title, description, byline, site name, language,
+//! publication time and links.
+//!
+//! Markdown and text hold the page's main content: a readability pass
+//! (`dom_smoothie`, a port of Firefox's Reader View) picks the article out of
+//! navigation, ads and footers; when it finds no article (too little text, or
+//! a page it cannot handle) the whole sanitized page is converted instead.
 //!
 //! Requests come from strangers, so every fetch goes through
 //! [`net_guard`](super::net_guard) (no private/loopback/link-local targets,
@@ -28,6 +34,12 @@ const MAX_DOM_DEPTH: usize = 512;
 /// Stack for the conversion thread: generous against the depth above, so a
 /// different converter (e.g. a readability pass) keeps a wide margin too.
 const RENDER_STACK_BYTES: usize = 32 << 20;
+/// Readability's article must hold this much text (characters) to be used;
+/// with less, it most likely picked a fragment, and the whole page is used.
+const MIN_ARTICLE_CHARS: usize = 140;
+/// Elements readability will score; larger pages go straight to the whole-page
+/// conversion, which bounds readability's (superlinear) work per page.
+const MAX_READABILITY_ELEMENTS: usize = 20_000;
 /// Elements whose content is never page text.
 const SKIP_TAGS: [&str; 11] = [
     "head", "script", "style", "noscript", "template", "iframe", "svg", "canvas", "object", "embed", "button",
@@ -54,7 +66,7 @@ impl Default for ScrapeConfig {
             allow_loopback: false,
             timeout: Duration::from_secs(15),
             max_bytes: 5 << 20,
-            max_concurrency: 16,
+            max_concurrency: 50,
             max_urls: 50,
             user_agent: format!(
                 "Mozilla/5.0 (compatible; cxmpute-scraper/{}; +https://cxmpute.cloud)",
@@ -133,8 +145,35 @@ pub struct PageResult {
     /// Absolute http(s) links found on the page, deduplicated, without fragments.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub links: Option<Vec<String>>,
+    /// The author, from readability or `<meta name="author">`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub byline: Option<String>,
+    /// `og:site_name`, or what readability found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site_name: Option<String>,
+    /// The page's language: `<html lang>`, else `content-language`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
+    /// `article:published_time` (as the page writes it), or readability's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published_time: Option<String>,
+    /// With the `html` format: the main content as clean HTML (the article
+    /// readability found, else the sanitized page), links absolute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub main_html: Option<String>,
+    /// Where markdown/text came from: `article` (readability) or `page`
+    /// (the whole page, when readability found no article).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extracted: Option<Extracted>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Extracted {
+    Article,
+    Page,
 }
 
 /// Request-level problems (HTTP 400 upstream). Per-URL problems are reported
@@ -266,6 +305,12 @@ impl ScrapeEngine {
                 page.markdown = r.markdown;
                 page.text = r.text;
                 page.html = r.html;
+                page.byline = r.byline;
+                page.site_name = r.site_name;
+                page.language = r.language;
+                page.published_time = r.published_time;
+                page.main_html = r.main_html;
+                page.extracted = r.extracted;
             }
             Err(e) => page.error = Some(e),
         }
@@ -469,21 +514,122 @@ struct Rendered {
     markdown: Option<String>,
     text: Option<String>,
     html: Option<String>,
+    byline: Option<String>,
+    site_name: Option<String>,
+    language: Option<String>,
+    published_time: Option<String>,
+    main_html: Option<String>,
+    extracted: Option<Extracted>,
+}
+
+/// What readability made of a page.
+struct Article {
+    /// The article's HTML, links already absolute.
+    html: String,
+    title: Option<String>,
+    excerpt: Option<String>,
+    byline: Option<String>,
+    site_name: Option<String>,
+    language: Option<String>,
+    published_time: Option<String>,
+}
+
+fn non_empty(s: Option<impl AsRef<str>>) -> Option<String> {
+    s.map(|s| s.as_ref().split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|s| !s.is_empty())
+}
+
+/// The page's main article, or `None` when readability finds none worth
+/// using (an error, or under [`MIN_ARTICLE_CHARS`] of text). `clean` is
+/// the output of [`sanitize_html`], so readability's parser only sees
+/// balanced, shallow markup.
+fn readable_article(clean: &str, base: &Url) -> Option<Article> {
+    let cfg = dom_smoothie::Config {
+        max_elements_to_parse: MAX_READABILITY_ELEMENTS,
+        ..dom_smoothie::Config::default()
+    };
+    let mut readability = dom_smoothie::Readability::new(clean, Some(base.as_str()), Some(cfg)).ok()?;
+    let article = readability.parse().ok()?;
+    if article.text_content.trim().chars().count() < MIN_ARTICLE_CHARS {
+        return None;
+    }
+    Some(Article {
+        html: article.content.to_string(),
+        title: non_empty(Some(&article.title)),
+        excerpt: non_empty(article.excerpt.as_ref()),
+        byline: non_empty(article.byline.as_ref()),
+        site_name: non_empty(article.site_name.as_ref()),
+        language: non_empty(article.lang.as_ref()),
+        published_time: non_empty(article.published_time.as_ref()),
+    })
 }
 
 fn render_html(html: &str, page_url: &Url, formats: &[Format]) -> Rendered {
     let meta = extract_meta(html, &html.to_ascii_lowercase(), page_url);
     let wants = |f: Format| formats.contains(&f);
-    let markdown =
-        (wants(Format::Markdown) || wants(Format::Text)).then(|| to_markdown(&sanitize_html(html), &meta.base));
+    let clean = sanitize_html(html);
+    let article = readable_article(&clean, &meta.base);
+    let (main, extracted) = match &article {
+        Some(a) => (a.html.as_str(), Extracted::Article),
+        None => (clean.as_str(), Extracted::Page),
+    };
+    let markdown = (wants(Format::Markdown) || wants(Format::Text)).then(|| to_markdown(main, &meta.base));
+    let main_html = wants(Format::Html).then(|| match &article {
+        Some(a) => a.html.clone(),
+        None => absolute_links_html(&clean, &meta.base),
+    });
+    let a = article.as_ref();
     Rendered {
         text: wants(Format::Text).then(|| markdown_to_text(markdown.as_deref().unwrap_or_default())),
         markdown: markdown.filter(|_| wants(Format::Markdown)),
         html: wants(Format::Html).then(|| html.to_owned()),
-        title: meta.title,
-        description: meta.description,
+        title: meta.title.or_else(|| a.and_then(|a| a.title.clone())),
+        description: meta.description.or_else(|| a.and_then(|a| a.excerpt.clone())),
+        byline: meta.author.or_else(|| a.and_then(|a| a.byline.clone())),
+        site_name: meta.site_name.or_else(|| a.and_then(|a| a.site_name.clone())),
+        language: meta.language.or_else(|| a.and_then(|a| a.language.clone())),
+        published_time: meta.published_time.or_else(|| a.and_then(|a| a.published_time.clone())),
         links: meta.links,
+        main_html,
+        extracted: (wants(Format::Markdown) || wants(Format::Text)).then_some(extracted),
     }
+}
+
+/// The sanitized page with `href`/`src` attributes made absolute, for
+/// `main_html` when there is no article. The sanitizer escapes `<` in text and
+/// writes every attribute as ` name="value"` with `"` escaped, so a `<` always
+/// opens a tag and a `"` inside a tag always opens or closes a value.
+fn absolute_links_html(clean: &str, base: &Url) -> String {
+    let b = clean.as_bytes();
+    let mut out = String::with_capacity(clean.len() + clean.len() / 8);
+    let (mut i, mut copied, mut in_tag) = (0, 0, false);
+    while i < b.len() {
+        match b[i] {
+            b'<' if !in_tag => in_tag = true,
+            b'>' if in_tag => in_tag = false,
+            b'"' if in_tag => {
+                let value_start = i + 1;
+                let value_end = clean[value_start..].find('"').map_or(b.len(), |n| value_start + n);
+                let name = clean[..i].trim_end_matches('=');
+                if name.ends_with(" href") || name.ends_with(" src") {
+                    let raw = &clean[value_start..value_end];
+                    let value = raw.replace("&quot;", "\"").replace("&lt;", "<").replace("&amp;", "&");
+                    if let Ok(u) = base.join(&value) {
+                        if matches!(u.scheme(), "http" | "https" | "mailto") {
+                            out.push_str(&clean[copied..value_start]);
+                            out.push_str(&u.as_str().replace('&', "&amp;").replace('"', "&quot;"));
+                            copied = value_end;
+                        }
+                    }
+                }
+                i = value_end;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    out.push_str(&clean[copied.min(clean.len())..]);
+    out
 }
 
 /// HTML to markdown, with links and images made absolute against `base_url`.
@@ -832,10 +978,15 @@ struct PageMeta {
     description: Option<String>,
     base: Url,
     links: Vec<String>,
+    author: Option<String>,
+    site_name: Option<String>,
+    language: Option<String>,
+    published_time: Option<String>,
 }
 
 fn extract_meta(html: &str, lower: &str, page_url: &Url) -> PageMeta {
     let (mut title, mut og_title, mut base_href) = (None, None, None);
+    let (mut author, mut site_name, mut published, mut lang, mut content_language) = (None, None, None, None, None);
     let mut descriptions: [Option<String>; 3] = Default::default(); // name=, og:, twitter:
     let mut hrefs = Vec::new();
     let mut in_svg = 0usize; // an icon's <title> is not the page title
@@ -850,6 +1001,7 @@ fn extract_meta(html: &str, lower: &str, page_url: &Url) -> PageMeta {
         let get = |k: &str| attrs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         match name {
             "a" | "area" => hrefs.extend(get("href")),
+            "html" if lang.is_none() => lang = get("lang").or_else(|| get("xml:lang")),
             "svg" => in_svg += 1,
             "base" if base_href.is_none() => base_href = get("href"),
             "title" if title.is_none() && in_svg == 0 => title = raw.map(decode_entities),
@@ -864,8 +1016,22 @@ fn extract_meta(html: &str, lower: &str, page_url: &Url) -> PageMeta {
                 if let (Some(s), Some(content)) = (slot, get("content")) {
                     descriptions[s].get_or_insert(content);
                 }
-                if key == "og:title" && og_title.is_none() {
-                    og_title = get("content");
+                let slot = match key.as_str() {
+                    "og:title" => Some(&mut og_title),
+                    "author" => Some(&mut author),
+                    "og:site_name" => Some(&mut site_name),
+                    "article:published_time" => Some(&mut published),
+                    _ => None,
+                };
+                if let Some(slot) = slot.filter(|s| s.is_none()) {
+                    *slot = get("content");
+                }
+                if published.is_none() && get("itemprop").is_some_and(|p| p.eq_ignore_ascii_case("datePublished")) {
+                    published = get("content").or_else(|| get("datetime"));
+                }
+                let equiv = get("http-equiv").unwrap_or_default();
+                if content_language.is_none() && equiv.eq_ignore_ascii_case("content-language") {
+                    content_language = get("content");
                 }
             }
             _ => {}
@@ -897,6 +1063,10 @@ fn extract_meta(html: &str, lower: &str, page_url: &Url) -> PageMeta {
         description: clean(d0.or(d1).or(d2)),
         base,
         links,
+        author: clean(author),
+        site_name: clean(site_name),
+        language: clean(lang).or_else(|| clean(content_language)),
+        published_time: clean(published),
     }
 }
 
@@ -1481,6 +1651,36 @@ mod tests {
         let m = extract_meta(html, &html.to_ascii_lowercase(), &url("https://x.example/"));
         assert_eq!(m.description.as_deref(), Some("é ok"));
         assert_eq!(m.links, ["https://x.example/%C3%A9"]);
+    }
+
+    #[test]
+    fn page_metadata_beyond_title() {
+        let html = r#"<html lang=de><head><meta name=author content=" Ann  Lee ">
+            <meta property="og:site_name" content="Site"><meta http-equiv="Content-Language" content="fr">
+            <meta itemprop="datePublished" content="2026-01-02"></head></html>"#;
+        let m = extract_meta(html, &html.to_ascii_lowercase(), &url("https://x.example/"));
+        assert_eq!(m.author.as_deref(), Some("Ann Lee"));
+        assert_eq!(m.site_name.as_deref(), Some("Site"));
+        assert_eq!(m.language.as_deref(), Some("de"));
+        assert_eq!(m.published_time.as_deref(), Some("2026-01-02"));
+        let html = r#"<meta http-equiv="content-language" content="fr">"#;
+        let m = extract_meta(html, &html.to_ascii_lowercase(), &url("https://x.example/"));
+        assert_eq!(m.language.as_deref(), Some("fr"));
+    }
+
+    #[test]
+    fn fallback_html_gets_absolute_links() {
+        let clean = sanitize_html(
+            r#"<p title='a href="x"'>see href="y" <a href="b?x=1&amp;y=2">b</a><img src=/i.png alt=">"><a href="javascript:x()">j</a>"#,
+        );
+        let out = absolute_links_html(&clean, &url("https://x.example/d/"));
+        assert_eq!(
+            out,
+            "<!DOCTYPE html><p title=\"a href=&quot;x&quot;\">see href=\"y\" \
+             <a href=\"https://x.example/d/b?x=1&amp;y=2\">b</a>\
+             <img src=\"https://x.example/i.png\" alt=\">\">\
+             <a href=\"javascript:x()\">j</a></p>"
+        );
     }
 
     #[test]

@@ -27,7 +27,12 @@ use super::params::ChatParams;
 use super::{ChatError, LlamaChat};
 use crate::engines::error_response;
 
-fn error_with_param(status: StatusCode, message: &str, param: Option<&str>, code: Option<&str>) -> Response<Body> {
+pub(crate) fn error_with_param(
+    status: StatusCode,
+    message: &str,
+    param: Option<&str>,
+    code: Option<&str>,
+) -> Response<Body> {
     let kind = if status.is_server_error() {
         "server_error"
     } else {
@@ -40,17 +45,17 @@ fn error_with_param(status: StatusCode, message: &str, param: Option<&str>, code
     res
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn completion_id() -> String {
+pub(crate) fn completion_id() -> String {
     let bytes: [u8; 12] = rand::random();
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     format!("chatcmpl-{hex}")
 }
 
-fn usage(prompt: u32, completion: u32) -> Value {
+pub(crate) fn usage(prompt: u32, completion: u32) -> Value {
     json!({
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -135,15 +140,23 @@ async fn whole(model: String, prompt_tokens: u32, mut events: UnboundedReceiver<
     )
 }
 
-/// Builds SSE frames for one streamed answer.
-struct Frames {
+/// Builds SSE frames for one streamed answer (shared with the Ollama engine).
+pub(crate) struct Frames {
     id: String,
     created: u64,
     model: String,
 }
 
 impl Frames {
-    fn chunk(&self, choices: Value, usage: Option<Value>) -> Bytes {
+    pub(crate) fn new(model: String) -> Self {
+        Self {
+            id: completion_id(),
+            created: unix_now(),
+            model,
+        }
+    }
+
+    pub(crate) fn chunk(&self, choices: Value, usage: Option<Value>) -> Bytes {
         let mut v = json!({
             "id": self.id,
             "object": "chat.completion.chunk",
@@ -158,10 +171,11 @@ impl Frames {
     }
 
     fn delta(&self, delta: Value, finish: Option<FinishReason>) -> Bytes {
-        self.chunk(
-            json!([{ "index": 0, "delta": delta, "finish_reason": finish.map(FinishReason::as_str) }]),
-            None,
-        )
+        self.delta_str(delta, finish.map(FinishReason::as_str))
+    }
+
+    pub(crate) fn delta_str(&self, delta: Value, finish: Option<&str>) -> Bytes {
+        self.chunk(json!([{ "index": 0, "delta": delta, "finish_reason": finish }]), None)
     }
 }
 
@@ -177,7 +191,7 @@ struct StreamState {
 
 /// An error event ends a broken stream. There is no `[DONE]` after it, so the
 /// reader can tell the answer was cut short.
-fn error_frame(message: &str) -> Bytes {
+pub(crate) fn error_frame(message: &str) -> Bytes {
     let json = ErrorBody::new(message, "server_error", None, None).to_json();
     let mut frame = Vec::with_capacity(json.len() + 8);
     frame.extend_from_slice(b"data: ");
@@ -189,11 +203,7 @@ fn error_frame(message: &str) -> Bytes {
 /// Streams the answer as it is generated. Dropping the body (the client or the
 /// gateway went away) drops `events`, which frees the engine's sequence.
 fn stream(model: String, include_usage: bool, prompt_tokens: u32, events: UnboundedReceiver<Event>) -> Response<Body> {
-    let frames = Frames {
-        id: completion_id(),
-        created: unix_now(),
-        model,
-    };
+    let frames = Frames::new(model);
     let mut queued = std::collections::VecDeque::new();
     queued.push_back(frames.delta(json!({"role": "assistant", "content": ""}), None));
     let state = StreamState {
