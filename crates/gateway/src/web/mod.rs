@@ -119,7 +119,6 @@ pub fn routes() -> Router<AppState> {
         .route("/web/api/keys/{id}", delete(api::revoke_key))
         .route("/web/api/ledger", get(api::ledger))
         .route("/web/api/usage", get(api::usage))
-        .route("/web/api/admin/accounts", get(api::admin_accounts))
         .route("/v1/device/code", post(device::api::request_code))
         .route("/v1/device/token", post(device::api::poll_token))
         .route("/link", get(device::page::link_page).post(device::page::decide))

@@ -282,6 +282,7 @@ pub async fn app_configured(edit: impl FnOnce(&mut Config)) -> App {
     App {
         router: gw.router(),
         store,
+        state: gw.state().clone(),
         mail,
         _dir: dir,
     }

@@ -74,6 +74,7 @@ impl Engines {
             offers.push(Offer {
                 service: "speech".into(),
                 model: voice.model.clone(),
+                upstream: false,
             });
         }
         if self.scrape.is_some() {

@@ -117,6 +117,7 @@ pub fn offers_for(models: &[TagModel]) -> Vec<Offer> {
             let offer = Offer {
                 service: service.into(),
                 model,
+                upstream: true,
             };
             if !offers.contains(&offer) {
                 offers.push(offer);
