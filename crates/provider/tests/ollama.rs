@@ -32,6 +32,7 @@ async fn connect(fake: &FakeOllama, pull: &[&str]) -> anyhow::Result<(Ollama, Ve
 /// Serves the node's router with only the Ollama engine; returns its base URL.
 async fn serve(ollama: Ollama) -> String {
     let engines = Engines {
+        speech: None,
         chat: None,
         minilm: None,
         cpu_slots: Arc::new(tokio::sync::Semaphore::new(2)),
