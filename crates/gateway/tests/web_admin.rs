@@ -23,7 +23,7 @@ async fn fake_node() -> String {
             get(|| async {
                 Json(json!({
                     "node_version": "test",
-                    "offers": [{ "service": "chat", "model": "m" }],
+                    "offers": [{ "service": "chat", "model": "m", "upstream": true }],
                     "max_concurrency": 8,
                 }))
             }),

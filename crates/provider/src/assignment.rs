@@ -195,6 +195,7 @@ mod tests {
     fn the_request_lists_enabled_services_and_their_models() {
         let config = NodeConfig {
             chat: false,
+            speech: false,
             max_vram_mb: Some(4096),
             ..NodeConfig::default()
         };

