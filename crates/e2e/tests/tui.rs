@@ -99,10 +99,14 @@ async fn setup_form_then_dashboard_in_a_real_terminal() {
         shell_quote(&gw.url),
         shell_quote(&upstream.base_url),
     );
+    // The shell records the node's exit status in a file: tmux's own
+    // `pane_dead_status` is not always filled in when the pane closes.
+    let exit_file = home.path().join("exit-status");
+    let command = format!("{command}; echo $? > {}", shell_quote(&exit_file.display().to_string()));
     let tmux = Tmux {
         socket: format!("cxmpute-e2e-{}", std::process::id()),
     };
-    // The pane stays after the node exits, to read its exit status.
+    // The pane stays after the node exits, so its last screen can be read.
     tmux.run(&[
         "-f",
         "/dev/null",
@@ -182,24 +186,18 @@ async fn setup_form_then_dashboard_in_a_real_terminal() {
     // q drains and exits cleanly.
     tmux.keys(&["q"]);
     let started = Instant::now();
-    loop {
-        let dead = tmux.run(&[
-            "display-message",
-            "-p",
-            "-t",
-            "node",
-            "#{pane_dead} #{pane_dead_status} #{pane_dead_signal}",
-        ]);
-        if dead.trim() == "1 0" {
-            break;
+    let status = loop {
+        if let Some(status) = std::fs::read_to_string(&exit_file).ok().filter(|s| s.ends_with('\n')) {
+            break status;
         }
         assert!(
             started.elapsed() < Duration::from_secs(30),
-            "the node did not exit 0 after q: {dead}\n{}",
+            "the node did not exit within 30 s of q:\n{}",
             tmux.screen()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    };
+    assert_eq!(status.trim(), "0", "the node's exit status after q:\n{}", tmux.screen());
     gw.wait_providers("fake-chat", 0, Duration::from_secs(10)).await;
 
     // The answers were saved, without the credential.

@@ -177,13 +177,20 @@ pub async fn create_device(store: &dyn Store, account_id: &str, name: &str) -> R
     Ok((id.clone(), format!("{id}.{secret}")))
 }
 
-/// Checks `<device id>.<secret>`; returns the device.
-pub async fn authenticate_device(store: &dyn Store, token: &str) -> Result<cxmpute_store::Device, ApiError> {
+/// Checks `<device id>.<secret>` only (not the account); returns the device.
+/// A revoked device has an empty hash, which no secret matches.
+pub async fn verify_device_secret(store: &dyn Store, token: &str) -> Result<cxmpute_store::Device, ApiError> {
     let (id, secret) = token.split_once('.').ok_or_else(ApiError::invalid_key)?;
     let device = store.device(id).await?.ok_or_else(ApiError::invalid_key)?;
     if !same_digest(&hash_secret(secret), &device.access_key_hash) {
         return Err(ApiError::invalid_key());
     }
+    Ok(device)
+}
+
+/// Checks `<device id>.<secret>` and that its account may serve; returns the device.
+pub async fn authenticate_device(store: &dyn Store, token: &str) -> Result<cxmpute_store::Device, ApiError> {
+    let device = verify_device_secret(store, token).await?;
     match store.account(&device.account_id).await? {
         Some(acc) if acc.suspended => Err(ApiError::forbidden("account_suspended", "This account is suspended.")),
         Some(_) => Ok(device),

@@ -31,11 +31,47 @@ pub struct Provision {
     /// Identifies the link (or direct registration) this provision came with,
     /// so one disconnect removes exactly its provisions.
     pub session: u64,
+    /// The node's tier and region as it announced them (public figures only).
+    pub placement: Arc<NodePlacement>,
     in_flight: AtomicU32,
     /// Exponentially weighted latency to the response head, in microseconds.
     ewma_us: AtomicU64,
     failures: AtomicU32,
     ejected_until_ms: AtomicU64,
+}
+
+/// A node's announced tier and region, cleaned for publishing: anything
+/// malformed becomes unknown rather than refusing the node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodePlacement {
+    /// 0-4.
+    pub tier: Option<u8>,
+    /// `NL`, or `NL · South Holland`.
+    pub region: Option<String>,
+}
+
+impl NodePlacement {
+    pub fn from_announced(p: &cxmpute_protocol::link::Placement) -> NodePlacement {
+        let country = p
+            .country
+            .as_deref()
+            .map(str::trim)
+            .filter(|c| (2..=3).contains(&c.len()) && c.bytes().all(|b| b.is_ascii_alphabetic()))
+            .map(str::to_ascii_uppercase);
+        let region = p
+            .region
+            .as_deref()
+            .map(str::trim)
+            .filter(|r| !r.is_empty() && r.chars().count() <= 60 && !r.chars().any(char::is_control));
+        NodePlacement {
+            tier: p.tier.filter(|t| *t <= 4),
+            region: match (country, region) {
+                (Some(c), Some(r)) => Some(format!("{c} · {r}")),
+                (Some(c), None) => Some(c),
+                (None, _) => None,
+            },
+        }
+    }
 }
 
 fn now_ms(epoch: Instant) -> u64 {
@@ -60,11 +96,18 @@ impl Provision {
             model,
             transport,
             session,
+            placement: Arc::default(),
             in_flight: AtomicU32::new(0),
             ewma_us: AtomicU64::new(1_000),
             failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Sets where the node says it runs (shared by all its provisions).
+    pub fn with_placement(mut self, placement: Arc<NodePlacement>) -> Self {
+        self.placement = placement;
+        self
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -229,6 +272,27 @@ impl Pools {
 mod tests {
     use super::*;
     use crate::transport::direct_client;
+
+    #[test]
+    fn announced_placements_are_cleaned() {
+        use cxmpute_protocol::link::Placement;
+        let clean = |tier, country: Option<&str>, region: Option<&str>| {
+            NodePlacement::from_announced(&Placement {
+                tier,
+                country: country.map(str::to_string),
+                region: region.map(str::to_string),
+            })
+        };
+        let p = clean(Some(3), Some(" de "), Some("Bavaria"));
+        assert_eq!((p.tier, p.region.as_deref()), (Some(3), Some("DE · Bavaria")));
+        assert_eq!(clean(None, Some("us"), None).region.as_deref(), Some("US"));
+        // A region without a country, a bad country, a bad tier: unknown.
+        assert_eq!(clean(Some(9), None, Some("Bavaria")), NodePlacement::default());
+        assert_eq!(clean(None, Some("<b>"), None).region, None);
+        assert_eq!(clean(None, Some("FR"), Some("a\nb")).region.as_deref(), Some("FR"));
+        let long = "x".repeat(61);
+        assert_eq!(clean(None, Some("FR"), Some(&long)).region.as_deref(), Some("FR"));
+    }
 
     fn prov(id: &str, session: u64) -> Arc<Provision> {
         let t = Transport::Direct {

@@ -10,7 +10,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use cxmpute_protocol::assign::ASSIGNMENT_PATH;
-use cxmpute_protocol::link::{DRAIN_PATH, LINK_PATH, REGISTER_PATH, STATS_PATH};
+use cxmpute_protocol::link::{DRAIN_PATH, LINK_PATH, LOGOUT_PATH, REGISTER_PATH, STATS_PATH};
 use cxmpute_store::Store;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -131,6 +131,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/provider/register"),
     ("POST", "/v1/provider/drain"),
     ("GET", "/v1/provider/stats"),
+    ("POST", "/v1/provider/logout"),
     ("POST", "/v1/provider/assignment"),
     ("POST", "/admin/accounts"),
     ("GET", "/admin/accounts"),
@@ -163,6 +164,7 @@ pub fn router(state: AppState) -> Router {
         .route(REGISTER_PATH, post(direct::register_direct))
         .route(DRAIN_PATH, post(direct::drain))
         .route(STATS_PATH, get(crate::link::stats::stats))
+        .route(LOGOUT_PATH, post(crate::link::stats::logout))
         .route(ASSIGNMENT_PATH, post(crate::orchestrator::handler::request_assignment))
         .nest("/admin", crate::admin::routes())
         .merge(crate::web::routes())

@@ -25,6 +25,7 @@ async fn fake_node() -> String {
                     "node_version": "test",
                     "offers": [{ "service": "chat", "model": "m", "upstream": true }],
                     "max_concurrency": 8,
+                    "placement": { "tier": 2, "country": "nl", "region": "South Holland" },
                 }))
             }),
         )
@@ -368,7 +369,20 @@ async fn an_admin_disconnects_a_device_and_public_stats_count_what_is_live() {
     assert_eq!(stats.status, StatusCode::OK);
     let stats = stats.json();
     assert_eq!(stats["providers_online"], 1);
-    assert_eq!(stats["providers_by_tier"]["unknown"], 1);
+    assert_eq!(stats["providers_by_tier"], json!({ "2": 1 }));
+    assert_eq!(stats["providers_by_region"], json!({ "NL · South Holland": 1 }));
+    assert_eq!(
+        stats["providers_by_tier_and_region"],
+        json!([{ "tier": "2", "region": "NL · South Holland", "providers": 1 }])
+    );
+    let network = Browser::default().get(&app, "/network").await;
+    assert!(
+        network
+            .body
+            .contains("<td>2 · Blue Surf</td><td>NL · South Holland</td><td>1</td>"),
+        "{}",
+        network.body
+    );
     assert_eq!(
         stats["models"],
         json!([{ "service": "chat", "model": "m", "pool_size": 1 }])

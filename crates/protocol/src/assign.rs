@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 /// Where a node asks for its assignment.
 pub const ASSIGNMENT_PATH: &str = "/v1/provider/assignment";
 
+/// Names of the provider tiers 0-4, by GPU memory: under 1 GB, 1-4, 4-8, 8-22, 22 and more.
+pub const TIER_NAMES: [&str; 5] = ["Basic", "Tide Pool", "Blue Surf", "Open Ocean", "Mariana Depth"];
+
 /// What the node found out about its machine (from `cxmpute-provider diagnose`).
 /// Sizes are MiB; `None` is "could not learn".
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

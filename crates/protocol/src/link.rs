@@ -19,6 +19,8 @@ pub const REGISTER_PATH: &str = "/v1/provider/register";
 pub const DRAIN_PATH: &str = "/v1/provider/drain";
 /// A node asks for its earnings (device credential), for its dashboard.
 pub const STATS_PATH: &str = "/v1/provider/stats";
+/// A node signs out (`cxmpute-provider logout`): its credential stops working.
+pub const LOGOUT_PATH: &str = "/v1/provider/logout";
 /// The request id the gateway gives every forwarded request.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// The model id of the built-in scrape service.
@@ -43,6 +45,26 @@ pub struct Hello {
     pub offers: Vec<Offer>,
     /// Requests the node is willing to run at once.
     pub max_concurrency: u32,
+    /// Its tier and rough location, for the public network figures. Older
+    /// nodes send none.
+    #[serde(default)]
+    pub placement: Placement,
+}
+
+/// How capable a node is and roughly where it runs. No city: the gateway
+/// publishes these per tier and region and needs nothing finer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Placement {
+    /// Provider tier 0-4 (see docs/provider.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tier: Option<u8>,
+    /// Country code, e.g. `NL`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+    /// Region within the country, e.g. `South Holland`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 /// Body of a direct-mode registration.

@@ -3,8 +3,11 @@
 //!
 //! ```sh
 //! scripts/fetch-model.sh gemma-3-270m
-//! cargo run -p cxmpute-provider --example chat_bench -- [--streams 4] [--tokens 128] [--threads N]
+//! cargo run -p cxmpute-provider --example chat_bench -- [--streams 4] [--tokens 128] [--threads N] [--json]
 //! ```
+//!
+//! `--json` ends with one line of figures for `bench/chat.sh`, which compares
+//! them with the same requests sent through the gateway.
 //!
 //! llama.cpp itself is always compiled optimised (its build script uses CMake's
 //! Release mode), so a debug build of this example measures the same kernels.
@@ -129,6 +132,15 @@ fn main() -> anyhow::Result<()> {
     let wall = started.elapsed();
     let total: u32 = runs.iter().map(|r| r.tokens).sum();
     let slowest_first = runs.iter().map(|r| r.first).max().unwrap_or_default();
+    if std::env::args().any(|a| a == "--json") {
+        println!(
+            "{}",
+            json!({
+                "single": { "tokens": single.tokens, "secs": single.total.as_secs_f64(), "first_secs": single.first.as_secs_f64() },
+                "batch": { "streams": streams, "tokens": total, "secs": wall.as_secs_f64(), "first_secs": slowest_first.as_secs_f64() },
+            })
+        );
+    }
     println!(
         "{streams} streams: {total} tokens in {wall:.2?} => {:.1} tokens/s aggregate, {:.1} per stream (slowest first token {:.0?})",
         f64::from(total) / wall.as_secs_f64(),

@@ -49,6 +49,31 @@ fn error_of(text: &str) -> (String, Option<String>) {
     }
 }
 
+/// Tells the gateway to revoke this device's credential
+/// (`POST /v1/provider/logout`). An answer of 401 means it already was.
+pub async fn revoke(creds: &Credentials) -> anyhow::Result<()> {
+    let gateway = creds.gateway.trim_end_matches('/');
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .context("building the HTTP client")?;
+    let res = http
+        .post(format!("{gateway}{}", cxmpute_protocol::link::LOGOUT_PATH))
+        .bearer_auth(creds.credential())
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the gateway at {gateway}"))?;
+    let status = res.status();
+    if status.is_success() || status == reqwest::StatusCode::UNAUTHORIZED {
+        return Ok(());
+    }
+    let text = res.text().await.unwrap_or_default();
+    anyhow::bail!(
+        "the gateway did not sign the device out ({status}): {}",
+        error_of(&text).0
+    )
+}
+
 /// Runs the whole flow, writing instructions for the owner to `out`.
 pub async fn login(gateway: &str, name: &str, out: &mut impl Write) -> anyhow::Result<Credentials> {
     let gateway = gateway.trim_end_matches('/');

@@ -32,7 +32,8 @@ enum Command {
         #[arg(long, env = "CXMPUTE_CREDENTIALS")]
         credentials: Option<PathBuf>,
     },
-    /// Delete the saved device credentials.
+    /// Sign this device out: the gateway revokes its credential, and the saved
+    /// credentials are deleted (also when the gateway cannot be reached).
     Logout {
         /// The credentials file (default: $XDG_CONFIG_HOME/cxmpute/credentials.toml).
         #[arg(long, env = "CXMPUTE_CREDENTIALS")]
@@ -403,17 +404,31 @@ async fn login(gateway: &str, name: Option<String>, path: Option<PathBuf>) -> an
     Ok(())
 }
 
-fn logout(path: Option<PathBuf>) -> anyhow::Result<()> {
+async fn logout(path: Option<PathBuf>) -> anyhow::Result<()> {
     let path = path.unwrap_or_else(credentials::default_path);
-    if credentials::remove(&path)? {
-        println!(
-            "Deleted {}. The device stays on your account until it is removed there.",
-            path.display()
-        );
-    } else {
+    let Some(creds) = credentials::load(&path)? else {
         println!("No saved credentials at {}.", path.display());
+        return Ok(());
+    };
+    let revoked = cxmpute_provider::device_login::revoke(&creds).await;
+    credentials::remove(&path)?;
+    match revoked {
+        Ok(()) => {
+            println!(
+                "Signed out: {} revoked this device's credential; deleted {}.",
+                creds.gateway,
+                path.display()
+            );
+            Ok(())
+        }
+        Err(e) => {
+            println!("Deleted {}.", path.display());
+            Err(e.context(format!(
+                "the credential is deleted here, but {} still accepts it until it is revoked there",
+                creds.gateway
+            )))
+        }
     }
-    Ok(())
 }
 
 #[tokio::main]
@@ -429,7 +444,7 @@ async fn main() -> std::process::ExitCode {
             init_logging(false);
             login(&gateway, name, credentials).await
         }
-        Command::Logout { credentials } => logout(credentials),
+        Command::Logout { credentials } => logout(credentials).await,
         Command::Start(args) => {
             init_logging(args.log_json);
             match config_from(args) {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use cxmpute_protocol::link::{Hello, Register, DRAIN_PATH, REGISTER_PATH};
+use cxmpute_protocol::link::{Hello, Placement, Register, DRAIN_PATH, REGISTER_PATH};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -232,7 +232,7 @@ pub async fn run(mut config: NodeConfig, shutdown: CancellationToken) -> anyhow:
     }
     let engines = build_engines(&config, upstream).await?;
     let ollama = engines.ollama.clone();
-    let result = run_with_engines(config, engines, shutdown).await;
+    let result = run_with_engines(config, engines, Some(req.hardware.tier), shutdown).await;
     // Whatever ended the node, models it pulled into Ollama go again.
     if let Some(ollama) = ollama {
         ollama.remove_pulled().await;
@@ -240,7 +240,14 @@ pub async fn run(mut config: NodeConfig, shutdown: CancellationToken) -> anyhow:
     result
 }
 
-pub async fn run_with_engines(config: NodeConfig, engines: Engines, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Runs the node with `engines` until `shutdown`; `tier` is what the hardware
+/// probe found (announced for the public network figures).
+pub async fn run_with_engines(
+    config: NodeConfig,
+    engines: Engines,
+    tier: Option<u8>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     config.validate()?;
     let credential = config.credential.clone().unwrap_or_default();
     let offers = engines.offers();
@@ -253,6 +260,11 @@ pub async fn run_with_engines(config: NodeConfig, engines: Engines, shutdown: Ca
         node_version: env!("CARGO_PKG_VERSION").into(),
         offers,
         max_concurrency: config.max_concurrency,
+        placement: Placement {
+            tier,
+            country: config.location.country.clone(),
+            region: config.location.region.clone(),
+        },
     };
     for o in &hello.offers {
         tracing::info!(service = %o.service, model = %o.model, "offering");

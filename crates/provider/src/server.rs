@@ -13,10 +13,9 @@ use axum::http::{header, Response, StatusCode};
 use axum::middleware::{self, Next};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use base64::Engine as _;
 use bytes::Bytes;
 use cxmpute_protocol::link::{Hello, HELLO_PATH};
-use cxmpute_protocol::openai::{ChatRequest, EmbeddingInput, EmbeddingsRequest, EncodingFormat, SpeechRequest};
+use cxmpute_protocol::openai::{ChatRequest, EmbeddingInput, EmbeddingsRequest, SpeechRequest};
 use cxmpute_protocol::parse::parse_json;
 use serde::Deserialize;
 use serde_json::json;
@@ -284,29 +283,12 @@ async fn embeddings(State(state): State<NodeState>, body: Bytes) -> Response<Bod
             )
         }
     };
-    let base64 = req.encoding_format == Some(EncodingFormat::Base64);
-    let data: Vec<_> = embedded
-        .vectors
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            let embedding = if base64 {
-                let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
-                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
-            } else {
-                json!(v)
-            };
-            json!({ "object": "embedding", "index": i, "embedding": embedding })
-        })
-        .collect();
-    let tokens = embedded.prompt_tokens;
-    let body = json!({
-        "object": "list",
-        "data": data,
-        "model": req.model,
-        "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
-    });
-    axum::response::IntoResponse::into_response(Json(body))
+    crate::engines::embeddings_response(
+        &embedded.vectors,
+        req.encoding_format,
+        &req.model,
+        embedded.prompt_tokens as u64,
+    )
 }
 
 async fn scrape(State(state): State<NodeState>, body: Bytes) -> Response<Body> {

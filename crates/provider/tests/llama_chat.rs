@@ -332,6 +332,7 @@ async fn serve(engine: Arc<LlamaChat>) -> String {
         node_version: "test".into(),
         offers: engines.offers(),
         max_concurrency: 8,
+        placement: Default::default(),
     };
     let state = NodeState {
         engines: Arc::new(engines),

@@ -44,6 +44,7 @@ async fn serve(ollama: Ollama) -> String {
         node_version: "test".into(),
         offers: engines.offers(),
         max_concurrency: 8,
+        placement: Default::default(),
     };
     let state = NodeState {
         engines: Arc::new(engines),

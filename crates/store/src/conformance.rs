@@ -56,6 +56,7 @@ macro_rules! conformance_tests {
             device_codes,
             concurrent_device_polls,
             assignments,
+            device_revocation,
             account_search_and_adjustments,
             pricing_versions_and_banners,
             usage_and_provider_aggregates,

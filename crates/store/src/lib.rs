@@ -344,6 +344,9 @@ pub trait Store: AdminStore + ReferralStore + Send + Sync + 'static {
     async fn device(&self, id: &str) -> Result<Option<Device>>;
     async fn devices(&self, account_id: &str) -> Result<Vec<Device>>;
     async fn touch_device(&self, id: &str, at: Millis) -> Result<()>;
+    /// Makes the device's credential useless for good (its access-key hash
+    /// is cleared; the device and its history stay). True if it had one.
+    async fn revoke_device(&self, id: &str) -> Result<bool>;
     /// Inserts or updates (device, service, model), returning the provision id.
     async fn upsert_provision(
         &self,

@@ -315,6 +315,14 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn revoke_device(&self, id: &str) -> Result<bool> {
+        let done = sqlx::query(crate::devices::REVOKE_DEVICE)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn upsert_provision(
         &self,
         device_id: &str,

@@ -244,75 +244,6 @@ pub(crate) const INSERT_PAYOUT: &str = "INSERT INTO ledger (account_id, kind, am
      VALUES ($1, 'referral', $2, $3, $4, $5) ON CONFLICT (request_id, kind, account_id) DO NOTHING RETURNING id";
 pub(crate) const CREDIT: &str = "UPDATE accounts SET balance = balance + $2 WHERE id = $1 AND balance <= $3 - $2";
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn days_have_bounds() {
-        assert_eq!(day_bounds("1970-01-01").ok(), Some((0, 86_400_000)));
-        let (start, end) = day_bounds("2026-11-28").unwrap();
-        assert_eq!(crate::day_of(start), "2026-11-28");
-        assert_eq!(crate::day_of(end), "2026-11-29");
-        assert_eq!(day_bounds("2000-02-29").map(|(s, _)| s).ok(), Some(951_782_400_000));
-        for bad in [
-            "2026-02-30",
-            "2026-13-01",
-            "26-01-01",
-            "2026-1-01",
-            "x",
-            "2026-01-01-01",
-        ] {
-            assert!(day_bounds(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn three_levels_are_paid_by_share() {
-        let plan = ReferralPlan {
-            reward_bps: vec![1000, 500, 250],
-            spend_bps: vec![1500, 800, 400],
-            first_usage_bonus: 0,
-        };
-        // d was referred by c, c by b, b by a, a by z: four levels up.
-        let edges: HashMap<String, String> = [("d", "c"), ("c", "b"), ("b", "a"), ("a", "z")]
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let p = plan_payouts(
-            "2026-01-01",
-            &plan,
-            &edges,
-            &[("d".into(), 10_000)],
-            &[("d".into(), 1_000)],
-        );
-        let got: Vec<(&str, u8, PayoutKind, i64)> = p
-            .iter()
-            .map(|p| (p.referrer_id.as_str(), p.level, p.kind, p.amount))
-            .collect();
-        assert_eq!(
-            got,
-            vec![
-                ("a", 3, PayoutKind::Reward, 250),
-                ("a", 3, PayoutKind::Spend, 40),
-                ("b", 2, PayoutKind::Reward, 500),
-                ("b", 2, PayoutKind::Spend, 80),
-                ("c", 1, PayoutKind::Reward, 1000),
-                ("c", 1, PayoutKind::Spend, 150),
-            ]
-        );
-        assert_eq!(p[4].key, "referral:2026-01-01:d:1:reward");
-    }
-
-    #[test]
-    fn codes_read_back() {
-        let c = new_code();
-        assert_eq!(normalize_code(&format!(" {} ", c.to_lowercase())), Some(c));
-        assert_eq!(normalize_code("short"), None);
-        assert_eq!(normalize_code("ABCD-123"), None);
-    }
-}
-
 /// Implements [`crate::ReferralStore`] for a backend (see `impl_admin_store`).
 #[macro_export]
 #[doc(hidden)]
@@ -486,4 +417,73 @@ macro_rules! impl_referral_store {
             }
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_have_bounds() {
+        assert_eq!(day_bounds("1970-01-01").ok(), Some((0, 86_400_000)));
+        let (start, end) = day_bounds("2026-11-28").unwrap();
+        assert_eq!(crate::day_of(start), "2026-11-28");
+        assert_eq!(crate::day_of(end), "2026-11-29");
+        assert_eq!(day_bounds("2000-02-29").map(|(s, _)| s).ok(), Some(951_782_400_000));
+        for bad in [
+            "2026-02-30",
+            "2026-13-01",
+            "26-01-01",
+            "2026-1-01",
+            "x",
+            "2026-01-01-01",
+        ] {
+            assert!(day_bounds(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn three_levels_are_paid_by_share() {
+        let plan = ReferralPlan {
+            reward_bps: vec![1000, 500, 250],
+            spend_bps: vec![1500, 800, 400],
+            first_usage_bonus: 0,
+        };
+        // d was referred by c, c by b, b by a, a by z: four levels up.
+        let edges: HashMap<String, String> = [("d", "c"), ("c", "b"), ("b", "a"), ("a", "z")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let p = plan_payouts(
+            "2026-01-01",
+            &plan,
+            &edges,
+            &[("d".into(), 10_000)],
+            &[("d".into(), 1_000)],
+        );
+        let got: Vec<(&str, u8, PayoutKind, i64)> = p
+            .iter()
+            .map(|p| (p.referrer_id.as_str(), p.level, p.kind, p.amount))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a", 3, PayoutKind::Reward, 250),
+                ("a", 3, PayoutKind::Spend, 40),
+                ("b", 2, PayoutKind::Reward, 500),
+                ("b", 2, PayoutKind::Spend, 80),
+                ("c", 1, PayoutKind::Reward, 1000),
+                ("c", 1, PayoutKind::Spend, 150),
+            ]
+        );
+        assert_eq!(p[4].key, "referral:2026-01-01:d:1:reward");
+    }
+
+    #[test]
+    fn codes_read_back() {
+        let c = new_code();
+        assert_eq!(normalize_code(&format!(" {} ", c.to_lowercase())), Some(c));
+        assert_eq!(normalize_code("short"), None);
+        assert_eq!(normalize_code("ABCD-123"), None);
+    }
 }

@@ -327,6 +327,14 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn revoke_device(&self, id: &str) -> Result<bool> {
+        let done = sqlx::query(crate::devices::REVOKE_DEVICE)
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn upsert_provision(
         &self,
         device_id: &str,

@@ -178,11 +178,11 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, axum::Json(json!({ "error": message }))).into_response()
 }
 
-fn parse(body: &Bytes) -> Result<Value, Response> {
+fn parse(body: &Bytes) -> Result<Value, Box<Response>> {
     serde_json::from_slice::<Value>(body)
         .ok()
         .filter(Value::is_object)
-        .ok_or_else(|| error(StatusCode::BAD_REQUEST, "invalid JSON body"))
+        .ok_or_else(|| Box::new(error(StatusCode::BAD_REQUEST, "invalid JSON body")))
 }
 
 /// The model a request names (`model`, or the older `name`).
@@ -249,7 +249,7 @@ fn ndjson(lines: Vec<Value>, delay: Duration) -> Response {
 async fn pull(State(state): State<Arc<FakeState>>, body: Bytes) -> Response {
     let req = match parse(&body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Some(model) = model_of(&req) else {
         return error(StatusCode::BAD_REQUEST, "model is required");
@@ -292,7 +292,7 @@ async fn pull(State(state): State<Arc<FakeState>>, body: Bytes) -> Response {
 async fn remove(State(state): State<Arc<FakeState>>, body: Bytes) -> Response {
     let req = match parse(&body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Some(model) = model_of(&req) else {
         return error(StatusCode::BAD_REQUEST, "model is required");
@@ -334,7 +334,7 @@ fn prompt_words(messages: &[Value]) -> u64 {
 async fn chat(State(state): State<Arc<FakeState>>, body: Bytes) -> Response {
     let req = match parse(&body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     state.log().chats.push(req.clone());
     let Some(model) = model_of(&req) else {
@@ -432,7 +432,7 @@ async fn chat(State(state): State<Arc<FakeState>>, body: Bytes) -> Response {
 async fn embed(State(state): State<Arc<FakeState>>, body: Bytes) -> Response {
     let req = match parse(&body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     state.log().embeds.push(req.clone());
     let Some(model) = model_of(&req) else {

@@ -39,6 +39,7 @@ pub async fn register(
 ) -> anyhow::Result<usize> {
     let hello = hello(&transport).await?;
     let assignment = state.store.assignment(&device.id).await?;
+    let placement = Arc::new(crate::pools::NodePlacement::from_announced(&hello.placement));
     let mut provisions = Vec::new();
     for offer in &hello.offers {
         let Some(service) = Service::parse(&offer.service) else {
@@ -62,15 +63,18 @@ pub async fn register(
             .store
             .upsert_provision(&device.id, service, &offer.model, transport.mode(), endpoint)
             .await?;
-        provisions.push(Arc::new(Provision::new(
-            id,
-            device.id.clone(),
-            device.account_id.clone(),
-            service,
-            offer.model.clone(),
-            transport.clone(),
-            session,
-        )));
+        provisions.push(Arc::new(
+            Provision::new(
+                id,
+                device.id.clone(),
+                device.account_id.clone(),
+                service,
+                offer.model.clone(),
+                transport.clone(),
+                session,
+            )
+            .with_placement(placement.clone()),
+        ));
     }
     state
         .store

@@ -1,5 +1,6 @@
-//! `GET /v1/provider/stats`: what a node's dashboard shows about its earnings,
-//! asked with the node's own device credential.
+//! What a node asks with its own device credential besides linking:
+//! `GET /v1/provider/stats` (its dashboard's earnings) and
+//! `POST /v1/provider/logout` (forget this device's credential).
 
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -32,4 +33,16 @@ pub async fn stats(State(state): State<AppState>, headers: HeaderMap) -> Result<
         "today_requests": today_requests,
         "all_time_reward": all_time_reward,
     })))
+}
+
+/// Revokes the calling device's credential and closes its links; the device
+/// and its history stay (shown as signed out). A suspended account's node
+/// may still sign out.
+pub async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    let token = auth::bearer(&headers).ok_or_else(ApiError::missing_key)?;
+    let device = auth::verify_device_secret(state.store.as_ref(), token).await?;
+    let revoked = state.store.revoke_device(&device.id).await?;
+    let (links, _) = crate::web::ops::disconnect_device(&state, &device.id).await?;
+    tracing::info!(device = %device.id, links, "device signed out");
+    Ok(Json(json!({ "device_id": device.id, "revoked": revoked })))
 }

@@ -527,7 +527,7 @@ fn pricing_from_form(form: &Form, current: &Pricing) -> Result<Pricing, String> 
                 models.insert(
                     model.to_string(),
                     ModelPrice {
-                        input: price(*input).ok_or_else(bad)?,
+                        input: price(input).ok_or_else(bad)?,
                         output: None,
                     },
                 );
@@ -536,8 +536,8 @@ fn pricing_from_form(form: &Form, current: &Pricing) -> Result<Pricing, String> 
                 models.insert(
                     model.to_string(),
                     ModelPrice {
-                        input: price(*input).ok_or_else(bad)?,
-                        output: Some(price(*output).ok_or_else(bad)?),
+                        input: price(input).ok_or_else(bad)?,
+                        output: Some(price(output).ok_or_else(bad)?),
                     },
                 );
             }

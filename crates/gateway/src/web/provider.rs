@@ -32,23 +32,35 @@ async fn overview(state: &AppState, user: &WebUser) -> Result<Value, ApiError> {
     let (requests_all, reward_all) = state.store.provider_totals(account).await?;
     let today = day_of(now);
     let today_row = earned.iter().find(|d| d.day == today);
-    let devices: Vec<Value> = devices
-        .iter()
-        .map(|d| {
-            let provisions: Vec<Value> = stored
-                .iter()
-                .filter(|p| p.device_id == d.id)
-                .map(|p| {
-                    let online = live.iter().any(|l| l.id == p.id);
-                    json!({ "id": p.id, "service": p.service, "model": p.model, "mode": p.mode, "online": online })
-                })
-                .collect();
-            json!({
-                "id": d.id, "name": d.name, "created_at": d.created_at, "last_seen_at": d.last_seen_at,
-                "online": live.iter().any(|l| l.device_id == d.id), "provisions": provisions,
+    let mut listed = Vec::with_capacity(devices.len());
+    for d in &devices {
+        let provisions: Vec<Value> = stored
+            .iter()
+            .filter(|p| p.device_id == d.id)
+            .map(|p| {
+                let online = live.iter().any(|l| l.id == p.id);
+                json!({ "id": p.id, "service": p.service, "model": p.model, "mode": p.mode, "online": online })
             })
-        })
-        .collect();
+            .collect();
+        // The hardware it reported and what the orchestrator assigned it.
+        let assignment = state.store.assignment(&d.id).await?;
+        let hardware = assignment
+            .as_ref()
+            .and_then(|a| serde_json::from_str::<Value>(&a.hardware).ok())
+            .unwrap_or(Value::Null);
+        let assigned: Vec<Value> = assignment
+            .iter()
+            .flat_map(|a| &a.models)
+            .map(|(service, model)| json!({ "service": service, "model": model }))
+            .collect();
+        listed.push(json!({
+            "id": d.id, "name": d.name, "created_at": d.created_at, "last_seen_at": d.last_seen_at,
+            "online": live.iter().any(|l| l.device_id == d.id),
+            "signed_out": d.access_key_hash.is_empty(),
+            "hardware": hardware, "assigned": assigned, "provisions": provisions,
+        }));
+    }
+    let devices = listed;
     Ok(json!({
         "devices": devices,
         "earnings": {
@@ -117,13 +129,16 @@ pub async fn page_handler(State(s): State<AppState>, headers: HeaderMap) -> Resu
             "<h3>{name} <span class=\"muted secret\">{id}</span></h3><p>{state}; last seen {seen}.</p>",
             name = esc(d["name"].as_str().unwrap_or("")),
             id = esc(d["id"].as_str().unwrap_or("")),
-            state = if d["online"].as_bool().unwrap_or(false) {
+            state = if d["signed_out"].as_bool().unwrap_or(false) {
+                "signed out (its credential was revoked)"
+            } else if d["online"].as_bool().unwrap_or(false) {
                 "<strong>online</strong>"
             } else {
                 "offline"
             },
             seen = d["last_seen_at"].as_i64().map_or("never".into(), when),
         ));
+        body.push_str(&hardware_line(&d["hardware"], &d["assigned"]));
         let provisions = d["provisions"].as_array().cloned().unwrap_or_default();
         if !provisions.is_empty() {
             body.push_str("<table><thead><tr><th scope=\"col\">Service</th><th scope=\"col\">Model</th><th scope=\"col\">Mode</th><th scope=\"col\">State</th></tr></thead><tbody>");
@@ -145,4 +160,54 @@ pub async fn page_handler(State(s): State<AppState>, headers: HeaderMap) -> Resu
     }
     let header = "<nav><a href=\"/app\">Dashboard</a> · <a href=\"/app/provider\">Provider</a></nav>";
     Ok(respond(StatusCode::OK, page("Provider", header, &body)))
+}
+
+/// "Tier 2 (Blue Surf) · 8 GiB GPU · 32 GiB RAM · …; assigned: chat gemma-3-270m, …"
+fn hardware_line(hw: &Value, assigned: &Value) -> String {
+    if hw.is_null() {
+        return "<p class=\"muted\">No hardware report yet (sent when the node starts).</p>".into();
+    }
+    use cxmpute_protocol::assign::TIER_NAMES as TIERS;
+    let tier = hw["tier"].as_u64().unwrap_or(0) as usize;
+    let mut parts = vec![format!(
+        "Tier {tier} ({})",
+        TIERS.get(tier).copied().unwrap_or("unknown")
+    )];
+    let gib = |mb: u64| format!("{:.1} GiB", mb as f64 / 1024.0);
+    if let Some(v) = hw["vram_mb"].as_u64() {
+        parts.push(format!("{} GPU memory", gib(v)));
+    }
+    if let Some(v) = hw["ram_mb"].as_u64() {
+        parts.push(format!("{} RAM", gib(v)));
+    }
+    if let Some(v) = hw["cpu_threads"].as_u64() {
+        parts.push(format!("{v} CPU threads"));
+    }
+    if let Some(v) = hw["free_disk_mb"].as_u64() {
+        parts.push(format!("{} free disk", gib(v)));
+    }
+    if let Some(os) = hw["os"].as_str() {
+        parts.push(os.to_string());
+    }
+    let assigned: Vec<String> = assigned
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| {
+            format!(
+                "{} {}",
+                a["service"].as_str().unwrap_or(""),
+                a["model"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    format!(
+        "<p>{}.<br>Assigned: {}.</p>",
+        esc(&parts.join(" · ")),
+        if assigned.is_empty() {
+            "nothing from the catalog".to_string()
+        } else {
+            esc(&assigned.join(", "))
+        }
+    )
 }

@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 use super::html::{esc, page, respond, usd};
 use super::PageError;
 use crate::error::ApiError;
+use crate::pools::NodePlacement;
 use crate::state::AppState;
 
 pub const STATS_TTL: Duration = Duration::from_secs(10);
@@ -31,10 +32,12 @@ pub struct StatsCache(Mutex<Option<(Instant, String, NetworkUsage)>>);
 pub struct PublicStats {
     /// Distinct devices with a live provision on this gateway.
     pub providers_online: usize,
-    /// Providers by tier and by region; nodes do not report either yet, so
-    /// every provider counts as `unknown`.
+    /// Providers by tier (`0`-`4`) and by region (`NL`, `NL · South
+    /// Holland`) as nodes announce them; `unknown` for nodes that did not.
     pub providers_by_tier: BTreeMap<String, usize>,
     pub providers_by_region: BTreeMap<String, usize>,
+    /// The same by tier and region together.
+    pub providers_by_tier_and_region: Vec<PlacementCount>,
     pub models: Vec<PoolStats>,
     /// The UTC day the usage figures are for.
     pub day: String,
@@ -46,6 +49,13 @@ pub struct PublicStats {
 }
 
 #[derive(Debug, Serialize)]
+pub struct PlacementCount {
+    pub tier: String,
+    pub region: String,
+    pub providers: usize,
+}
+
+#[derive(Debug, Serialize)]
 pub struct PoolStats {
     pub service: Service,
     pub model: String,
@@ -54,23 +64,36 @@ pub struct PoolStats {
 
 pub async fn stats(state: &AppState) -> Result<PublicStats, ApiError> {
     let live = state.pools.all();
-    let mut devices: Vec<&str> = live.iter().map(|p| p.device_id.as_str()).collect();
-    devices.sort_unstable();
-    devices.dedup();
+    // One entry per device: its provisions share one placement.
+    let devices: BTreeMap<&str, &NodePlacement> = live
+        .iter()
+        .map(|p| (p.device_id.as_str(), p.placement.as_ref()))
+        .collect();
     let online = devices.len();
-    let unknown = |n: usize| -> BTreeMap<String, usize> {
-        if n == 0 {
-            BTreeMap::new()
-        } else {
-            BTreeMap::from([("unknown".to_string(), n)])
-        }
-    };
+    let mut by_tier = BTreeMap::new();
+    let mut by_region = BTreeMap::new();
+    let mut by_both: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for placement in devices.values() {
+        let tier = placement.tier.map_or("unknown".to_string(), |t| t.to_string());
+        let region = placement.region.clone().unwrap_or_else(|| "unknown".to_string());
+        *by_tier.entry(tier.clone()).or_insert(0) += 1;
+        *by_region.entry(region.clone()).or_insert(0) += 1;
+        *by_both.entry((tier, region)).or_insert(0) += 1;
+    }
     let today = day_of(now_millis());
     let usage = today_usage(state, &today).await?;
     Ok(PublicStats {
         providers_online: online,
-        providers_by_tier: unknown(online),
-        providers_by_region: unknown(online),
+        providers_by_tier: by_tier,
+        providers_by_region: by_region,
+        providers_by_tier_and_region: by_both
+            .into_iter()
+            .map(|((tier, region), providers)| PlacementCount {
+                tier,
+                region,
+                providers,
+            })
+            .collect(),
         models: state
             .pools
             .summary()
@@ -183,10 +206,22 @@ pub async fn network_page(State(s): State<AppState>) -> Result<Response, PageErr
             .map_or("no chat requests yet".into(), |v| format!("{v} tokens/s")),
     ));
     body.push_str("<h2>Providers by tier and region</h2><table><thead><tr><th scope=\"col\">Tier</th><th scope=\"col\">Region</th><th scope=\"col\">Providers</th></tr></thead><tbody>");
-    if st.providers_online > 0 {
+    for row in &st.providers_by_tier_and_region {
+        let tier = row
+            .tier
+            .parse::<usize>()
+            .ok()
+            .and_then(|t| {
+                cxmpute_protocol::assign::TIER_NAMES
+                    .get(t)
+                    .map(|name| format!("{t} · {name}"))
+            })
+            .unwrap_or_else(|| row.tier.clone());
         body.push_str(&format!(
-            "<tr><td>unknown</td><td>unknown</td><td>{}</td></tr>",
-            st.providers_online
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&tier),
+            esc(&row.region),
+            row.providers
         ));
     }
     body.push_str("</tbody></table><h2>Models online</h2>");

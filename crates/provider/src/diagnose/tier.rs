@@ -30,7 +30,7 @@ const GIB: u64 = 1 << 30;
 /// Floors of levels 1..=4 in bytes, before the 95% slack.
 const FLOORS: [u64; 4] = [GIB, 4 * GIB, 8 * GIB, 22 * GIB];
 
-const NAMES: [&str; 5] = ["Basic", "Tide Pool", "Blue Surf", "Open Ocean", "Mariana Depth"];
+use cxmpute_protocol::assign::TIER_NAMES as NAMES;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tier {

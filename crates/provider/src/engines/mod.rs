@@ -103,3 +103,39 @@ pub fn error_response(status: StatusCode, kind: &str, message: &str) -> Response
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     res
 }
+
+/// The OpenAI embeddings answer for `vectors`: each as a float array, or as
+/// base64 of its little-endian `f32`s when the request asked for `base64`.
+pub fn embeddings_response(
+    vectors: &[Vec<f32>],
+    format: Option<cxmpute_protocol::openai::EncodingFormat>,
+    model: &str,
+    prompt_tokens: u64,
+) -> Response<Body> {
+    use base64::Engine as _;
+    use serde_json::json;
+    let base64 = format == Some(cxmpute_protocol::openai::EncodingFormat::Base64);
+    let data: Vec<serde_json::Value> = vectors
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({ "object": "embedding", "index": i, "embedding": embedding })
+        })
+        .collect();
+    let body = json!({
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": { "prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens },
+    });
+    let mut res = Response::new(Body::from(body.to_string()));
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}

@@ -17,12 +17,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use axum::body::Body;
 use axum::http::{header, HeaderValue, Response, StatusCode};
-use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 use cxmpute_protocol::link::Offer;
-use cxmpute_protocol::openai::{
-    ChatMessage, ChatRequest, EmbeddingInput, EmbeddingsRequest, EncodingFormat, MessageContent, Role,
-};
+use cxmpute_protocol::openai::{ChatMessage, ChatRequest, EmbeddingInput, EmbeddingsRequest, MessageContent, Role};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -451,28 +448,12 @@ impl Ollama {
                 )
             }
         };
-        let base64 = req.encoding_format == Some(EncodingFormat::Base64);
-        let data: Vec<Value> = embedded
-            .embeddings
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                let embedding = if base64 {
-                    let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
-                    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
-                } else {
-                    json!(v)
-                };
-                json!({ "object": "embedding", "index": i, "embedding": embedding })
-            })
-            .collect();
-        let tokens = embedded.prompt_eval_count;
-        axum::response::IntoResponse::into_response(axum::Json(json!({
-            "object": "list",
-            "data": data,
-            "model": req.model,
-            "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
-        })))
+        super::embeddings_response(
+            &embedded.embeddings,
+            req.encoding_format,
+            &req.model,
+            embedded.prompt_eval_count,
+        )
     }
 }
 

@@ -246,3 +246,24 @@ pub async fn assignments(s: Arc<dyn Store>) {
         Err(StoreError::NotFound(_))
     ));
 }
+
+pub async fn device_revocation(s: Arc<dyn Store>) {
+    let s = &*s;
+    let owner = account_with(s, "owner", 0).await;
+    let dev = device_of(s, &owner, "dev_revoke").await;
+    let other = device_of(s, &owner, "dev_keep").await;
+    assert!(s.revoke_device(&dev.id).await.expect("revoke"));
+    assert!(!s.revoke_device(&dev.id).await.expect("again"), "only once");
+    assert!(!s.revoke_device("dev_missing").await.expect("missing"));
+    let revoked = s.device(&dev.id).await.expect("read").expect("kept");
+    assert_eq!(revoked.access_key_hash, "", "the hash is gone");
+    assert_eq!(
+        (revoked.name.as_str(), revoked.account_id.as_str()),
+        (dev.name.as_str(), owner.id.as_str())
+    );
+    assert_eq!(
+        s.device(&other.id).await.expect("read"),
+        Some(other),
+        "other devices keep theirs"
+    );
+}
