@@ -40,7 +40,7 @@ enum Command {
         credentials: Option<PathBuf>,
     },
     /// Link to the gateway and serve requests until Ctrl-C / SIGTERM.
-    Start(StartArgs),
+    Start(Box<StartArgs>),
     /// Fetch the built-in models into the cache and print where they are.
     FetchModel {
         /// Only this model: all-minilm-l6-v2, gemma-3-270m or piper-en-us-joe-medium
@@ -435,7 +435,7 @@ async fn logout(path: Option<PathBuf>) -> anyhow::Result<()> {
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Start(args) if interactive(&args) => start_interactive(args).await,
+        Command::Start(args) if interactive(&args) => start_interactive(*args).await,
         Command::Login {
             gateway,
             name,
@@ -447,7 +447,7 @@ async fn main() -> std::process::ExitCode {
         Command::Logout { credentials } => logout(credentials).await,
         Command::Start(args) => {
             init_logging(args.log_json);
-            match config_from(args) {
+            match config_from(*args) {
                 Ok(config) => {
                     tracing::info!(config = ?config, "starting node");
                     let stop = CancellationToken::new();

@@ -126,6 +126,11 @@ pub struct StoredAssignment {
     pub assigned_at: Millis,
 }
 
+/// Clears a device's access-key hash: no secret hashes to the empty string,
+/// so its credential never verifies again.
+pub(crate) const REVOKE_DEVICE: &str =
+    "UPDATE devices SET access_key_hash = '' WHERE id = $1 AND access_key_hash <> ''";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,8 +163,3 @@ mod tests {
         assert_eq!(judge_poll(row("approved", None), 100_000), PollStep::Expired);
     }
 }
-
-/// Clears a device's access-key hash: no secret hashes to the empty string,
-/// so its credential never verifies again.
-pub(crate) const REVOKE_DEVICE: &str =
-    "UPDATE devices SET access_key_hash = '' WHERE id = $1 AND access_key_hash <> ''";

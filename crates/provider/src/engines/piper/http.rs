@@ -33,30 +33,34 @@ fn bad_request(message: &str, param: &str) -> Response<Body> {
     res
 }
 
-/// Checks a request against what this voice can do.
-fn validate(voice: &PiperVoice, req: &SpeechRequest) -> Result<(Format, f32), Response<Body>> {
+fn bad_field(message: impl Into<String>, param: &'static str) -> (String, &'static str) {
+    (message.into(), param)
+}
+
+/// Checks a request against what this voice can do; the error names the field.
+fn validate(voice: &PiperVoice, req: &SpeechRequest) -> Result<(Format, f32), (String, &'static str)> {
     let chars = req.input.chars().count();
     if req.input.trim().is_empty() {
-        return Err(bad_request("'input' must not be empty", "input"));
+        return Err(bad_field("'input' must not be empty", "input"));
     }
     if chars > MAX_CHARACTERS {
-        return Err(bad_request(
-            &format!("'input' is longer than {MAX_CHARACTERS} characters"),
+        return Err(bad_field(
+            format!("'input' is longer than {MAX_CHARACTERS} characters"),
             "input",
         ));
     }
     if let Some(v) = &req.voice {
         if !voice.accepts_voice(v) {
-            return Err(bad_request(
-                &format!("unknown voice '{v}'; this model speaks as: {}", voice.voices.join(", ")),
+            return Err(bad_field(
+                format!("unknown voice '{v}'; this model speaks as: {}", voice.voices.join(", ")),
                 "voice",
             ));
         }
     }
-    let format = Format::parse(req.response_format.as_deref()).map_err(|m| bad_request(&m, "response_format"))?;
+    let format = Format::parse(req.response_format.as_deref()).map_err(|m| bad_field(m, "response_format"))?;
     let speed = req.speed.unwrap_or(1.0);
     if !(0.25..=4.0).contains(&speed) || speed.is_nan() {
-        return Err(bad_request("'speed' must be between 0.25 and 4.0", "speed"));
+        return Err(bad_field("'speed' must be between 0.25 and 4.0", "speed"));
     }
     Ok((format, speed))
 }
@@ -66,7 +70,7 @@ type Chunk = Result<Bytes, String>;
 pub async fn speech(voice: Arc<PiperVoice>, cpu_slots: Arc<Semaphore>, req: SpeechRequest) -> Response<Body> {
     let (format, speed) = match validate(&voice, &req) {
         Ok(v) => v,
-        Err(res) => return res,
+        Err((message, param)) => return bad_request(&message, param),
     };
     let Ok(slot) = cpu_slots.acquire_owned().await else {
         return error_response(
