@@ -191,6 +191,10 @@ async function main() {
       const text = await user.textContent("body");
       return text.includes("Recent usage") && text.includes(MODEL) && !text.includes("No requests yet");
     });
+    check(
+      (await user.textContent("body")).includes(`curl ${GATEWAY}/v1/chat/completions`),
+      "the code snippets use the gateway's real address"
+    );
     await shot(user, "dashboard");
 
     step = "provider sees earnings";

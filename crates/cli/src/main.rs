@@ -128,6 +128,7 @@ async fn up(port: u16, data_dir: &Path, upstream: Option<String>, engines: Built
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("port {port} is busy: pass --port to use another"))?;
+    let addr = listener.local_addr()?;
     let base = format!("http://{addr}");
     let db = data_dir.join("gateway.db");
     let config = Config {

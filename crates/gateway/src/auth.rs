@@ -13,7 +13,7 @@ use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 use cxmpute_store::ids::{hash_secret, new_id, random_secret};
-use cxmpute_store::{ApiKey, KeyAuth, NewApiKey, Service, Store};
+use cxmpute_store::{ApiKey, KeyAuth, KeySettings, NewApiKey, Service, Store};
 
 use crate::error::ApiError;
 
@@ -117,11 +117,8 @@ pub struct KeyOptions {
     pub rpm_limit: Option<u32>,
 }
 
-/// Creates a key; the returned string is the only time the secret exists in clear.
-pub async fn create_key(store: &dyn Store, account_id: &str, opts: KeyOptions) -> Result<(ApiKey, String), ApiError> {
-    if store.account(account_id).await?.is_none() {
-        return Err(ApiError::not_found(format!("no account '{account_id}'")));
-    }
+/// Checks a key's options; a missing name becomes `default_name`.
+pub fn key_settings(opts: KeyOptions, default_name: &str) -> Result<KeySettings, ApiError> {
     let allowed_services = match opts.allowed_services {
         None => None,
         Some(list) => Some(
@@ -135,16 +132,40 @@ pub async fn create_key(store: &dyn Store, account_id: &str, opts: KeyOptions) -
                 .collect::<Result<Vec<_>, _>>()?,
         ),
     };
+    if allowed_services.as_ref().is_some_and(Vec::is_empty) {
+        return Err(
+            ApiError::bad_request("allowed_services must name at least one service").with_param("allowed_services")
+        );
+    }
     if opts.credit_limit.is_some_and(|l| l < 0) {
         return Err(ApiError::bad_request("credit_limit must not be negative").with_param("credit_limit"));
     }
     if opts.rpm_limit == Some(0) {
         return Err(ApiError::bad_request("rpm_limit must be at least 1").with_param("rpm_limit"));
     }
-    let name = opts.name.unwrap_or_else(|| "default".into());
+    let name = opts.name.unwrap_or_else(|| default_name.into());
     if name.chars().count() > 100 {
         return Err(ApiError::bad_request("name is longer than 100 characters").with_param("name"));
     }
+    Ok(KeySettings {
+        name,
+        credit_limit: opts.credit_limit,
+        allowed_services,
+        rpm_limit: opts.rpm_limit,
+    })
+}
+
+/// Creates a key; the returned string is the only time the secret exists in clear.
+pub async fn create_key(store: &dyn Store, account_id: &str, opts: KeyOptions) -> Result<(ApiKey, String), ApiError> {
+    if store.account(account_id).await?.is_none() {
+        return Err(ApiError::not_found(format!("no account '{account_id}'")));
+    }
+    let KeySettings {
+        name,
+        credit_limit,
+        allowed_services,
+        rpm_limit,
+    } = key_settings(opts, "default")?;
     let id = new_id("");
     let secret = random_secret();
     let full = format!("{KEY_PREFIX}{id}-{secret}");
@@ -155,9 +176,9 @@ pub async fn create_key(store: &dyn Store, account_id: &str, opts: KeyOptions) -
             account_id: account_id.to_string(),
             name,
             secret_hash: hash_secret(&secret),
-            credit_limit: opts.credit_limit,
+            credit_limit,
             allowed_services,
-            rpm_limit: opts.rpm_limit,
+            rpm_limit,
         })
         .await?;
     Ok((key, full))

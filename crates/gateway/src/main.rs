@@ -156,6 +156,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {}", config.listen))?;
             let addr = listener.local_addr()?;
+            // The address actually bound (port 0 picks one): pages show it.
+            config.listen = addr;
             tracing::info!(addr = %addr, config = ?config, "gateway listening");
             // One machine-readable line for scripts and tests that bind port 0.
             println!("listening on http://{addr}");

@@ -33,6 +33,8 @@ pub struct Provision {
     pub session: u64,
     /// The node's tier and region as it announced them (public figures only).
     pub placement: Arc<NodePlacement>,
+    /// When it joined the pools (ms since the epoch): the device's uptime.
+    pub linked_at: i64,
     in_flight: AtomicU32,
     /// Exponentially weighted latency to the response head, in microseconds.
     ewma_us: AtomicU64,
@@ -97,6 +99,7 @@ impl Provision {
             transport,
             session,
             placement: Arc::default(),
+            linked_at: cxmpute_store::now_millis(),
             in_flight: AtomicU32::new(0),
             ewma_us: AtomicU64::new(1_000),
             failures: AtomicU32::new(0),

@@ -404,6 +404,7 @@ async fn an_admin_disconnects_a_device_and_public_stats_count_what_is_live() {
     let mut prov_b = Browser::with_session(&session_for(app.store.as_ref(), &provider.id).await);
     let p = prov_b.get(&app, "/web/api/provider").await.json();
     assert_eq!(p["devices"][0]["online"], true);
+    assert!(p["devices"][0]["uptime_secs"].as_i64().is_some_and(|s| s < 600), "{p}");
     assert_eq!(p["requests_served"]["today"], 3);
     assert!(p["earnings"]["all_time"].as_i64().unwrap() > 0);
     let page = prov_b.get(&app, "/app/provider").await;
@@ -430,6 +431,7 @@ async fn an_admin_disconnects_a_device_and_public_stats_count_what_is_live() {
     assert_eq!(chat(&app, &key).await.status, StatusCode::SERVICE_UNAVAILABLE);
     let p = prov_b.get(&app, "/web/api/provider").await.json();
     assert_eq!(p["devices"][0]["online"], false);
+    assert_eq!(p["devices"][0]["uptime_secs"], serde_json::Value::Null);
     let r = root
         .json(&app, Method::POST, "/web/api/admin/devices/dev_nope/disconnect", "")
         .await;
@@ -652,4 +654,64 @@ async fn the_dashboard_charts_usage_and_pages_the_ledger() {
     ] {
         assert!(page.body.contains(part), "{part} missing");
     }
+}
+
+#[tokio::test]
+async fn an_owner_edits_a_key_and_the_new_limits_apply_at_once() {
+    let app = gateway().await;
+    let provider = app.store.create_account("prov", None).await.unwrap();
+    provider_device(&app, &provider).await;
+    let (user, mut user_b) = signed_in(&app, "user", "user@example.com").await;
+    let key = funded_key(&app, &user).await;
+    assert_eq!(chat(&app, &key).await.status, StatusCode::OK);
+    let key_id = app.store.api_keys(&user.id).await.unwrap()[0].id.clone();
+    let uri = format!("/web/api/keys/{key_id}");
+
+    // Embeddings only: the cached key is dropped, so chat is refused at once.
+    let r = user_b
+        .json(
+            &app,
+            Method::PATCH,
+            &uri,
+            r#"{"name":"emb only","allowed_services":["embeddings"],"rpm_limit":100}"#,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.json()["info"]["name"], "emb only");
+    assert_eq!(r.json()["info"]["rpm_limit"], 100);
+    let refused = chat(&app, &key).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.body);
+    assert_eq!(refused.json()["error"]["code"], "service_not_allowed");
+
+    // Bad settings are refused and change nothing.
+    for (body, param) in [
+        (r#"{"rpm_limit":0}"#, "rpm_limit"),
+        (r#"{"allowed_services":["telepathy"]}"#, "allowed_services"),
+        (r#"{"allowed_services":[]}"#, "allowed_services"),
+        (r#"{"credit_limit":-1}"#, "credit_limit"),
+    ] {
+        let r = user_b.json(&app, Method::PATCH, &uri, body).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {}", r.body);
+        assert_eq!(r.json()["error"]["param"], param, "{body}");
+    }
+    let (_, mut other_b) = signed_in(&app, "other", "other@example.com").await;
+    let r = other_b.json(&app, Method::PATCH, &uri, r#"{"name":"mine now"}"#).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    let kept = &app.store.api_keys(&user.id).await.unwrap()[0];
+    assert_eq!((kept.name.as_str(), kept.rpm_limit), ("emb only", Some(100)));
+
+    // Absent limits are lifted and an absent name is kept: chat works again.
+    let r = user_b.json(&app, Method::PATCH, &uri, "{}").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.json()["info"]["name"], "emb only");
+    assert_eq!(r.json()["info"]["rpm_limit"], serde_json::Value::Null);
+    assert_eq!(chat(&app, &key).await.status, StatusCode::OK);
+
+    // The dashboard's form does the same, and a revoked key cannot be edited.
+    let page = user_b.get(&app, "/app").await;
+    assert!(page.body.contains("Edit key emb only"), "{}", page.body);
+    let r = user_b.json(&app, Method::DELETE, &uri, "").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = user_b.json(&app, Method::PATCH, &uri, r#"{"name":"back"}"#).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
 }

@@ -40,10 +40,12 @@ fn expected(method: &str, path: &str) -> Option<[u16; 5]> {
         ("GET", "/app") => [303, 200, 200, 403, 200],
         ("POST", "/app/keys") => [303, 200, 200, 403, 200],
         ("POST", "/app/keys/{id}/revoke") => [303, 404, 303, 403, 404],
+        ("POST", "/app/keys/{id}/edit") => [303, 404, 303, 403, 404],
         ("GET", "/web/api/me") => [401, 200, 200, 403, 200],
         ("GET", "/web/api/keys") => [401, 200, 200, 403, 200],
         ("POST", "/web/api/keys") => [401, 201, 201, 403, 201],
         ("DELETE", "/web/api/keys/{id}") => [401, 404, 200, 403, 404],
+        ("PATCH", "/web/api/keys/{id}") => [401, 404, 200, 403, 404],
         ("GET", "/web/api/ledger") => [401, 200, 200, 403, 200],
         ("GET", "/web/api/usage") => [401, 200, 200, 403, 200],
         ("GET", "/web/api/admin/accounts") => [401, 403, 403, 403, 200],
@@ -77,6 +79,7 @@ fn form_fields(path: &str) -> Vec<(&'static str, &'static str)> {
         "/admin/users/{id}/credits" => vec![("kind", "deposit"), ("amount_usd", "1"), ("reason", "matrix")],
         "/admin/users/{id}/suspend" | "/admin/users/{id}/unsuspend" => vec![("reason", "matrix")],
         "/admin/banners" => vec![("message", "matrix"), ("ends", "2099-01-01T00:00")],
+        "/app/keys/{id}/edit" => vec![("name", "edited"), ("service", "chat")],
         _ => vec![],
     }
 }
@@ -90,6 +93,7 @@ fn json_body(method: &str, path: &str) -> &'static str {
         }
         ("POST", "/web/api/admin/pricing") => "{}",
         ("POST", "/web/api/admin/banners") => r#"{"message":"matrix","ends_at":4070908800000}"#,
+        ("PATCH", "/web/api/keys/{id}") => r#"{"name":"edited","rpm_limit":5}"#,
         _ => "",
     }
 }
@@ -218,12 +222,17 @@ async fn every_web_route_answers_each_caller_as_the_table_says() {
                     got.body.chars().take(200).collect::<String>()
                 ));
             }
-            // Whoever may not revoke a key must have left it alone.
-            let revoked = s.key_auth(&key).await.unwrap().unwrap().key.revoked_at.is_some();
-            let revoking = path.contains("keys/{id}");
-            let allowed = revoking && *who == Who::Owner;
-            if revoked != allowed {
+            // Whoever may not revoke or edit a key must have left it alone.
+            let now = s.key_auth(&key).await.unwrap().unwrap().key;
+            let revoked = now.revoked_at.is_some();
+            let editing = *path == "/app/keys/{id}/edit" || *method == "PATCH";
+            let revoking = path.contains("keys/{id}") && !editing;
+            if revoked != (revoking && *who == Who::Owner) {
                 failures.push(format!("{method} {path} as {who:?}: key revoked = {revoked}"));
+            }
+            let edited = now.name == "edited";
+            if edited != (editing && *who == Who::Owner) {
+                failures.push(format!("{method} {path} as {who:?}: key edited = {edited}"));
             }
         }
     }

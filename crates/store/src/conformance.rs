@@ -57,6 +57,7 @@ macro_rules! conformance_tests {
             concurrent_device_polls,
             assignments,
             device_revocation,
+            api_key_edits,
             account_search_and_adjustments,
             pricing_versions_and_banners,
             usage_and_provider_aggregates,

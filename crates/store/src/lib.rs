@@ -178,6 +178,15 @@ pub struct NewApiKey {
     pub rpm_limit: Option<u32>,
 }
 
+/// A key's owner-editable settings (see [`Store::update_api_key`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySettings {
+    pub name: String,
+    pub credit_limit: Option<i64>,
+    pub allowed_services: Option<Vec<Service>>,
+    pub rpm_limit: Option<u32>,
+}
+
 /// What the gateway needs on every request, read in one query: the key and
 /// the owning account's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -338,6 +347,9 @@ pub trait Store: AdminStore + ReferralStore + Send + Sync + 'static {
     async fn key_auth(&self, key_id: &str) -> Result<Option<KeyAuth>>;
     /// Returns false when no such key exists.
     async fn revoke_api_key(&self, key_id: &str) -> Result<bool>;
+    /// Replaces a live key's name and limits (its secret, spend and history
+    /// stay); false when there is no such key or it was revoked.
+    async fn update_api_key(&self, key_id: &str, settings: &KeySettings) -> Result<bool>;
 
     // Provider devices and provisions
     async fn create_device(&self, account_id: &str, name: &str, id: &str, access_key_hash: &str) -> Result<Device>;

@@ -277,6 +277,10 @@ pub(crate) fn parse_models(rows: Vec<(String, String)>) -> Result<Vec<(Service, 
 
 /// Stored as a comma-separated list; `None` (every service) stays NULL, while
 /// an empty list (no service) is stored as `''` so the two are not confused.
+/// `update_api_key`, the same on both backends.
+pub(crate) const UPDATE_API_KEY: &str = "UPDATE api_keys SET name = $2, credit_limit = $3, allowed_services = $4, \
+     rpm_limit = $5 WHERE id = $1 AND revoked_at IS NULL";
+
 pub(crate) fn services_to_text(services: Option<&[Service]>) -> Option<String> {
     services.map(|list| list.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","))
 }

@@ -34,8 +34,8 @@ use crate::rows::{
 };
 use crate::{
     ids::new_id, now_millis, redact_url, rules, Account, ApiKey, DailyRollup, Device, HoldOutcome, HoldRequest,
-    KeyAuth, LedgerEntry, LedgerKind, Millis, NewApiKey, ProvisionRecord, Result, Service, SettleOutcome, Store,
-    StoreError, UsageRecord,
+    KeyAuth, KeySettings, LedgerEntry, LedgerKind, Millis, NewApiKey, ProvisionRecord, Result, Service, SettleOutcome,
+    Store, StoreError, UsageRecord,
 };
 
 const READERS: u32 = 8;
@@ -280,6 +280,18 @@ impl Store for SqliteStore {
             .execute(&self.writer)
             .await?;
         Ok(done.rows_affected() > 0)
+    }
+
+    async fn update_api_key(&self, key_id: &str, settings: &KeySettings) -> Result<bool> {
+        let done = sqlx::query(crate::rows::UPDATE_API_KEY)
+            .bind(key_id)
+            .bind(&settings.name)
+            .bind(settings.credit_limit)
+            .bind(services_to_text(settings.allowed_services.as_deref()))
+            .bind(settings.rpm_limit.map(i64::from))
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn create_device(&self, account_id: &str, name: &str, id: &str, access_key_hash: &str) -> Result<Device> {

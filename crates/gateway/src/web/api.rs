@@ -46,6 +46,20 @@ pub async fn create_key(State(s): State<AppState>, h: HeaderMap, body: Bytes) ->
     Ok((StatusCode::CREATED, Json(json!({ "key": secret, "info": key }))))
 }
 
+/// `PATCH /web/api/keys/{id}`: new name, credit limit, services and RPM
+/// (absent limits are lifted; an absent name keeps the old one).
+pub async fn update_key(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let user = require_json_csrf(&s, &h).await?;
+    let opts: KeyOptions = parse_json(&body).map_err(ApiError::invalid_body)?;
+    let key = super::app::update_own_key(&s, &user, &id, opts).await?;
+    Ok(Json(json!({ "info": key })))
+}
+
 /// `DELETE /web/api/keys/{id}`.
 pub async fn revoke_key(
     State(s): State<AppState>,

@@ -76,7 +76,15 @@ pub async fn dashboard(
 pub fn base_url(state: &AppState) -> String {
     match &state.config.web.public_url {
         Some(url) => url.trim_end_matches('/').to_string(),
-        None => format!("http://{}", state.config.listen),
+        None => {
+            // Listening on every interface: this machine's loopback works at
+            // least; `web.public_url` names the address others should use.
+            let mut addr = state.config.listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("http://{addr}")
+        }
     }
 }
 
@@ -141,6 +149,59 @@ pub async fn revoke_key(
     };
     revoke_own_key(&state, &user, &id).await?;
     Ok(session::redirect("/app"))
+}
+
+/// `POST /app/keys/{id}/edit`: the edit form of a key (the create form's fields).
+pub async fn edit_key(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, PageError> {
+    let form = Form::parse(&body);
+    let user = match require_form(&state, &headers, &form).await? {
+        Ok(user) => user,
+        Err(res) => return Ok(res),
+    };
+    let opts = match key_options(&form) {
+        Ok(opts) => opts,
+        Err(problem) => return render(&state, &user, StatusCode::BAD_REQUEST, None, Some(&problem)).await,
+    };
+    match update_own_key(&state, &user, &id, opts).await {
+        Ok(_) => Ok(session::redirect("/app")),
+        Err(e) if e.status == StatusCode::BAD_REQUEST => render(&state, &user, e.status, None, Some(&e.message)).await,
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Changes `key_id`'s settings if it is a live key of `user`; 404 otherwise.
+pub async fn update_own_key(
+    state: &AppState,
+    user: &WebUser,
+    key_id: &str,
+    opts: KeyOptions,
+) -> Result<ApiKey, ApiError> {
+    let Some(current) = state
+        .store
+        .key_auth(key_id)
+        .await?
+        .map(|k| k.key)
+        .filter(|k| k.account_id == user.account.id && k.revoked_at.is_none())
+    else {
+        return Err(ApiError::not_found(format!("no key '{key_id}'")));
+    };
+    let settings = crate::auth::key_settings(opts, &current.name)?;
+    if !state.store.update_api_key(key_id, &settings).await? {
+        return Err(ApiError::not_found(format!("no key '{key_id}'")));
+    }
+    state.keys.evict(key_id);
+    tracing::info!(account = %user.account.id, key = %key_id, "api key edited on the web");
+    state
+        .store
+        .key_auth(key_id)
+        .await?
+        .map(|k| k.key)
+        .ok_or_else(|| ApiError::not_found(format!("no key '{key_id}'")))
 }
 
 /// Revokes `key_id` if it belongs to `user`; 404 otherwise (also for keys of
@@ -311,6 +372,9 @@ fn keys_section(keys: &[ApiKey], csrf: &str) -> String {
             ));
         }
         html.push_str("</tbody></table>");
+        for k in keys.iter().filter(|k| k.revoked_at.is_none()) {
+            html.push_str(&edit_form(k, csrf));
+        }
     }
     let boxes: String = Service::ALL
         .iter()
@@ -331,6 +395,34 @@ fn keys_section(keys: &[ApiKey], csrf: &str) -> String {
          <div><button type=\"submit\">Create key</button></div></form>"
     ));
     html
+}
+
+/// A live key's settings as a form, folded away until opened.
+fn edit_form(k: &ApiKey, csrf: &str) -> String {
+    let id = esc(&k.id);
+    let boxes: String = Service::ALL
+        .iter()
+        .map(|s| {
+            let on = k.allowed_services.as_ref().is_none_or(|list| list.contains(s));
+            format!(
+                "<input type=\"checkbox\" id=\"e-svc-{s}-{id}\" name=\"service\" value=\"{s}\"{c}> <label for=\"e-svc-{s}-{id}\">{s}</label>",
+                s = s.as_str(),
+                c = if on { " checked" } else { "" },
+            )
+        })
+        .collect();
+    format!(
+        "<details><summary>Edit key {name}</summary><form method=\"post\" action=\"/app/keys/{id}/edit\">\
+         <input type=\"hidden\" name=\"{CSRF_FIELD}\" value=\"{csrf}\">\
+         <label for=\"e-name-{id}\">Name</label><input id=\"e-name-{id}\" name=\"name\" type=\"text\" maxlength=\"100\" value=\"{name}\">\
+         <label for=\"e-limit-{id}\">Credit limit in USD (empty: no limit)</label><input id=\"e-limit-{id}\" name=\"credit_limit_usd\" type=\"text\" inputmode=\"decimal\" value=\"{limit}\">\
+         <label for=\"e-rpm-{id}\">Requests per minute (empty: no limit)</label><input id=\"e-rpm-{id}\" name=\"rpm_limit\" type=\"number\" min=\"1\" value=\"{rpm}\">\
+         <fieldset><legend>Services</legend>{boxes}</fieldset>\
+         <div><button type=\"submit\">Save key</button></div></form></details>",
+        name = esc(&k.name),
+        limit = k.credit_limit.map(usd).unwrap_or_default(),
+        rpm = k.rpm_limit.map(|n| n.to_string()).unwrap_or_default(),
+    )
 }
 
 const USAGE_DAYS: i64 = 30;

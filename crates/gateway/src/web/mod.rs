@@ -62,10 +62,12 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/app"),
     ("POST", "/app/keys"),
     ("POST", "/app/keys/{id}/revoke"),
+    ("POST", "/app/keys/{id}/edit"),
     ("GET", "/web/api/me"),
     ("GET", "/web/api/keys"),
     ("POST", "/web/api/keys"),
     ("DELETE", "/web/api/keys/{id}"),
+    ("PATCH", "/web/api/keys/{id}"),
     ("GET", "/web/api/ledger"),
     ("GET", "/web/api/usage"),
     ("GET", "/web/api/admin/accounts"),
@@ -114,9 +116,10 @@ pub fn routes() -> Router<AppState> {
         .route("/app", get(app::dashboard))
         .route("/app/keys", post(app::create_key))
         .route("/app/keys/{id}/revoke", post(app::revoke_key))
+        .route("/app/keys/{id}/edit", post(app::edit_key))
         .route("/web/api/me", get(api::me))
         .route("/web/api/keys", get(api::list_keys).post(api::create_key))
-        .route("/web/api/keys/{id}", delete(api::revoke_key))
+        .route("/web/api/keys/{id}", delete(api::revoke_key).patch(api::update_key))
         .route("/web/api/ledger", get(api::ledger))
         .route("/web/api/usage", get(api::usage))
         .route("/v1/device/code", post(device::api::request_code))

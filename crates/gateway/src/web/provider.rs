@@ -53,9 +53,12 @@ async fn overview(state: &AppState, user: &WebUser) -> Result<Value, ApiError> {
             .flat_map(|a| &a.models)
             .map(|(service, model)| json!({ "service": service, "model": model }))
             .collect();
+        // Online since its current link (or registration) came up.
+        let online_since = live.iter().filter(|l| l.device_id == d.id).map(|l| l.linked_at).min();
         listed.push(json!({
             "id": d.id, "name": d.name, "created_at": d.created_at, "last_seen_at": d.last_seen_at,
-            "online": live.iter().any(|l| l.device_id == d.id),
+            "online": online_since.is_some(), "online_since": online_since,
+            "uptime_secs": online_since.map(|t| (now - t).max(0) / 1000),
             "signed_out": d.access_key_hash.is_empty(),
             "hardware": hardware, "assigned": assigned, "provisions": provisions,
         }));
@@ -130,11 +133,11 @@ pub async fn page_handler(State(s): State<AppState>, headers: HeaderMap) -> Resu
             name = esc(d["name"].as_str().unwrap_or("")),
             id = esc(d["id"].as_str().unwrap_or("")),
             state = if d["signed_out"].as_bool().unwrap_or(false) {
-                "signed out (its credential was revoked)"
-            } else if d["online"].as_bool().unwrap_or(false) {
-                "<strong>online</strong>"
+                "signed out (its credential was revoked)".to_string()
+            } else if let Some(up) = d["uptime_secs"].as_i64() {
+                format!("<strong>online</strong> for {}", uptime(up))
             } else {
-                "offline"
+                "offline".to_string()
             },
             seen = d["last_seen_at"].as_i64().map_or("never".into(), when),
         ));
@@ -210,4 +213,26 @@ fn hardware_line(hw: &Value, assigned: &Value) -> String {
             esc(&assigned.join(", "))
         }
     )
+}
+
+/// "3 d 4 h", "2 h 5 min", "12 min", "40 s".
+fn uptime(secs: i64) -> String {
+    let (d, h, m) = (secs / 86_400, secs % 86_400 / 3_600, secs % 3_600 / 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{secs} s"),
+        (0, 0, m) => format!("{m} min"),
+        (0, h, m) => format!("{h} h {m} min"),
+        (d, h, _) => format!("{d} d {h} h"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn uptimes_read_naturally() {
+        assert_eq!(super::uptime(40), "40 s");
+        assert_eq!(super::uptime(12 * 60 + 5), "12 min");
+        assert_eq!(super::uptime(2 * 3_600 + 5 * 60), "2 h 5 min");
+        assert_eq!(super::uptime(3 * 86_400 + 4 * 3_600 + 59), "3 d 4 h");
+    }
 }

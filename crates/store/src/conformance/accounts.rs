@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::{account_with, device_of, key_of};
-use crate::{LedgerKind, NewApiKey, Service, Store, StoreError};
+use crate::{KeySettings, LedgerKind, NewApiKey, Service, Store, StoreError};
 
 pub async fn accounts_and_deposits(s: Arc<dyn Store>) {
     let s = &*s;
@@ -216,5 +216,47 @@ pub async fn devices_and_provisions(s: Arc<dyn Store>) {
             (Service::Chat, "llama".to_string()),
             (Service::Embeddings, "bge".to_string()),
         ]
+    );
+}
+
+pub async fn api_key_edits(s: Arc<dyn Store>) {
+    let s = &*s;
+    let a = account_with(s, "a", 0).await;
+    let key = key_of(s, &a, "kedit", Some(1_000)).await;
+    let settings = KeySettings {
+        name: "renamed".into(),
+        credit_limit: None,
+        allowed_services: Some(vec![Service::Speech]),
+        rpm_limit: Some(30),
+    };
+    assert!(s.update_api_key(&key.id, &settings).await.expect("update"));
+    let got = s.key_auth(&key.id).await.expect("read").expect("exists").key;
+    assert_eq!(
+        (
+            got.name.as_str(),
+            got.credit_limit,
+            got.allowed_services.clone(),
+            got.rpm_limit
+        ),
+        ("renamed", None, Some(vec![Service::Speech]), Some(30))
+    );
+    assert_eq!(
+        (got.secret_hash, got.spent),
+        (key.secret_hash.clone(), key.spent),
+        "secret and spend stay"
+    );
+    assert!(!s.update_api_key("knope", &settings).await.expect("missing"));
+    s.revoke_api_key(&key.id).await.expect("revoke");
+    let back = KeySettings {
+        name: "again".into(),
+        ..settings
+    };
+    assert!(
+        !s.update_api_key(&key.id, &back).await.expect("revoked"),
+        "revoked keys stay as they were"
+    );
+    assert_eq!(
+        s.key_auth(&key.id).await.expect("read").expect("exists").key.name,
+        "renamed"
     );
 }
