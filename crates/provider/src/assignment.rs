@@ -114,7 +114,7 @@ pub fn request(
 /// the future). `Ok(None)`: the gateway predates the orchestrator (no such
 /// route), so everything is offered.
 pub async fn fetch(gateway: &str, credential: &str, req: &AssignmentRequest) -> anyhow::Result<Option<Assignment>> {
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build()?;
+    let http = crate::gateway_tls::http_client(Duration::from_secs(15))?;
     let url = format!("{}{ASSIGNMENT_PATH}", gateway.trim_end_matches('/'));
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -139,7 +139,12 @@ pub async fn fetch(gateway: &str, credential: &str, req: &AssignmentRequest) -> 
                 );
             }
             Ok(res) => tracing::warn!(status = %res.status(), "the gateway could not make an assignment; retrying"),
-            Err(e) => tracing::warn!(error = %e, "cannot reach the gateway for an assignment; retrying"),
+            Err(e) => {
+                if let Some(why) = crate::gateway_tls::certificate_problem(&e) {
+                    anyhow::bail!("cannot ask {gateway} for an assignment: {why}");
+                }
+                tracing::warn!(error = ?e, "cannot reach the gateway for an assignment; retrying")
+            }
         }
         let jitter = rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 2);
         tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;

@@ -53,10 +53,7 @@ fn error_of(text: &str) -> (String, Option<String>) {
 /// (`POST /v1/provider/logout`). An answer of 401 means it already was.
 pub async fn revoke(creds: &Credentials) -> anyhow::Result<()> {
     let gateway = creds.gateway.trim_end_matches('/');
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .context("building the HTTP client")?;
+    let http = crate::gateway_tls::http_client(Duration::from_secs(10))?;
     let res = http
         .post(format!("{gateway}{}", cxmpute_protocol::link::LOGOUT_PATH))
         .bearer_auth(creds.credential())
@@ -81,10 +78,7 @@ pub async fn login(gateway: &str, name: &str, out: &mut impl Write) -> anyhow::R
         gateway.starts_with("http://") || gateway.starts_with("https://"),
         "the gateway must be an http:// or https:// URL, got '{gateway}'"
     );
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(15))
-        .build()
-        .context("building the HTTP client")?;
+    let http = crate::gateway_tls::http_client(Duration::from_secs(15))?;
     let res = http
         .post(format!("{gateway}/v1/device/code"))
         .json(&json!({ "name": name }))

@@ -20,6 +20,7 @@ pub mod credentials;
 pub mod device_login;
 pub mod diagnose;
 pub mod engines;
+pub mod gateway_tls;
 pub mod link;
 pub mod models;
 pub mod node;

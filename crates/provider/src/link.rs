@@ -19,6 +19,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::status::Phase;
 
+/// The link's byte stream: plain TCP or TLS over it.
+trait LinkIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> LinkIo for T {}
+
 /// Why one link attempt ended.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -33,27 +37,41 @@ pub struct LinkTarget {
     pub host: String,
     pub port: u16,
     pub authority: String,
+    /// Set for `https://` gateways.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for LinkTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkTarget")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 pub fn parse_gateway(url: &str) -> anyhow::Result<LinkTarget> {
     let uri: http::Uri = url.parse().with_context(|| format!("not a URL: {url}"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => anyhow::bail!(
-            "https gateways are not supported by this node yet: link to the gateway's plain HTTP port \
-             (docs/decisions.md explains the TLS plan)"
-        ),
-        _ => anyhow::bail!("the gateway URL must start with http://"),
-    }
+    let (tls, default_port) = match uri.scheme_str() {
+        Some("http") => (None, 80),
+        Some("https") => (Some(crate::gateway_tls::link_config()?), 443),
+        _ => anyhow::bail!("the gateway URL must start with http:// or https://"),
+    };
     let host = uri
         .host()
         .context("the gateway URL has no host")?
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
-    let port = uri.port_u16().unwrap_or(80);
+    let port = uri.port_u16().unwrap_or(default_port);
     let authority = uri.authority().map(|a| a.to_string()).unwrap_or_else(|| host.clone());
-    Ok(LinkTarget { host, port, authority })
+    Ok(LinkTarget {
+        host,
+        port,
+        authority,
+        tls,
+    })
 }
 
 /// Keeps a link up until `stop` is cancelled. Returns only on stop or refusal,
@@ -114,7 +132,28 @@ async fn connect_once(
         .with_context(|| format!("cannot connect to the gateway at {}:{}", target.host, target.port))?;
     // Without this, small streamed chunks stall on Nagle + delayed ACK.
     tcp.set_nodelay(true).context("TCP_NODELAY")?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(tcp))
+    let io: Box<dyn LinkIo> = match &target.tls {
+        None => Box::new(tcp),
+        Some(config) => {
+            let name = rustls::pki_types::ServerName::try_from(target.host.clone())
+                .with_context(|| format!("'{}' is not a TLS server name", target.host))?;
+            match tokio_rustls::TlsConnector::from(config.clone())
+                .connect(name, tcp)
+                .await
+            {
+                Ok(tls) => Box::new(tls),
+                Err(e) => {
+                    if let Some(why) = crate::gateway_tls::certificate_problem(&e) {
+                        return Err(LinkError::Refused(format!("{}: {why}", target.authority)));
+                    }
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("TLS handshake with the gateway at {}", target.authority))
+                        .into());
+                }
+            }
+        }
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(io))
         .await
         .context("HTTP handshake with the gateway")?;
     tokio::spawn(async move {
@@ -183,7 +222,8 @@ mod tests {
     fn gateway_urls() {
         let t = parse_gateway("http://127.0.0.1:8080").unwrap();
         assert_eq!((t.host.as_str(), t.port), ("127.0.0.1", 8080));
-        assert!(parse_gateway("https://x").is_err());
+        let tls = parse_gateway("https://gw.example.com").unwrap();
+        assert_eq!((tls.port, tls.tls.is_some()), (443, true));
         assert!(parse_gateway("ftp://x").is_err());
         let t = parse_gateway("http://[::1]:9").unwrap();
         assert_eq!(t.host, "::1");

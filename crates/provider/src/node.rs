@@ -302,7 +302,7 @@ pub async fn run_with_engines(
                 .await;
         });
     }
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build()?;
+    let http = crate::gateway_tls::http_client(Duration::from_secs(15))?;
     let gateway = config.gateway.trim_end_matches('/').to_string();
     let link_task = match (&config.direct_url, &direct_token) {
         (Some(url), Some(token)) => {

@@ -244,7 +244,7 @@ pub async fn poll_earnings(
     refresh: Arc<tokio::sync::Notify>,
     stop: CancellationToken,
 ) {
-    let Ok(http) = reqwest::Client::builder().timeout(Duration::from_secs(10)).build() else {
+    let Ok(http) = crate::gateway_tls::http_client(Duration::from_secs(10)) else {
         return;
     };
     let url = format!("{}/v1/provider/stats", gateway.trim_end_matches('/'));
