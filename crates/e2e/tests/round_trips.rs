@@ -246,3 +246,39 @@ async fn every_service_round_trips_on_postgres() {
         round_trips(db).await;
     }
 }
+
+/// A scrape answer far larger than any buffer on the way (4 pages of 4 MiB,
+/// each in two formats: over 32 MiB) arrives whole and is billed per page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_scrape_answer_is_billed_per_page() {
+    let db = Db::sqlite().await;
+    let gw = Gateway::start(&db.url).await;
+    let (_, cred) = gw.device().await;
+    let _node = Node::start(&gw, &cred, &["--scrape-allow-loopback"]).await;
+    gw.wait_providers("web-scrape", 1, Duration::from_secs(30)).await;
+    let (account, key) = gw.account(1_000_000_000_000, json!({})).await;
+    let site = page_server().await;
+    let urls: Vec<String> = (0..4).map(|i| format!("{site}/big?n={i}")).collect();
+    let res = gw
+        .post("/v1/scrape", &key)
+        .json(&json!({"urls": urls, "formats": ["markdown", "text"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let body = res.bytes().await.unwrap();
+    assert!(body.len() > 32 << 20, "answer of {} bytes", body.len());
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 4);
+    for r in results {
+        assert!(r["error"].is_null(), "{}", r["error"]);
+        assert!(r["markdown"].as_str().unwrap().len() >= 4_000_000);
+    }
+
+    let store = db.store().await;
+    let usage = store.usage_for_account(&account, 10).await.unwrap();
+    assert_eq!(usage.len(), 1);
+    assert_eq!(usage[0].pages, 4, "every page is billed, however large the answer");
+    assert_eq!(usage[0].cost, 4 * 13_000_000);
+}

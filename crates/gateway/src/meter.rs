@@ -1,5 +1,6 @@
 //! Reading what an answer contains while it streams past: SSE events for
-//! streamed chat, a bounded copy of JSON answers for the rest.
+//! streamed chat, a streaming page count for scrape answers, a bounded copy
+//! of JSON answers for the rest.
 //!
 //! What the gateway trusts (see docs/metering.md): the node's token counts are
 //! accepted only inside bounds the gateway computes itself — prompt tokens
@@ -10,6 +11,9 @@
 use bytes::{Bytes, BytesMut};
 use cxmpute_protocol::openai::Usage;
 use serde::Deserialize;
+
+mod scrape;
+use scrape::ScrapeScan;
 
 /// Copies of JSON answers larger than this are not kept; such answers are
 /// metered from the gateway's own bounds.
@@ -40,6 +44,9 @@ pub enum Meter {
     },
     /// JSON answers: forwarded as they come, copied (bounded) for metering.
     Json { copy: Vec<u8>, overflow: bool },
+    /// Scrape answers: forwarded as they come, pages counted on the way
+    /// (any size, no copy).
+    Scrape(ScrapeScan),
     /// Audio and other bytes: only counted.
     Opaque,
 }
@@ -66,18 +73,6 @@ struct Delta<'a> {
     content: Option<std::borrow::Cow<'a, str>>,
 }
 
-#[derive(Deserialize)]
-struct ScrapeAnswer {
-    #[serde(default)]
-    results: Vec<ScrapeResult>,
-}
-
-#[derive(Deserialize)]
-struct ScrapeResult {
-    #[serde(default)]
-    error: Option<serde_json::Value>,
-}
-
 impl Meter {
     pub fn sse(strip_usage: bool) -> Meter {
         Meter::Sse {
@@ -94,11 +89,19 @@ impl Meter {
         }
     }
 
+    pub fn scrape() -> Meter {
+        Meter::Scrape(ScrapeScan::new())
+    }
+
     /// Takes one chunk of the answer; returns what to forward now.
     pub fn push(&mut self, chunk: Bytes, seen: &mut Observed) -> Option<Bytes> {
         seen.bytes += chunk.len() as u64;
         match self {
             Meter::Opaque => Some(chunk),
+            Meter::Scrape(scan) => {
+                scan.push(&chunk);
+                Some(chunk)
+            }
             Meter::Json { copy, overflow } => {
                 if !*overflow {
                     if copy.len() + chunk.len() > JSON_COPY_LIMIT {
@@ -128,21 +131,16 @@ impl Meter {
 
     /// The answer ended: finish metering; returns bytes still to forward after
     /// settlement (a held `[DONE]`, or an unterminated last event).
-    pub fn finish(&mut self, seen: &mut Observed, service_is_scrape: bool) -> Option<Bytes> {
+    pub fn finish(&mut self, seen: &mut Observed) -> Option<Bytes> {
         match self {
             Meter::Opaque => None,
+            Meter::Scrape(scan) => {
+                seen.pages_ok = scan.finish();
+                None
+            }
             Meter::Json { copy, overflow } => {
                 if !*overflow && !copy.is_empty() {
-                    if service_is_scrape {
-                        if let Ok(a) = serde_json::from_slice::<ScrapeAnswer>(copy) {
-                            seen.pages_ok = Some(
-                                a.results
-                                    .iter()
-                                    .filter(|r| r.error.as_ref().is_none_or(|e| e.is_null()))
-                                    .count() as u64,
-                            );
-                        }
-                    } else if let Ok(c) = serde_json::from_slice::<Chunk>(copy) {
+                    if let Ok(c) = serde_json::from_slice::<Chunk>(copy) {
                         seen.usage = c.usage;
                         for choice in &c.choices {
                             if let Some(text) = choice.message.as_ref().and_then(|m| m.content.as_ref()) {
@@ -262,7 +260,7 @@ mod tests {
         assert_eq!(seen.content_chunks, 2);
         assert_eq!(seen.content_bytes, 5);
         assert_eq!(seen.usage.unwrap().completion_tokens, 2);
-        let tail = m.finish(&mut seen, false).unwrap();
+        let tail = m.finish(&mut seen).unwrap();
         assert_eq!(&tail[..], b"data: [DONE]\n\n");
     }
 
@@ -287,14 +285,14 @@ mod tests {
         let (a, b) = body.split_at(20);
         assert!(m.push(Bytes::from(a.to_string()), &mut seen).is_some());
         assert!(m.push(Bytes::from(b.to_string()), &mut seen).is_some());
-        assert!(m.finish(&mut seen, false).is_none());
+        assert!(m.finish(&mut seen).is_none());
         assert_eq!(seen.usage.unwrap().prompt_tokens, 4);
         assert_eq!(seen.content_bytes, 3);
     }
 
     #[test]
     fn scrape_pages_are_counted() {
-        let mut m = Meter::json();
+        let mut m = Meter::scrape();
         let mut seen = Observed::default();
         m.push(
             Bytes::from_static(
@@ -302,7 +300,7 @@ mod tests {
             ),
             &mut seen,
         );
-        m.finish(&mut seen, true);
+        m.finish(&mut seen);
         assert_eq!(seen.pages_ok, Some(2));
     }
 

@@ -43,8 +43,12 @@ pub struct Caller {
 /// How to read the answer.
 #[derive(Debug, Clone, Copy)]
 pub enum MeterKind {
-    Sse { strip_usage: bool },
+    Sse {
+        strip_usage: bool,
+    },
     Json,
+    /// A scrape answer: JSON whose pages are counted as it streams.
+    Scrape,
     Opaque,
 }
 
@@ -214,7 +218,8 @@ pub async fn relay(state: &AppState, caller: Caller, fwd: Forward) -> Result<Res
                 // A non-streamed JSON answer is worth nothing to the client until
                 // it is complete, so a small one is read whole before anything is
                 // sent: a provider dying mid-answer can then still be retried.
-                let upstream = if matches!(fwd.meter, MeterKind::Json) && parts.status.is_success() {
+                let upstream = if matches!(fwd.meter, MeterKind::Json | MeterKind::Scrape) && parts.status.is_success()
+                {
                     match preread(body, timeout).await {
                         Some(pre) => pre,
                         None => {
@@ -327,6 +332,7 @@ fn respond(
         _ if !status.is_success() => Meter::Opaque,
         MeterKind::Sse { strip_usage } if is_sse => Meter::sse(strip_usage),
         MeterKind::Sse { .. } | MeterKind::Json => Meter::json(),
+        MeterKind::Scrape => Meter::scrape(),
         MeterKind::Opaque => Meter::Opaque,
     };
     let body = MeteredBody {
@@ -429,10 +435,7 @@ impl HttpBody for MeteredBody {
                         this.begin_settle(StatusCode::BAD_GATEWAY.as_u16(), then);
                     }
                     Poll::Ready(None) => {
-                        let tail = this.meter.finish(
-                            &mut this.seen,
-                            this.bill.as_ref().is_some_and(|b| b.service == Service::Scrape),
-                        );
+                        let tail = this.meter.finish(&mut this.seen);
                         let status = this.status;
                         this.begin_settle(status, Then::Tail(tail));
                     }

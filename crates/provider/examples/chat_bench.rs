@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! scripts/fetch-model.sh gemma-3-270m
-//! cargo run -p cxmpute-provider --example chat_bench -- [--streams 4] [--tokens 128] [--threads N] [--json]
+//! cargo run -p cxmpute-provider --example chat_bench -- [--streams 4] [--tokens 128] [--threads N] [--greedy] [--json]
 //! ```
 //!
 //! `--json` ends with one line of figures for `bench/chat.sh`, which compares
@@ -39,12 +39,12 @@ struct Run {
     total: Duration,
 }
 
-fn one(engine: &LlamaChat, prompt: &str, tokens: u32) -> anyhow::Result<Run> {
+fn one(engine: &LlamaChat, prompt: &str, tokens: u32, temperature: f32) -> anyhow::Result<Run> {
     // A fixed seed: the same text every run, and no early end-of-text from greedy loops.
     let body = json!({
         "model": models::GEMMA_ID,
         "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": tokens, "temperature": 0.8, "seed": 7,
+        "max_tokens": tokens, "temperature": temperature, "seed": 7,
     });
     let req: ChatRequest = parse_json(body.to_string().as_bytes()).map_err(|e| anyhow::anyhow!(e.message))?;
     let params = ChatParams::from_request(&req).map_err(|e| anyhow::anyhow!(e.message))?;
@@ -86,6 +86,13 @@ fn main() -> anyhow::Result<()> {
     let streams = arg("--streams", 4)?;
     let tokens = arg("--tokens", 128)?;
     let threads = arg("--threads", 0)?;
+    // `--greedy` (temperature 0: a plain argmax, no sampler) separates the
+    // cost of llama.cpp's decode from that of sampling over the vocabulary.
+    let temperature = if std::env::args().any(|a| a == "--greedy") {
+        0.0
+    } else {
+        0.8
+    };
     let file = models::cached_gemma().context("gemma-3-270m is not cached: run scripts/fetch-model.sh")?;
     let options = ChatOptions {
         slots: streams.max(1),
@@ -103,9 +110,9 @@ fn main() -> anyhow::Result<()> {
     );
 
     // Warm up: first touches of the weights page them in.
-    one(&engine, PROMPTS[0], 8)?;
+    one(&engine, PROMPTS[0], 8, temperature)?;
 
-    let single = one(&engine, PROMPTS[0], tokens)?;
+    let single = one(&engine, PROMPTS[0], tokens, temperature)?;
     let decode = single.total.saturating_sub(single.first);
     println!(
         "1 stream:  {} tokens in {:.2?}  => {:.1} tokens/s overall, {:.1} tokens/s after the first (first token {:.0?})",
@@ -121,7 +128,7 @@ fn main() -> anyhow::Result<()> {
         let handles: Vec<_> = (0..streams as usize)
             .map(|i| {
                 let engine = &engine;
-                s.spawn(move || one(engine, PROMPTS[i % PROMPTS.len()], tokens))
+                s.spawn(move || one(engine, PROMPTS[i % PROMPTS.len()], tokens, temperature))
             })
             .collect();
         handles

@@ -358,6 +358,16 @@ pub async fn page_server() -> String {
                  <p>Read <a href=\"/more\">more about tides</a>.</p></article><script>alert('x')</script></body></html>",
             )
         }),
+    )
+    // A 4 MiB plain-text page, for answers larger than any buffer on the way.
+    .route(
+        "/big",
+        axum::routing::get(|| async {
+            (
+                [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                "tide ".repeat((4 << 20) / 5),
+            )
+        }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -37,7 +37,7 @@ pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Bod
         model,
         path: "/v1/scrape",
         body: bytes,
-        meter: MeterKind::Json,
+        meter: MeterKind::Scrape,
         bounds,
     };
     relay(&state, caller, fwd).await

@@ -23,11 +23,11 @@ use std::sync::Arc;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
-use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::params::Sampling;
+use super::sample::{argmax, Sampler};
 use super::text::TextStream;
 
 /// Why generation ended, in OpenAI's words.
@@ -85,7 +85,7 @@ struct Active {
     seq: i32,
     job: Job,
     /// `None` for greedy decoding, which is a plain argmax.
-    sampler: Option<LlamaSampler>,
+    sampler: Option<Sampler>,
     text: TextStream,
     /// Prompt tokens already put in a batch.
     fed: usize,
@@ -96,32 +96,6 @@ struct Active {
     /// Where this sequence's logits are in the batch being decoded.
     logits_at: Option<i32>,
     generated: u32,
-}
-
-fn sampler_for(s: &Sampling) -> Option<LlamaSampler> {
-    if s.is_greedy() {
-        return None;
-    }
-    let seed = s.seed.unwrap_or_else(rand::random);
-    // Temperature first, then the nucleus, as OpenAI defines top_p: over the
-    // distribution the temperature produced.
-    let mut chain = vec![LlamaSampler::temp(s.temperature)];
-    if s.top_p < 1.0 {
-        chain.push(LlamaSampler::top_p(s.top_p, 1));
-    }
-    chain.push(LlamaSampler::dist(seed));
-    Some(LlamaSampler::chain_simple(chain))
-}
-
-/// Index of the largest logit; ties go to the lower token id, as in llama.cpp.
-fn argmax(logits: &[f32]) -> i32 {
-    let mut best = 0usize;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    i32::try_from(best).unwrap_or(0)
 }
 
 pub struct Engine<'m> {
@@ -224,7 +198,7 @@ impl<'m> Engine<'m> {
             let text = TextStream::new(job.stops.clone(), job.trim_start);
             self.active.push(Active {
                 seq,
-                sampler: sampler_for(&job.sampling),
+                sampler: Sampler::new(&job.sampling),
                 job,
                 text,
                 fed: 0,
@@ -307,10 +281,11 @@ impl<'m> Engine<'m> {
     fn sample(&mut self, i: usize, at: i32) -> bool {
         let vocab = self.model.vocab();
         let a = &mut self.active[i];
-        let token = match &mut a.sampler {
-            Some(s) => s.sample(&self.ctx, at),
-            None => LlamaToken::new(argmax(self.ctx.get_logits_ith(at))),
-        };
+        let logits = self.ctx.get_logits_ith(at);
+        let token = LlamaToken::new(match &mut a.sampler {
+            Some(s) => s.sample(logits),
+            None => i32::try_from(argmax(logits)).unwrap_or(0),
+        });
         if vocab.is_eog(token) {
             return finish(a, FinishReason::Stop);
         }
@@ -343,15 +318,4 @@ fn finish(a: &mut Active, reason: FinishReason) -> bool {
         completion_tokens: a.generated,
     });
     true
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn argmax_prefers_the_first_of_equal_logits() {
-        assert_eq!(argmax(&[0.0, 2.0, 1.0, 2.0]), 1);
-        assert_eq!(argmax(&[5.0]), 0);
-    }
 }

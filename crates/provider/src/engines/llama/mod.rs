@@ -4,6 +4,7 @@
 //! - [`params`]: the request's generation settings, checked at the edge.
 //! - [`prompt`]: messages → tokens (the model's chat template, or a plain transcript).
 //! - [`engine`]: the engine thread and its batched decode loop.
+//! - [`sample`]: temperature, top_p and seeded draws over a row of logits.
 //! - [`text`]: token bytes → text, with stop sequences.
 //! - [`http`]: the OpenAI chat-completions answer, JSON or SSE.
 //!
@@ -16,6 +17,7 @@ pub mod engine;
 pub mod http;
 pub mod params;
 pub mod prompt;
+pub mod sample;
 pub mod text;
 
 use std::num::NonZeroU32;
