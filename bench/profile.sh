@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Profiles the gateway on the link path with perf: fake-upstream, a gateway on
+# SQLite and one linked node, loadgen at concurrency C for D seconds, and
+# `perf record` on the gateway meanwhile. Prints requests/s, p50 latency, the
+# gateway's CPU per request, and perf's split by thread and by function.
+#
+#   BENCH_BUILD=0 bench/profile.sh          # binaries from ${CARGO_TARGET_DIR:-target}/release
+#   C=1 D=6 PERF=0 bench/profile.sh         # concurrency 1, no perf (cleaner CPU figure)
+#
+# Everything runs on 127.0.0.1 and stops on exit. Needs curl, jq, awk, and perf
+# unless PERF=0. The perf data and logs stay in the folder it prints.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN=$TARGET_DIR/release
+C=${C:-64}
+D=${D:-8}
+PERF=${PERF:-1}
+if [[ ${BENCH_BUILD:-1} != 0 ]]; then
+    (cd "$ROOT" && cargo build --release -p cxmpute-gateway -p cxmpute-provider -p cxmpute-bench) >&2
+fi
+for tool in curl jq awk; do command -v "$tool" >/dev/null || { echo "profile.sh: needs $tool" >&2; exit 1; }; done
+[[ $PERF == 0 ]] || command -v perf >/dev/null || { echo "profile.sh: needs perf (or PERF=0)" >&2; exit 1; }
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/cxmpute-profile.XXXXXX")
+TOKEN=profile-admin-token-$RANDOM$RANDOM
+cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+url_in() { # file...: the first http://… address printed
+    local i u
+    for ((i = 0; i < 100; i++)); do
+        u=$(grep -ho 'http://[0-9.:]*' "$@" 2>/dev/null | head -1 || true)
+        [[ -n $u ]] && { echo "$u"; return; }
+        sleep 0.1
+    done
+    echo "profile.sh: no address in $*" >&2
+    exit 1
+}
+
+"$BIN/fake-upstream" --port 0 >"$TMP/up.out" 2>"$TMP/up.err" &
+UP=$(url_in "$TMP/up.out" "$TMP/up.err")
+env CXMPUTE_ADMIN_TOKEN="$TOKEN" CXMPUTE_LOG=warn "$BIN/cxmpute-gateway" \
+    --database-url "sqlite://$TMP/gw.db" serve --listen 127.0.0.1:0 >"$TMP/gw.out" 2>"$TMP/gw.err" &
+GW_PID=$!
+GW=$(url_in "$TMP/gw.out" "$TMP/gw.err")
+admin() {
+    local a=(-sS -f -X "$1" -H "Authorization: Bearer $TOKEN" "$GW$2")
+    [[ $# -ge 3 ]] && a+=(-H 'content-type: application/json' --data "$3")
+    curl "${a[@]}"
+}
+user=$(admin POST /admin/accounts '{"name":"profile-user"}' | jq -r .id)
+admin POST "/admin/accounts/$user/deposit" '{"amount":9000000000000000000}' >/dev/null
+KEY=$(admin POST "/admin/accounts/$user/keys" '{"name":"profile"}' | jq -r .key)
+provider=$(admin POST /admin/accounts '{"name":"profile-provider"}' | jq -r .id)
+CRED=$(admin POST "/admin/accounts/$provider/devices" '{"name":"profile-node"}' | jq -r .credential)
+env CXMPUTE_CREDENTIAL="$CRED" CXMPUTE_LOG=warn "$BIN/cxmpute-provider" start --gateway "$GW" \
+    --upstream "$UP/v1" --no-embeddings --no-chat --no-speech --no-scrape --max-concurrency 1024 \
+    >"$TMP/node.out" 2>"$TMP/node.err" &
+for ((i = 0; i < 100; i++)); do
+    curl -sS "$GW/v1/models" | jq -e '.data[] | select(.id == "fake-chat" and .providers == 1)' >/dev/null 2>&1 && break
+    sleep 0.1
+done
+echo '{"model":"fake-chat","max_tokens":4,"messages":[{"role":"user","content":"hello there"}]}' >"$TMP/body.json"
+LG=("$BIN/loadgen" --url "$GW/v1/chat/completions" -H "Authorization: Bearer $KEY" --body-file "$TMP/body.json" -c "$C")
+"${LG[@]}" -n 3000 >/dev/null # warm-up
+
+ticks() { awk '{ print $14 + $15 }' "/proc/$GW_PID/stat"; }
+t0=$(ticks)
+if [[ $PERF != 0 ]]; then
+    perf record -F 2000 -g --call-graph dwarf,16384 -p "$GW_PID" -o "$TMP/perf.data" -- sleep "$D" >/dev/null 2>&1 &
+    PERF_PID=$!
+fi
+"${LG[@]}" --json --duration-secs "$D" >"$TMP/loadgen.json"
+t1=$(ticks)
+[[ $PERF == 0 ]] || wait "$PERF_PID" || true
+n=$(jq .requests "$TMP/loadgen.json")
+hz=$(getconf CLK_TCK)
+echo "concurrency $C: $n requests, $(jq -r '.rps | floor' "$TMP/loadgen.json") requests/s," \
+    "p50 $(jq .latency_us.p50 "$TMP/loadgen.json") us, gateway CPU $(((t1 - t0) * 1000000 / hz / (n > 0 ? n : 1))) us per request"
+if [[ $PERF != 0 ]]; then
+    echo "-- gateway CPU by thread"
+    perf report -i "$TMP/perf.data" --no-children --sort comm -g none --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -5
+    echo "-- by function"
+    perf report -i "$TMP/perf.data" --no-children --sort sym -g none --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | cut -c1-120 | head -25
+fi
+echo "logs and perf data: $TMP"
