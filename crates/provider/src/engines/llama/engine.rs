@@ -172,6 +172,8 @@ impl<'m> Engine<'m> {
         // partial removals.
         let _ = self.ctx.clear_kv_cache_seq(u32::try_from(seq).ok(), None, None);
         self.free.push(seq);
+        // Lowest id last, so the next job takes it: see `fill_batch`.
+        self.free.sort_unstable_by(|a, b| b.cmp(a));
     }
 
     fn drop_cancelled(&mut self) {
@@ -210,7 +212,15 @@ impl<'m> Engine<'m> {
         }
     }
 
+    /// Puts the next tokens of every sequence in the batch, in ascending
+    /// sequence id. The order matters: with one KV stream per sequence,
+    /// llama.cpp splits a batch into micro-batches of sequences whose ids
+    /// follow each other in batch order (0, 1, 2 …), so sequences out of order
+    /// (or with gaps between their ids) are decoded in separate passes over the
+    /// weights. Keeping the batch sorted, and handing out the lowest free id
+    /// first, keeps a step to one pass as often as possible.
     fn fill_batch(&mut self) -> Result<(), llama_cpp_2::llama_batch::BatchAddError> {
+        self.active.sort_unstable_by_key(|a| a.seq);
         self.batch.clear();
         for a in &mut self.active {
             a.logits_at = None;
