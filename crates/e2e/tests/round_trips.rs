@@ -8,16 +8,9 @@ mod common;
 use std::time::Duration;
 
 use base64::Engine;
-use common::{page_server, sse_events, usage_totals, Db, Gateway, Node};
+use common::{cosine, embedding_vectors, page_server, sse_events, usage_totals, Db, Gateway, Node};
 use cxmpute_testkit::{expected_completion, fake_speech, FakeUpstream};
 use serde_json::{json, Value};
-
-fn cosine(a: &[f64], b: &[f64]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    let na: f64 = a.iter().map(|x| x * x).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| x * x).sum::<f64>().sqrt();
-    dot / (na * nb)
-}
 
 async fn round_trips(db: Db) {
     let upstream = FakeUpstream::start().await.unwrap();
@@ -137,19 +130,7 @@ async fn round_trips(db: Db) {
         .json()
         .await
         .unwrap();
-    let vecs: Vec<Vec<f64>> = v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| {
-            d["embedding"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap())
-                .collect()
-        })
-        .collect();
+    let vecs = embedding_vectors(&v);
     assert_eq!(vecs[0].len(), 384);
     assert_eq!((cosine(&vecs[0], &vecs[1]) * 1000.0).round(), 666.0);
     assert_eq!((cosine(&vecs[0], &vecs[2]) * 1000.0).round(), 105.0);

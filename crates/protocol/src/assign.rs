@@ -74,6 +74,35 @@ pub struct AssignmentRequest {
     pub cached: Vec<String>,
     /// Models its own OpenAI-compatible upstream serves.
     pub upstream_models: Vec<String>,
+    /// Catalog models beyond `models` that the node can fetch itself and load.
+    pub fetch: Fetch,
+}
+
+/// What a node can fetch on its own: any catalog model of one of `engines`
+/// that lists a source of one of the `sources` kinds (the part before the
+/// first `:` of a source, e.g. `hf` in `hf:org/name`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Fetch {
+    pub engines: Vec<String>,
+    pub sources: Vec<String>,
+}
+
+impl Fetch {
+    /// True when a model of `engine` with these `sources` can be fetched.
+    pub fn can(&self, engine: &str, sources: &[String]) -> bool {
+        self.engines.iter().any(|e| e == engine)
+            && sources
+                .iter()
+                .any(|s| self.sources.iter().any(|k| source_kind(s) == Some(k.as_str())))
+    }
+}
+
+/// The kind of a model source: `hf` for `hf:org/name`, `None` when it has no `kind:` prefix.
+pub fn source_kind(source: &str) -> Option<&str> {
+    let (kind, rest) = source.split_once(':')?;
+    let ok = !kind.is_empty() && !rest.is_empty() && kind.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    ok.then_some(kind)
 }
 
 /// One catalog model the node should load and serve.
@@ -107,5 +136,34 @@ pub struct Assignment {
 impl Assignment {
     pub fn has(&self, id: &str) -> bool {
         self.models.iter().any(|m| m.id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_kinds_are_the_lowercase_prefix() {
+        assert_eq!(source_kind("hf:org/name"), Some("hf"));
+        assert_eq!(source_kind("pypi:pkg==1.0"), Some("pypi"));
+        assert_eq!(source_kind("path:/srv/models/x"), Some("path"));
+        assert_eq!(source_kind("org/name"), None);
+        assert_eq!(source_kind("HF:org/name"), None);
+        assert_eq!(source_kind("hf:"), None);
+    }
+
+    #[test]
+    fn a_model_is_fetchable_only_by_an_engine_and_source_kind_the_node_has() {
+        let fetch = Fetch {
+            engines: vec!["minilm".into()],
+            sources: vec!["hf".into(), "path".into()],
+        };
+        let sources = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert!(fetch.can("minilm", &sources(&["s3:bucket/x", "hf:org/name"])));
+        assert!(!fetch.can("minilm", &sources(&["pypi:pkg==1"])));
+        assert!(!fetch.can("llama", &sources(&["hf:org/name"])));
+        assert!(!fetch.can("minilm", &[]));
+        assert!(!Fetch::default().can("minilm", &sources(&["hf:org/name"])));
     }
 }

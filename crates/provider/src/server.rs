@@ -22,7 +22,7 @@ use serde_json::json;
 
 use crate::engines::scrape::ScrapeRequest;
 use crate::engines::{error_response, Engines};
-use crate::models::{canonical_embedding_model, canonical_speech_model};
+use crate::models::canonical_speech_model;
 
 #[derive(Clone)]
 pub struct NodeState {
@@ -234,8 +234,9 @@ async fn embeddings(State(state): State<NodeState>, body: Bytes) -> Response<Bod
         .engines
         .minilm
         .as_ref()
-        .filter(|_| canonical_embedding_model(&req.model).is_some());
-    let Some(engine) = builtin.cloned() else {
+        .filter(|e| e.serves(&req.model))
+        .map(|e| e.engine.clone());
+    let Some(engine) = builtin else {
         return match (&state.engines.upstream, &state.engines.ollama) {
             (Some(up), _) if up.serves("embeddings", &req.model) => up.forward("/embeddings", body).await,
             (_, Some(ollama)) if ollama.serves("embeddings", &req.model) => ollama.embeddings(req).await,

@@ -4,118 +4,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
-use std::convert::Infallible;
 use std::path::Path;
 use std::process::Output;
-use std::sync::{Arc, Mutex};
 
-use axum::body::{Body, Bytes};
-use axum::extract::{Path as UrlPath, State};
-use axum::http::{header, HeaderMap, Method, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
+use cxmpute_testkit::fake_hub::{FakeHub, HubFile};
 use sha2::{Digest, Sha256};
 
-/// A repository file on the fake hub.
-#[derive(Clone)]
-struct HubFile {
-    body: Vec<u8>,
-    /// Stored in LFS: HEAD announces X-Linked-Size and X-Linked-Etag (this).
-    lfs_sha256: Option<String>,
-    /// Cut the connection after this many body bytes (once).
-    cut_after: Option<usize>,
-    /// Announce this size instead of the real one.
-    claimed_size: Option<u64>,
-}
-
-#[derive(Default)]
-struct HubState {
-    files: Mutex<HashMap<String, HubFile>>,
-    /// (method, path, Range header) of every request.
-    log: Mutex<Vec<(String, String, Option<String>)>>,
-}
-
-async fn resolve(
-    State(state): State<Arc<HubState>>,
-    method: Method,
-    UrlPath((org, name, rev, file)): UrlPath<(String, String, String, String)>,
-    headers: HeaderMap,
-) -> Response {
-    let path = format!("{org}/{name}/{rev}/{file}");
-    let range = headers
-        .get(header::RANGE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    state
-        .log
-        .lock()
-        .unwrap()
-        .push((method.to_string(), path.clone(), range.clone()));
-    let Some(f) = state.files.lock().unwrap().get(&path).cloned() else {
-        return (StatusCode::NOT_FOUND, "Entry not found").into_response();
-    };
-    let size = f.claimed_size.unwrap_or(f.body.len() as u64);
-    if method == Method::HEAD {
-        let mut res = Response::builder().header(header::CONTENT_LENGTH, f.body.len());
-        if let Some(sha) = &f.lfs_sha256 {
-            // Like the hub: LFS files answer with a redirect to the CDN.
-            res = res
-                .status(StatusCode::FOUND)
-                .header(header::LOCATION, "https://cdn.invalid/blob")
-                .header("x-linked-size", size)
-                .header("x-linked-etag", format!("\"{sha}\""));
-        } else {
-            res = res.header(header::ETAG, "\"0123abcd\"");
-        }
-        return res.body(Body::empty()).unwrap();
-    }
-    let start = range
-        .as_deref()
-        .and_then(|r| r.strip_prefix("bytes="))
-        .and_then(|r| r.strip_suffix('-'))
-        .and_then(|r| r.parse::<usize>().ok())
-        .unwrap_or(0)
-        .min(f.body.len());
-    let rest = f.body[start..].to_vec();
-    let mut res = Response::builder().header(header::CONTENT_LENGTH, rest.len());
-    if start > 0 {
-        res = res.status(StatusCode::PARTIAL_CONTENT).header(
-            header::CONTENT_RANGE,
-            format!("bytes {start}-{}/{}", f.body.len() - 1, f.body.len()),
-        );
-    }
-    if let Some(cut) = f.cut_after {
-        // Once: the next request gets the whole answer.
-        state.files.lock().unwrap().get_mut(&path).unwrap().cut_after = None;
-        let head = Bytes::from(rest[..cut.min(rest.len())].to_vec());
-        let body = futures_util::stream::iter(vec![
-            Ok::<Bytes, std::io::Error>(head),
-            Err(std::io::Error::other("connection cut")),
-        ]);
-        return res.body(Body::from_stream(body)).unwrap();
-    }
-    let body = futures_util::stream::iter(
-        rest.chunks(64 * 1024)
-            .map(|c| Ok::<Bytes, Infallible>(Bytes::copy_from_slice(c)))
-            .collect::<Vec<_>>(),
-    );
-    res.body(Body::from_stream(body)).unwrap()
-}
-
-async fn hub(files: Vec<(&str, HubFile)>) -> (String, Arc<HubState>) {
-    let state = Arc::new(HubState::default());
-    for (path, f) in files {
-        state.files.lock().unwrap().insert(path.to_owned(), f);
-    }
-    let app = Router::new()
-        .route("/{org}/{name}/resolve/{rev}/{*file}", get(resolve))
-        .with_state(state.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (format!("http://{addr}"), state)
+async fn hub(files: Vec<(&str, HubFile)>) -> (String, FakeHub) {
+    let files = files.into_iter().map(|(p, f)| (p.to_owned(), f)).collect();
+    let hub = FakeHub::start(files).await.unwrap();
+    (hub.url.clone(), hub)
 }
 
 fn sha(bytes: &[u8]) -> String {
@@ -127,21 +25,12 @@ fn weights(n: usize) -> Vec<u8> {
 }
 
 fn lfs(body: Vec<u8>) -> HubFile {
-    HubFile {
-        lfs_sha256: Some(sha(&body)),
-        body,
-        cut_after: None,
-        claimed_size: None,
-    }
+    let sha = sha(&body);
+    HubFile::lfs(body, sha)
 }
 
 fn git(body: &[u8]) -> HubFile {
-    HubFile {
-        body: body.to_vec(),
-        lfs_sha256: None,
-        cut_after: None,
-        claimed_size: None,
-    }
+    HubFile::git(body)
 }
 
 async fn pull(endpoint: &str, models: &Path, args: &[&str]) -> Output {
@@ -205,9 +94,7 @@ async fn an_interrupted_download_resumes_where_it_stopped() {
 
     // The second run asked only for the missing bytes.
     let gets: Vec<Option<String>> = state
-        .log
-        .lock()
-        .unwrap()
+        .log()
         .iter()
         .filter(|(m, p, _)| m == "GET" && p.ends_with("model.safetensors"))
         .map(|(_, _, r)| r.clone())
@@ -215,10 +102,10 @@ async fn an_interrupted_download_resumes_where_it_stopped() {
     assert_eq!(gets, [None, Some(format!("bytes={kept}-"))]);
 
     // The cache lists it; a third run downloads nothing.
-    let before = state.log.lock().unwrap().len();
+    let before = state.log().len();
     let third = pull(&endpoint, tmp.path(), &["org/tiny-embed"]).await;
     assert!(third.status.success());
-    assert_eq!(state.log.lock().unwrap().len(), before);
+    assert_eq!(state.log().len(), before);
 }
 
 #[tokio::test]
@@ -269,16 +156,11 @@ async fn missing_files_unreachable_hubs_and_full_disks_are_clear_errors() {
     assert!(err.contains("cannot reach the Hugging Face hub at http://"), "{err}");
 
     // A file larger than any disk: refused before a single GET.
-    state
-        .files
-        .lock()
-        .unwrap()
-        .get_mut("org/tiny-embed/main/model.safetensors")
-        .unwrap()
-        .claimed_size = Some(1 << 60);
+    assert!(state.edit("org/tiny-embed/main/model.safetensors", |f| f.claimed_size =
+        Some(1 << 60)));
     let out = pull(&endpoint, tmp.path(), &["org/tiny-embed"]).await;
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("not enough disk space"), "{err}");
-    assert!(!state.log.lock().unwrap().iter().any(|(m, _, _)| m == "GET"));
+    assert!(!state.log().iter().any(|(m, _, _)| m == "GET"));
 }

@@ -2,6 +2,8 @@
 //!
 //! - [`FakeUpstream`]: a deterministic OpenAI-compatible server to put behind
 //!   a provider node (and the benchmark's baseline).
+//! - [`fake_hub::FakeHub`]: a server answering like the Hugging Face hub's
+//!   file routes, for model downloads.
 //! - [`fake_ollama::FakeOllama`]: a small server following Ollama's documented
 //!   REST API, for the provider's Ollama backend.
 //! - [`wait_for_http`]: wait until a spawned server process answers.
@@ -10,6 +12,7 @@
 //! no "free port" helper, because picking a port and binding it later races
 //! with other tests.
 
+pub mod fake_hub;
 pub mod fake_ollama;
 pub mod fake_upstream;
 

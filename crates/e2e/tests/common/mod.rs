@@ -263,7 +263,13 @@ impl Node {
     /// `--chat` the built-in chat engine is, and without `--speech` the
     /// built-in voice.
     pub async fn start(gw: &Gateway, credential: &str, args: &[&str]) -> Node {
+        Self::start_with_env(gw, credential, args, &[]).await
+    }
+
+    /// [`Node::start`] with extra environment variables.
+    pub async fn start_with_env(gw: &Gateway, credential: &str, args: &[&str], env: &[(&str, &str)]) -> Node {
         let mut cmd = Command::new(bin("cxmpute-provider"));
+        cmd.envs(env.iter().copied());
         cmd.arg("start").args(["--gateway", &gw.url, "--headless"]);
         if !args.contains(&"--embeddings") {
             cmd.arg("--no-embeddings");
@@ -373,4 +379,30 @@ pub async fn page_server() -> String {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     format!("http://{addr}")
+}
+
+/// Cosine similarity of two vectors.
+#[allow(dead_code)]
+pub fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+/// The float vectors of an OpenAI embeddings answer, in order.
+#[allow(dead_code)]
+pub fn embedding_vectors(answer: &Value) -> Vec<Vec<f64>> {
+    answer["data"]
+        .as_array()
+        .expect("an embeddings answer has data")
+        .iter()
+        .map(|d| {
+            d["embedding"]
+                .as_array()
+                .expect("float embeddings")
+                .iter()
+                .map(|x| x.as_f64().expect("a float"))
+                .collect()
+        })
+        .collect()
 }

@@ -1,8 +1,9 @@
 //! The assignment rule: which catalog models a node gets.
 //!
 //! 1. A model is a *candidate* when its service is opted in, the node has its
-//!    engine and can load it (or, for `upstream` models, its upstream serves
-//!    it), and it fits the node on its own: VRAM within the smaller of the
+//!    engine and can load it — it knows the model, or it can fetch models of
+//!    that engine from a kind of source the entry lists (or, for `upstream`
+//!    models, its upstream serves it) — and it fits the node on its own: VRAM within the smaller of the
 //!    GPU's memory and the owner's VRAM cap, RAM within the machine's memory,
 //!    and (unless already cached) its files within the smaller of free disk and
 //!    the owner's disk cap.
@@ -53,8 +54,15 @@ pub fn assign(
             Some("the node's upstream does not serve it".to_string())
         } else if !upstream && !has(&req.engines, e.engine.as_str()) {
             Some(format!("the node has no {} engine", e.engine.as_str()))
-        } else if !upstream && !has(&req.models, &e.id) {
-            Some("the node cannot load this model".to_string())
+        } else if !upstream && !has(&req.models, &e.id) && !req.fetch.can(e.engine.as_str(), &e.sources) {
+            Some(if e.sources.is_empty() {
+                "the node cannot load this model".to_string()
+            } else {
+                format!(
+                    "the node cannot load this model or fetch it from {}",
+                    e.sources.join(", ")
+                )
+            })
         } else if !upstream && e.min_vram_mb > vram_budget {
             Some(format!(
                 "needs {} MiB of VRAM, the node offers {vram_budget}",
@@ -134,7 +142,7 @@ pub fn assign(
 
 #[cfg(test)]
 mod tests {
-    use cxmpute_protocol::assign::{Hardware, OptIn};
+    use cxmpute_protocol::assign::{Fetch, Hardware, OptIn};
 
     use super::*;
     use crate::orchestrator::default_catalog;
@@ -168,6 +176,7 @@ mod tests {
             models: default_catalog().into_iter().map(|e| e.id).collect(),
             cached: vec![],
             upstream_models: vec![],
+            fetch: Fetch::default(),
         }
     }
 
@@ -289,5 +298,36 @@ mod tests {
         assert_eq!(reason(&a, "llama-70b"), "the node's upstream does not serve it");
         req.upstream_models = vec!["llama-70b".into()];
         assert_eq!(ids(&assign(&catalog, &req, |_, _| 0)), ["llama-70b"]);
+    }
+
+    #[test]
+    fn a_node_gets_catalog_models_it_can_fetch_from_their_sources() {
+        let mut mirror = entry("mirror-embed", Service::Embeddings, Engine::Minilm, 0, 256, 100);
+        mirror.sources = vec!["s3:bucket/mirror".into(), "hf:acme/mirror-embed".into()];
+        let mut voice = entry("voice-b", Service::Speech, Engine::Piper, 0, 256, 70);
+        voice.sources = vec!["hf:acme/voices/b.onnx".into()];
+        let catalog = vec![mirror, voice];
+        let mut req = laptop();
+        let a = assign(&catalog, &req, |_, _| 0);
+        assert!(a.models.is_empty());
+        assert_eq!(
+            reason(&a, "mirror-embed"),
+            "the node cannot load this model or fetch it from s3:bucket/mirror, hf:acme/mirror-embed"
+        );
+
+        // It fetches from the hub, for the MiniLM engine only.
+        req.fetch = Fetch {
+            engines: vec!["minilm".into()],
+            sources: vec!["hf".into(), "path".into()],
+        };
+        let a = assign(&catalog, &req, |_, _| 0);
+        assert_eq!(ids(&a), ["mirror-embed"]);
+        assert_eq!(a.models[0].sources, catalog[0].sources);
+        assert!(reason(&a, "voice-b").starts_with("the node cannot load this model or fetch it"));
+
+        // The download still has to fit.
+        req.opt_in.max_disk_mb = Some(50);
+        let a = assign(&catalog, &req, |_, _| 0);
+        assert_eq!(reason(&a, "mirror-embed"), "needs 100 MiB of disk, the node offers 50");
     }
 }

@@ -65,7 +65,9 @@ pub struct CatalogEntry {
     /// Disk space its files take, MiB.
     #[serde(default)]
     pub disk_mb: u64,
-    /// Where the files come from, best first (informational for the node).
+    /// Where the files come from, best first: `hf:org/name[/path][@revision]`,
+    /// `pypi:package==version` or `path:/folder/or/file`. A node that cannot
+    /// load the model already fetches it from the first source it can use.
     #[serde(default)]
     pub sources: Vec<String>,
 }
@@ -128,6 +130,14 @@ pub fn validate_catalog(catalog: &[CatalogEntry]) -> anyhow::Result<()> {
             "catalog: model ids must be 1-200 characters without surrounding spaces, got '{}'",
             e.id
         );
+        for source in &e.sources {
+            anyhow::ensure!(
+                cxmpute_protocol::assign::source_kind(source).is_some(),
+                "catalog: '{}' has the source '{source}', which is not of the form kind:where \
+                 (e.g. hf:org/name, pypi:package==1.0, path:/srv/models/name)",
+                e.id
+            );
+        }
         anyhow::ensure!(
             seen.insert((e.service, e.id.as_str())),
             "catalog: {} '{}' is listed twice",
@@ -165,5 +175,9 @@ mod tests {
         let mut c = default_catalog();
         c[0].id = " ".into();
         assert!(validate_catalog(&c).is_err());
+        let mut c = default_catalog();
+        c[0].sources = vec!["org/name".into()];
+        let err = validate_catalog(&c).unwrap_err().to_string();
+        assert!(err.contains("not of the form kind:where"), "{err}");
     }
 }

@@ -24,7 +24,7 @@ use cxmpute_protocol::link::{Offer, SCRAPE_MODEL};
 use cxmpute_protocol::ErrorBody;
 use tokio::sync::Semaphore;
 
-use crate::models::{canonical_chat_model, MINILM_ID};
+use crate::models::{canonical_chat_model, canonical_embedding_model};
 
 /// The built-in chat engine and the model id it answers to.
 #[derive(Clone)]
@@ -40,9 +40,23 @@ impl BuiltinChat {
     }
 }
 
+/// The built-in embeddings engine and the model id it answers to.
+#[derive(Clone)]
+pub struct BuiltinEmbeddings {
+    pub model: String,
+    pub engine: Arc<minilm::MiniLm>,
+}
+
+impl BuiltinEmbeddings {
+    /// True when a request for `model` is for this engine (aliases included).
+    pub fn serves(&self, model: &str) -> bool {
+        model.trim() == self.model || canonical_embedding_model(model).is_some_and(|id| id == self.model)
+    }
+}
+
 pub struct Engines {
     pub chat: Option<BuiltinChat>,
-    pub minilm: Option<Arc<minilm::MiniLm>>,
+    pub minilm: Option<BuiltinEmbeddings>,
     pub speech: Option<Arc<piper::PiperVoice>>,
     /// CPU-bound work runs on blocking threads; this bounds how many at once so
     /// a burst cannot starve the link of threads.
@@ -63,10 +77,10 @@ impl Engines {
                 upstream: false,
             });
         }
-        if self.minilm.is_some() {
+        if let Some(embeddings) = &self.minilm {
             offers.push(Offer {
                 service: "embeddings".into(),
-                model: MINILM_ID.into(),
+                model: embeddings.model.clone(),
                 upstream: false,
             });
         }

@@ -92,7 +92,7 @@ struct Remote {
     sha256: Option<String>,
 }
 
-fn check_file_name(file: &str) -> Result<()> {
+pub(crate) fn check_file_name(file: &str) -> Result<()> {
     let ok = !file.is_empty()
         && !file.starts_with('/')
         && !file.contains('\\')

