@@ -36,8 +36,10 @@ pub fn assign(
     let ram_budget = hw.ram_mb.unwrap_or(0);
     let disk_budget = hw.free_disk_mb.unwrap_or(0).min(opt.max_disk_mb.unwrap_or(u64::MAX));
     let has = |list: &[String], id: &str| list.iter().any(|x| x == id);
+    // Nodes cache a model `org/name` in a folder `org--name` and report folder names.
+    let cached = |id: &str| has(&req.cached, id) || (id.contains('/') && has(&req.cached, &id.replace('/', "--")));
     let download = |e: &CatalogEntry| {
-        if has(&req.cached, &e.id) {
+        if cached(&e.id) {
             0
         } else {
             e.disk_mb
@@ -242,9 +244,16 @@ mod tests {
         req.opt_in.max_disk_mb = Some(5_000);
         let a = assign(&catalog, &req, |_, _| 0);
         assert_eq!(reason(&a, "big"), "needs 10000 MiB of disk, the node offers 5000");
-        // A cached model needs no download space.
+        // A cached model needs no download space, whether the node reports
+        // its id or the cache folder of a hub-style id.
         req.cached = vec!["big".into()];
         assert_eq!(ids(&assign(&catalog, &req, |_, _| 0)), ["big", "emb"]);
+        let mut hub_style = catalog.clone();
+        hub_style[0].id = "org/big".into();
+        req.models = vec!["org/big".into(), "emb".into()];
+        req.cached = vec!["org--big".into()];
+        assert_eq!(ids(&assign(&hub_style, &req, |_, _| 0)), ["org/big", "emb"]);
+        req.models = vec!["big".into(), "emb".into()];
 
         // Unknown RAM counts as none.
         req.hardware.ram_mb = None;
