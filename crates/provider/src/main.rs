@@ -86,7 +86,7 @@ enum ModelsCommand {
         #[arg(long = "source", value_name = "SOURCE", requires = "engine")]
         sources: Vec<String>,
         /// The engine that will load it, which decides the files fetched: llama, minilm or piper.
-        #[arg(long, value_parser = ["llama", "minilm", "piper"])]
+        #[arg(long, value_parser = ["llama", "minilm", "piper"], requires = "sources")]
         engine: Option<String>,
     },
     /// Delete one cached model, by the name `models list` shows.
@@ -537,9 +537,10 @@ async fn pull(id: &str, revision: Option<&str>, files: &[String]) -> anyhow::Res
 
 /// `models pull ID --engine E --source S…`: what `start` does for an assigned catalog model.
 async fn pull_sources(id: &str, engine: &str, sources: &[String]) -> anyhow::Result<()> {
-    use cxmpute_provider::models::source::{prepare, Format};
+    use cxmpute_provider::models::source::{prepare, Format, Limits};
     let format = Format::for_engine(engine).ok_or_else(|| anyhow::anyhow!("unknown engine '{engine}'"))?;
-    let found = prepare(id, format, sources, |msg| eprintln!("{msg}")).await?;
+    // The owner's own command: any path of theirs, no allowance beyond free disk.
+    let found = prepare(id, format, sources, &Limits::default(), |msg| eprintln!("{msg}")).await?;
     println!("{}", found.display());
     Ok(())
 }

@@ -419,6 +419,7 @@ pub async fn fetch_from_hub(
         revision: revision.to_owned(),
         files: REQUIRED_FILES.iter().map(|f| f.to_string()).collect(),
         dest: dest.to_path_buf(),
+        max_bytes: None,
     };
     let dir = hub::pull(&hub::Hub::from_env(), &spec, |p| {
         if let hub::Progress::Verified { file } = p {
@@ -449,6 +450,7 @@ pub fn pull_spec(id: &str, revision: Option<&str>, files: &[String]) -> Result<h
             files.to_vec()
         },
         dest,
+        max_bytes: None,
     })
 }
 

