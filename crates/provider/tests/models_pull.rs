@@ -191,6 +191,21 @@ async fn a_catalog_model_is_pulled_from_its_sources_for_an_engine() {
     assert_eq!(std::fs::read(&file).unwrap(), voice);
     assert!(stderr(&out).contains("voice-x is ready in"), "{}", stderr(&out));
 
+    // `models list` shows it as fetched for the catalog.
+    let list = tokio::process::Command::new(env!("CARGO_BIN_EXE_cxmpute-provider"))
+        .args(["models", "list"])
+        .env("CXMPUTE_MODELS_DIR", tmp.path())
+        .output()
+        .await
+        .unwrap();
+    let table = String::from_utf8_lossy(&list.stdout).into_owned();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("voice-x") && l.contains("complete, catalog")),
+        "{table}"
+    );
+
     // Cached now: a second pull asks the hub nothing.
     let before = state.log().len();
     let again = pull(&endpoint, tmp.path(), &args).await;

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::is_model_folder;
+use super::source::Format;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheListing {
@@ -35,6 +36,10 @@ pub struct CachedModel {
     pub size_bytes: u64,
     /// For folders: holds every file an engine needs (or a GGUF). `null` for single files.
     pub complete: Option<bool>,
+    /// Fetched for the gateway's catalog (and reused for it); false for models
+    /// pulled or copied by hand.
+    #[serde(default)]
+    pub catalog: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +104,7 @@ pub fn list(dir: &Path) -> io::Result<CacheListing> {
                 kind: EntryKind::Folder,
                 size_bytes: tree_size(&path),
                 complete: Some(folder_is_complete(&path)),
+                catalog: super::source::fetched_for_catalog(&path),
             }
         } else {
             CachedModel {
@@ -106,6 +112,7 @@ pub fn list(dir: &Path) -> io::Result<CacheListing> {
                 kind: EntryKind::File,
                 size_bytes: meta.len(),
                 complete: None,
+                catalog: false,
             }
         };
         models.push(model);
@@ -120,6 +127,10 @@ pub fn list(dir: &Path) -> io::Result<CacheListing> {
 }
 
 fn folder_is_complete(dir: &Path) -> bool {
+    let formats = [Format::Gguf, Format::SentenceBert, Format::PiperVoice];
+    if super::source::fetched_for_catalog(dir) && formats.iter().any(|f| super::source::locate(dir, *f).is_ok()) {
+        return true;
+    }
     is_model_folder(dir)
         || fs::read_dir(dir).is_ok_and(|entries| {
             entries.filter_map(Result::ok).any(|e| {
@@ -143,10 +154,12 @@ pub fn human(listing: &CacheListing) -> String {
     }
     let mut rows = vec![vec!["NAME".to_string(), "SIZE".into(), "KIND".into(), "STATUS".into()]];
     for m in &listing.models {
-        let status = match m.complete {
-            Some(true) => "complete",
-            Some(false) => "incomplete",
-            None => "",
+        let status = match (m.complete, m.catalog) {
+            (Some(true), true) => "complete, catalog",
+            (Some(false), true) => "incomplete, catalog",
+            (Some(true), false) => "complete",
+            (Some(false), false) => "incomplete",
+            (None, _) => "",
         };
         let kind = match m.kind {
             EntryKind::Folder => "folder",
