@@ -182,7 +182,7 @@ pub fn human(listing: &CacheListing) -> String {
 }
 
 /// Bytes of every file below `dir`, not following links; unreadable parts count as 0.
-fn tree_size(dir: &Path) -> u64 {
+pub(crate) fn tree_size(dir: &Path) -> u64 {
     let Ok(entries) = fs::read_dir(dir) else {
         return 0;
     };

