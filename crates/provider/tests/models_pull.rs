@@ -70,7 +70,7 @@ async fn an_interrupted_download_resumes_where_it_stopped() {
     assert!(!first.status.success());
     let err = stderr(&first);
     assert!(
-        err.contains("interrupted") && err.contains("run the command again"),
+        err.contains("interrupted") && err.contains("the next attempt resumes from there"),
         "{err}"
     );
     let part = tmp.path().join(".partial/org--tiny-embed/model.safetensors.part");

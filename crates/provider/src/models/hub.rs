@@ -20,16 +20,13 @@
 //!   an existing incomplete folder).
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
-use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, ETAG, LOCATION, RANGE};
+use anyhow::{anyhow, Context, Result};
+use reqwest::header::{CONTENT_LENGTH, ETAG, LOCATION};
 use reqwest::StatusCode;
-use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Bytes kept free on the disk on top of the download itself.
-const DISK_MARGIN: u64 = 64 << 20;
+use super::download::{self, Origin, Remote};
+pub use super::download::{progress_bar, Progress};
 
 /// Where the hub is and who we are to it.
 #[derive(Debug, Clone)]
@@ -54,6 +51,15 @@ impl Hub {
     pub fn file_url(&self, repo: &str, revision: &str, file: &str) -> String {
         format!("{}/{repo}/resolve/{revision}/{file}", self.endpoint)
     }
+
+    fn origin(&self) -> Origin {
+        Origin {
+            name: format!("the Hugging Face hub at {}", self.endpoint),
+            fix: "or set HF_ENDPOINT to a mirror",
+            auth_hint: "the repository may be gated or private; set HF_TOKEN to a token that can read it",
+            token: self.token.clone(),
+        }
+    }
 }
 
 /// What to download: `files` of `repo` at `revision`, into the folder `dest`.
@@ -65,33 +71,6 @@ pub struct PullSpec {
     pub dest: PathBuf,
     /// Most bytes this download may take (the node owner's disk allowance).
     pub max_bytes: Option<u64>,
-}
-
-/// One progress update: `done` of `total` bytes of `file`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Progress {
-    /// Bytes already on disk from an earlier, interrupted run.
-    Resuming {
-        file: String,
-        have: u64,
-    },
-    Bytes {
-        file: String,
-        done: u64,
-        total: u64,
-    },
-    Verified {
-        file: String,
-    },
-}
-
-/// What the hub says about a file before it is downloaded.
-#[derive(Debug, Clone)]
-struct Remote {
-    file: String,
-    url: String,
-    size: u64,
-    sha256: Option<String>,
 }
 
 pub(crate) fn check_file_name(file: &str) -> Result<()> {
@@ -135,19 +114,6 @@ fn sha256_etag(value: &str) -> Option<String> {
     (v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit())).then_some(v)
 }
 
-fn unreachable_hint(hub: &Hub, e: &reqwest::Error) -> anyhow::Error {
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        msg = format!("{msg}: {s}");
-        src = s.source();
-    }
-    anyhow!(
-        "cannot reach the Hugging Face hub at {} ({msg}); check the network, or set HF_ENDPOINT to a mirror",
-        hub.endpoint
-    )
-}
-
 fn refused(status: StatusCode, url: &str, spec: &PullSpec, file: &str) -> anyhow::Error {
     match status.as_u16() {
         401 | 403 => anyhow!(
@@ -161,10 +127,6 @@ fn refused(status: StatusCode, url: &str, spec: &PullSpec, file: &str) -> anyhow
         ),
         _ => anyhow!("the hub answered {status} for {url}"),
     }
-}
-
-fn human(n: u64) -> String {
-    crate::diagnose::render::size(Some(n))
 }
 
 /// Downloads `spec` into its folder; returns the folder. Nothing is fetched
@@ -191,19 +153,9 @@ pub async fn pull(hub: &Hub, spec: &PullSpec, mut progress: impl FnMut(Progress)
         .await
         .with_context(|| format!("cannot create {}", partial.display()))?;
 
-    let client = reqwest::Client::builder()
-        .user_agent(concat!("cxmpute-provider/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(Duration::from_secs(10))
-        .read_timeout(Duration::from_secs(60))
-        .build()
-        .context("cannot build an HTTP client")?;
-    let no_redirect = reqwest::Client::builder()
-        .user_agent(concat!("cxmpute-provider/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(30))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .context("cannot build an HTTP client")?;
+    let client = download::client(true)?;
+    let no_redirect = download::client(false)?;
+    let origin = hub.origin();
 
     // Sizes (and checksums) of the files still missing.
     let mut remotes = Vec::new();
@@ -212,42 +164,19 @@ pub async fn pull(hub: &Hub, spec: &PullSpec, mut progress: impl FnMut(Progress)
     }
     let mut needed = 0u64;
     for r in &remotes {
-        let have = part_len(&partial.join(format!("{}.part", r.file))).await;
+        let have = download::part_len(&partial.join(format!("{}.part", r.file))).await;
         needed += r.size.saturating_sub(have);
     }
-    if let Some(max) = spec.max_bytes.filter(|max| needed > *max) {
-        bail!(
-            "{} needs {} to download, more than this node's disk allowance of {} (max_disk_mb)",
-            spec.repo,
-            human(needed),
-            human(max)
-        );
-    }
-    if let Some(disk) = crate::diagnose::host::disk_of(root) {
-        if disk.free_bytes < needed.saturating_add(DISK_MARGIN) {
-            bail!(
-                "not enough disk space for {}: {} to download, {} free on {} (keeping {} spare)",
-                spec.repo,
-                human(needed),
-                human(disk.free_bytes),
-                disk.mount_point.display(),
-                human(DISK_MARGIN)
-            );
-        }
-    }
+    download::check_room(root, needed, spec.max_bytes, &spec.repo)?;
 
     for r in &remotes {
         let done = partial.join(&r.file);
         if !done.is_file() {
-            download(hub, &client, r, &partial, &mut progress).await?;
+            download::download(&origin, &client, r, &partial, &mut progress).await?;
         }
     }
     install(&partial, &spec.dest, &spec.files).await?;
     Ok(spec.dest.clone())
-}
-
-async fn part_len(path: &Path) -> u64 {
-    tokio::fs::metadata(path).await.map_or(0, |m| m.len())
 }
 
 /// `HEAD` without following the CDN redirect: the hub's own answer carries
@@ -258,7 +187,7 @@ async fn describe(hub: &Hub, client: &reqwest::Client, spec: &PullSpec, file: &s
     if let Some(t) = &hub.token {
         req = req.bearer_auth(t);
     }
-    let res = req.send().await.map_err(|e| unreachable_hint(hub, &e))?;
+    let res = req.send().await.map_err(|e| download::unreachable(&hub.origin(), &e))?;
     let status = res.status();
     if !(status.is_success() || status.is_redirection()) {
         return Err(refused(status, &url, spec, file));
@@ -274,7 +203,11 @@ async fn describe(hub: &Hub, client: &reqwest::Client, spec: &PullSpec, file: &s
         if let Some(to) = header(LOCATION.as_str()) {
             let to = reqwest::Url::parse(&url).and_then(|u| u.join(&to)).ok();
             if let Some(to) = to {
-                let res = client.head(to).send().await.map_err(|e| unreachable_hint(hub, &e))?;
+                let res = client
+                    .head(to)
+                    .send()
+                    .await
+                    .map_err(|e| download::unreachable(&hub.origin(), &e))?;
                 size = res
                     .headers()
                     .get(CONTENT_LENGTH)
@@ -296,152 +229,6 @@ async fn describe(hub: &Hub, client: &reqwest::Client, spec: &PullSpec, file: &s
         size,
         sha256,
     })
-}
-
-/// Fetches one file into `partial/<file>.part`, resuming what is there, then
-/// verifies it and renames it to `partial/<file>`.
-async fn download(
-    hub: &Hub,
-    client: &reqwest::Client,
-    r: &Remote,
-    partial: &Path,
-    progress: &mut impl FnMut(Progress),
-) -> Result<()> {
-    let part = partial.join(format!("{}.part", r.file));
-    if let Some(dir) = part.parent() {
-        tokio::fs::create_dir_all(dir)
-            .await
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let mut have = part_len(&part).await;
-    if have > r.size {
-        // Not a prefix of this file (the repository changed): start over.
-        tokio::fs::remove_file(&part).await.ok();
-        have = 0;
-    }
-    if have > 0 {
-        progress(Progress::Resuming {
-            file: r.file.clone(),
-            have,
-        });
-    }
-    if have < r.size || r.size == 0 {
-        let mut req = client.get(&r.url);
-        if let Some(t) = &hub.token {
-            req = req.bearer_auth(t);
-        }
-        if have > 0 {
-            req = req.header(RANGE, format!("bytes={have}-"));
-        }
-        let mut res = req.send().await.map_err(|e| unreachable_hint(hub, &e))?;
-        let status = res.status();
-        let append = match status {
-            StatusCode::PARTIAL_CONTENT => {
-                let start = res
-                    .headers()
-                    .get(CONTENT_RANGE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("bytes "))
-                    .and_then(|v| v.split('-').next())
-                    .and_then(|v| v.parse::<u64>().ok());
-                anyhow::ensure!(
-                    start == Some(have),
-                    "the hub resumed {} at the wrong place ({:?} instead of byte {have})",
-                    r.file,
-                    start
-                );
-                true
-            }
-            StatusCode::OK => false,
-            s => bail!("downloading {} failed: the hub answered {s}", r.url),
-        };
-        let mut out = tokio::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .append(append)
-            .truncate(!append)
-            .open(&part)
-            .await
-            .with_context(|| format!("cannot write {}", part.display()))?;
-        let mut done = if append { have } else { 0 };
-        let mut last_report = 0u64;
-        loop {
-            let chunk = match res.chunk().await {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => {
-                    out.flush().await.ok();
-                    bail!(
-                        "the download of {} was interrupted at {} of {} ({e}); run the command again to resume",
-                        r.file,
-                        human(done),
-                        human(r.size)
-                    );
-                }
-            };
-            done += chunk.len() as u64;
-            anyhow::ensure!(
-                done <= r.size,
-                "{} is larger than the {} the hub announced",
-                r.file,
-                human(r.size)
-            );
-            out.write_all(&chunk)
-                .await
-                .with_context(|| format!("cannot write {}", part.display()))?;
-            if done - last_report >= (1 << 20) || done == r.size {
-                last_report = done;
-                progress(Progress::Bytes {
-                    file: r.file.clone(),
-                    done,
-                    total: r.size,
-                });
-            }
-        }
-        out.flush().await?;
-        drop(out);
-    }
-    let len = part_len(&part).await;
-    if len != r.size {
-        bail!(
-            "{} ended at {} of {}; run the command again to resume",
-            r.file,
-            human(len),
-            human(r.size)
-        );
-    }
-    if let Some(want) = &r.sha256 {
-        let got = sha256_file(&part).await?;
-        if &got != want {
-            tokio::fs::remove_file(&part).await.ok();
-            bail!(
-                "checksum mismatch for {}: the hub announced SHA-256 {want}, the download has {got}; \
-                 the file was discarded",
-                r.file
-            );
-        }
-    }
-    tokio::fs::rename(&part, partial.join(&r.file))
-        .await
-        .with_context(|| format!("cannot finish {}", part.display()))?;
-    progress(Progress::Verified { file: r.file.clone() });
-    Ok(())
-}
-
-async fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = tokio::fs::File::open(path)
-        .await
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
 }
 
 /// Moves the finished files into `dest`: the whole folder in one rename when
@@ -468,45 +255,6 @@ async fn install(partial: &Path, dest: &Path, files: &[String]) -> Result<()> {
     }
     tokio::fs::remove_dir_all(partial).await.ok();
     Ok(())
-}
-
-/// A terminal progress bar for [`Progress`] updates on stderr: redrawn in
-/// place on a terminal, one line per 10% otherwise.
-pub fn progress_bar() -> impl FnMut(Progress) {
-    use std::io::{IsTerminal, Write};
-    let tty = std::io::stderr().is_terminal();
-    let mut last_tenth: Option<(String, u64)> = None;
-    move |p: Progress| {
-        let mut err = std::io::stderr();
-        match p {
-            Progress::Resuming { file, have } => {
-                let _ = writeln!(err, "{file}: resuming after {}", human(have));
-            }
-            Progress::Bytes { file, done, total } => {
-                let pct = (done.saturating_mul(100)).checked_div(total).unwrap_or(100);
-                let filled = (pct / 5) as usize;
-                let line = format!(
-                    "{file} [{}{}] {pct:>3}% {} / {}",
-                    "#".repeat(filled),
-                    "-".repeat(20 - filled.min(20)),
-                    human(done),
-                    human(total)
-                );
-                if tty {
-                    let _ = write!(err, "\r{line}\x1b[K");
-                } else if last_tenth.as_ref() != Some(&(file.clone(), pct / 10)) {
-                    last_tenth = Some((file, pct / 10));
-                    let _ = writeln!(err, "{line}");
-                }
-            }
-            Progress::Verified { file } => {
-                if tty {
-                    let _ = writeln!(err);
-                }
-                let _ = writeln!(err, "{file}: complete");
-            }
-        }
-    }
 }
 
 #[cfg(test)]

