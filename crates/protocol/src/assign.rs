@@ -119,6 +119,10 @@ pub struct AssignedModel {
     /// Where the model's files can be fetched, best first.
     #[serde(default)]
     pub sources: Vec<String>,
+    /// Disk the catalog says the model's files take, MiB: what the node makes
+    /// room for in its cache before fetching it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mb: Option<u64>,
 }
 
 /// A catalog model the node was not given, and why.

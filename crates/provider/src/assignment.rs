@@ -173,6 +173,8 @@ pub struct Planned {
     pub id: String,
     pub format: Format,
     pub sources: Vec<String>,
+    /// What the catalog says its files take, bytes (0: not said).
+    pub disk_bytes: u64,
 }
 
 /// Asks the gateway, retrying while it cannot be reached (stop it by dropping
@@ -255,6 +257,7 @@ pub fn apply(config: &mut NodeConfig, assignment: &Assignment, chat_model: &str)
             id: m.id.clone(),
             format,
             sources: m.sources.clone(),
+            disk_bytes: m.disk_mb.unwrap_or(0).saturating_mul(1 << 20),
         });
     }
     let keep = |on: &mut bool, format: Option<Format>, id: &str| {
@@ -285,6 +288,7 @@ mod tests {
                 service: "scrape".into(),
                 engine: "scrape".into(),
                 sources: vec![],
+                disk_mb: None,
             }],
             declined: vec![],
         };
@@ -316,6 +320,7 @@ mod tests {
             service: service.into(),
             engine: engine.into(),
             sources: vec![format!("hf:acme/{id}")],
+            disk_mb: Some(90),
         };
         let assignment = Assignment {
             models: vec![
@@ -332,6 +337,7 @@ mod tests {
                 id: "mirror-embed".into(),
                 format: Format::SentenceBert,
                 sources: vec!["hf:acme/mirror-embed".into()],
+                disk_bytes: 90 << 20,
             }]
         );
         assert!(config.embeddings && config.scrape);

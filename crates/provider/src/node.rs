@@ -43,6 +43,7 @@ async fn fetch_planned(config: &mut NodeConfig, planned: Vec<Planned>) -> (Serve
         path_roots: Some(config.model_paths.clone()),
         max_bytes: config.max_disk_mb.map(|mb| mb.saturating_mul(1 << 20)),
     };
+    make_room(&planned, limits.max_bytes).await;
     for p in planned {
         loading(&format!("fetching {}", p.id));
         let id = p.id.clone();
@@ -74,6 +75,38 @@ async fn fetch_planned(config: &mut NodeConfig, planned: Vec<Planned>) -> (Serve
         }
     }
     (names, failed)
+}
+
+/// Evicts catalog models this assignment does not name (least recently used
+/// first) while the cache and the models about to be fetched would not fit
+/// the owner's disk allowance or the free disk.
+async fn make_room(planned: &[Planned], allowance: Option<u64>) {
+    let root = models::models_dir();
+    let keep: Vec<String> = planned
+        .iter()
+        .filter_map(|p| models::source::cache_name(&p.id))
+        .collect();
+    let incoming: u64 = planned
+        .iter()
+        .filter(|p| {
+            !models::source::cache_name(&p.id).is_some_and(|n| models::source::fetched_for_catalog(&root.join(n)))
+        })
+        .map(|p| p.disk_bytes)
+        .sum();
+    let evicted = tokio::task::spawn_blocking(move || {
+        let room = models::cache::Room {
+            incoming,
+            allowance,
+            free_bytes: crate::diagnose::host::disk_of(&root).map(|d| d.free_bytes),
+            margin: models::download::DISK_MARGIN,
+        };
+        models::cache::make_room(&root, &room, &keep)
+    })
+    .await
+    .unwrap_or_default();
+    for m in evicted {
+        tracing::info!(model = %m.name, bytes = m.size_bytes, "evicted from the model cache to make room (not assigned, least recently used)");
+    }
 }
 
 /// Rounds of asking for an assignment: the first, and up to two more when

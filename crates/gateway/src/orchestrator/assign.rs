@@ -138,6 +138,7 @@ pub fn assign(
                 service: e.service.as_str().to_string(),
                 engine: e.engine.as_str().to_string(),
                 sources: e.sources.clone(),
+                disk_mb: Some(e.disk_mb),
             })
             .collect(),
         declined,

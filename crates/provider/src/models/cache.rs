@@ -128,10 +128,12 @@ pub fn list(dir: &Path) -> io::Result<CacheListing> {
 
 fn folder_is_complete(dir: &Path) -> bool {
     let formats = [Format::Gguf, Format::SentenceBert, Format::PiperVoice];
-    if super::source::fetched_for_catalog(dir) && formats.iter().any(|f| super::source::locate(dir, *f).is_ok()) {
+    if formats.iter().any(|f| super::source::locate(dir, *f).is_ok()) {
         return true;
     }
+    // The voice's runtime library is not a model, but it is all its folder needs.
     is_model_folder(dir)
+        || super::find_onnxruntime_library(dir).is_some()
         || fs::read_dir(dir).is_ok_and(|entries| {
             entries.filter_map(Result::ok).any(|e| {
                 let path = e.path();
@@ -248,9 +250,122 @@ pub fn remove(dir: &Path, name: &str) -> Result<CachedModel, RemoveError> {
     Ok(entry)
 }
 
+/// What the cache must make room for: `incoming` bytes of models about to be
+/// fetched, within the owner's `allowance` for the whole cache, keeping
+/// `margin` bytes free on a disk that has `free_bytes` left.
+#[derive(Debug, Clone, Copy)]
+pub struct Room {
+    pub incoming: u64,
+    pub allowance: Option<u64>,
+    pub free_bytes: Option<u64>,
+    pub margin: u64,
+}
+
+/// Evicts models fetched for the gateway's catalog that `keep` does not name
+/// (cache folder names), least recently used first, until the cache plus the
+/// incoming models fits the allowance and the disk keeps its margin. Models
+/// the owner pulled or copied by hand, and the built-in ones, are never
+/// evicted. Best effort: when evicting everything allowed is not enough, the
+/// download itself refuses with the reason. Returns what was removed.
+pub fn make_room(dir: &Path, room: &Room, keep: &[String]) -> Vec<CachedModel> {
+    let Ok(listing) = list(dir) else {
+        return Vec::new();
+    };
+    let (mut total, mut free) = (listing.total_bytes, room.free_bytes);
+    let over = |total: u64, free: Option<u64>| {
+        room.allowance
+            .is_some_and(|max| total.saturating_add(room.incoming) > max)
+            || free.is_some_and(|f| f < room.incoming.saturating_add(room.margin))
+    };
+    let mut candidates: Vec<(std::time::SystemTime, CachedModel)> = listing
+        .models
+        .into_iter()
+        .filter(|m| m.catalog && !keep.contains(&m.name))
+        .map(|m| (super::source::last_used(&dir.join(&m.name)), m))
+        .collect();
+    candidates.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name.cmp(&b.1.name)));
+    let mut removed = Vec::new();
+    for (_, model) in candidates {
+        if !over(total, free) {
+            break;
+        }
+        match remove(dir, &model.name) {
+            Ok(gone) => {
+                total = total.saturating_sub(gone.size_bytes);
+                free = free.map(|f| f.saturating_add(gone.size_bytes));
+                removed.push(gone);
+            }
+            Err(e) => tracing::warn!("cannot evict {} from the model cache: {e}", model.name),
+        }
+    }
+    removed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A folder fetched for the catalog with `bytes` of weights, last used `age_s` ago.
+    fn catalog_model(cache: &Path, name: &str, bytes: usize, age_s: u64) {
+        let dir = cache.join(name);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("model.gguf"), vec![0u8; bytes]).unwrap();
+        let marker = dir.join(super::super::source::MARKER);
+        fs::write(&marker, "hf:acme/x\n").unwrap();
+        let when = std::time::SystemTime::now() - std::time::Duration::from_secs(age_s);
+        fs::File::options()
+            .append(true)
+            .open(&marker)
+            .unwrap()
+            .set_modified(when)
+            .unwrap();
+    }
+
+    #[test]
+    fn eviction_takes_unassigned_catalog_models_least_recently_used_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = tmp.path();
+        catalog_model(cache, "old", 4000, 3000);
+        catalog_model(cache, "older", 4000, 9000);
+        catalog_model(cache, "assigned", 4000, 99_000);
+        catalog_model(cache, "recent", 4000, 10);
+        // Pulled by hand: never evicted, however old or large.
+        fs::create_dir_all(cache.join("by-hand")).unwrap();
+        fs::write(cache.join("by-hand/model.gguf"), vec![0u8; 8000]).unwrap();
+        let keep = vec!["assigned".to_string()];
+        let total = list(cache).unwrap().total_bytes;
+
+        // Fits already: nothing goes.
+        let room = Room {
+            incoming: 1000,
+            allowance: Some(total + 1000),
+            free_bytes: None,
+            margin: 0,
+        };
+        assert!(make_room(cache, &room, &keep).is_empty());
+
+        // 6000 bytes more than fit: the two oldest unassigned ones go, "recent" stays.
+        let room = Room {
+            incoming: 7000,
+            allowance: Some(total + 1000),
+            free_bytes: None,
+            margin: 0,
+        };
+        let gone: Vec<String> = make_room(cache, &room, &keep).into_iter().map(|m| m.name).collect();
+        assert_eq!(gone, ["older", "old"]);
+        assert!(cache.join("recent").is_dir() && cache.join("assigned").is_dir() && cache.join("by-hand").is_dir());
+
+        // The disk is short: evicts what it may, then stops without touching the rest.
+        let room = Room {
+            incoming: 50_000,
+            allowance: None,
+            free_bytes: Some(10_000),
+            margin: 1000,
+        };
+        let gone: Vec<String> = make_room(cache, &room, &keep).into_iter().map(|m| m.name).collect();
+        assert_eq!(gone, ["recent"]);
+        assert!(cache.join("assigned").is_dir() && cache.join("by-hand").is_dir());
+    }
 
     #[test]
     fn names_that_could_leave_the_cache_are_refused() {
