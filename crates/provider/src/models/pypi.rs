@@ -284,8 +284,10 @@ fn hex_sha256(h: &str) -> Option<String> {
 /// How well a wheel's platform tag fits this machine, lower is better: a pure
 /// wheel first (class 0), then one built for this platform (class 1) that
 /// asks the least of it (the oldest glibc, musl or macOS release it names);
-/// `None` when it cannot run here. `musl` is the libc this binary was built for.
-fn platform_fit(tag: &str, os: &str, arch: &str, musl: bool) -> Option<(u8, (u32, u32))> {
+/// `None` when it cannot run here. `musl` is the libc this binary was built for;
+/// `release`, when known, the host's glibc (Linux) or macOS version: a wheel
+/// that needs a newer one cannot load.
+fn platform_fit(tag: &str, os: &str, arch: &str, musl: bool, release: Option<(u32, u32)>) -> Option<(u8, (u32, u32))> {
     let fits = |t: &str| {
         if t == "any" {
             return Some((0, (0, 0)));
@@ -314,7 +316,8 @@ fn platform_fit(tag: &str, os: &str, arch: &str, musl: bool) -> Option<(u8, (u32
             }
             _ => false,
         };
-        ok.then(|| (1, needs(t)))
+        let fits_release = release.is_none_or(|host| needs(t) <= host);
+        (ok && fits_release).then(|| (1, needs(t)))
     };
     // A compressed tag set (`manylinux_2_17_x86_64.manylinux2014_x86_64`) fits if one part does.
     tag.split('.').filter_map(fits).min()
@@ -350,6 +353,7 @@ fn wheel_fit(
     os: &str,
     arch: &str,
     musl: bool,
+    release: Option<(u32, u32)>,
 ) -> Option<(u8, (u32, u32))> {
     let stem = filename.strip_suffix(".whl")?;
     let parts: Vec<&str> = stem.split('-').collect();
@@ -365,15 +369,38 @@ fn wheel_fit(
     if !python.split('.').any(|t| t.starts_with("py3") || t.starts_with("cp3")) {
         return None;
     }
-    platform_fit(platform, os, arch, musl)
+    platform_fit(platform, os, arch, musl, release)
+}
+
+/// The host's glibc version (Linux, glibc builds) or macOS version: the
+/// newest platform tag a wheel may need here. `None` elsewhere or when unknown.
+fn host_release() -> Option<(u32, u32)> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    let text = {
+        // SAFETY: glibc returns a pointer to a static, NUL-terminated string.
+        let version = unsafe { std::ffi::CStr::from_ptr(libc::gnu_get_libc_version()) };
+        Some(version.to_string_lossy().into_owned())
+    };
+    #[cfg(target_os = "macos")]
+    let text = sysinfo::System::os_version();
+    #[cfg(not(any(all(target_os = "linux", target_env = "gnu"), target_os = "macos")))]
+    let text: Option<String> = None;
+    let text = text?;
+    let mut parts = text.trim().split('.').map(|p| p.parse::<u32>());
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => Some((major, minor)),
+        (Some(Ok(major)), None) => Some((major, 0)),
+        _ => None,
+    }
 }
 
 /// The best wheel of `package`==`version` among `files` for this machine.
 fn choose(files: &[Listed], package: &str, version: &str) -> Option<Listed> {
     let (os, arch, musl) = (std::env::consts::OS, std::env::consts::ARCH, cfg!(target_env = "musl"));
+    let release = host_release();
     files
         .iter()
-        .filter_map(|f| wheel_fit(&f.filename, package, version, os, arch, musl).map(|rank| (rank, f)))
+        .filter_map(|f| wheel_fit(&f.filename, package, version, os, arch, musl, release).map(|rank| (rank, f)))
         .min_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.filename.cmp(&b.1.filename)))
         .map(|(_, f)| f.clone())
 }
@@ -741,7 +768,7 @@ mod tests {
 
     #[test]
     fn wheels_are_chosen_by_name_version_and_platform() {
-        let fit = |f: &str, os, arch, musl| wheel_fit(f, "onnxruntime", "1.22.0", os, arch, musl).map(|r| r.0);
+        let fit = |f: &str, os, arch, musl| wheel_fit(f, "onnxruntime", "1.22.0", os, arch, musl, None).map(|r| r.0);
         let linux = "onnxruntime-1.22.0-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl";
         assert_eq!(fit(linux, "linux", "x86_64", false), Some(1));
         assert_eq!(
@@ -810,10 +837,35 @@ mod tests {
                 "0.1.0",
                 "windows",
                 "x86_64",
-                false
+                false,
+                None
             ),
             Some((0, (0, 0)))
         );
+        // A wheel that needs a newer glibc or macOS than the host's cannot load there.
+        let new_glibc = "onnxruntime-1.22.0-cp311-cp311-manylinux_2_39_x86_64.whl";
+        let fit_on = |f: &str, os, release| wheel_fit(f, "onnxruntime", "1.22.0", os, "x86_64", false, release);
+        assert_eq!(fit_on(new_glibc, "linux", Some((2, 36))), None);
+        assert_eq!(fit_on(new_glibc, "linux", Some((2, 39))), Some((1, (2, 39))));
+        assert_eq!(
+            fit_on(
+                "onnxruntime-1.22.0-cp311-cp311-macosx_14_0_x86_64.whl",
+                "macos",
+                Some((13, 6))
+            ),
+            None
+        );
+        assert_eq!(
+            fit_on("onnxruntime-1.22.0-cp311-cp311-win_amd64.whl", "windows", None),
+            Some((1, (0, 0)))
+        );
+        if cfg!(all(target_os = "linux", target_env = "gnu")) {
+            assert!(
+                host_release().is_some_and(|(major, _)| major == 2),
+                "{:?}",
+                host_release()
+            );
+        }
         // Among platform wheels, the one that asks the least of the system.
         assert_eq!(needs("manylinux2014_x86_64"), (2, 17));
         assert_eq!(needs("manylinux_2_28_x86_64"), (2, 28));
