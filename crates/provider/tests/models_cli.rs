@@ -48,6 +48,8 @@ fn sample_cache(root: &Path) {
     write(&root.join("qwen2.5-0.5b-q4_k_m.gguf"), &[1u8; 2048]);
     mkdir(&root.join(".download-123"));
     write(&root.join(".download-123/partial.whl"), &[0u8; 4096]);
+    mkdir(&root.join(".partial/.wheels"));
+    write(&root.join(".partial/.wheels/x-1.0-py3-none-any.whl.part"), &[0u8; 3000]);
 }
 
 #[test]
@@ -74,6 +76,7 @@ fn list_json_shows_every_model_with_its_size() {
         ]
     );
     assert_eq!(listing.total_bytes, 115 + 1007 + 2 + 2048);
+    assert_eq!(listing.partial_bytes, 3000);
 }
 
 #[test]
@@ -90,6 +93,7 @@ fn list_human_is_a_table() {
     assert_eq!(lines[3], "org--half                 2 B      folder  incomplete");
     assert_eq!(lines[4], "qwen2.5-0.5b-q4_k_m.gguf  2.0 KiB  file");
     assert!(lines[5].starts_with("4 model(s), 3.1 KiB in "), "{text}");
+    assert!(lines[6].starts_with("2.9 KiB of unfinished downloads in "), "{text}");
 }
 
 #[test]

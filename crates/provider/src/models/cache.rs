@@ -24,6 +24,9 @@ pub struct CacheListing {
     pub models: Vec<CachedModel>,
     /// Sum of the entries' sizes.
     pub total_bytes: u64,
+    /// Bytes of unfinished or left-over downloads (`.partial`), not in `total_bytes`.
+    #[serde(default)]
+    pub partial_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +84,7 @@ pub fn list(dir: &Path) -> io::Result<CacheListing> {
                 exists: false,
                 models: Vec::new(),
                 total_bytes: 0,
+                partial_bytes: 0,
             })
         }
         Err(e) => return Err(e),
@@ -122,6 +126,7 @@ pub fn list(dir: &Path) -> io::Result<CacheListing> {
         dir: dir.display().to_string(),
         exists: true,
         total_bytes: models.iter().map(|m| m.size_bytes).sum(),
+        partial_bytes: tree_size(&dir.join(".partial")),
         models,
     })
 }
@@ -146,13 +151,22 @@ fn folder_is_complete(dir: &Path) -> bool {
 pub fn human(listing: &CacheListing) -> String {
     use crate::diagnose::render::{size, table};
 
+    let partial = if listing.partial_bytes > 0 {
+        format!(
+            "{} of unfinished downloads in {}/.partial (resumed by the next fetch; left-over files go after a week)\n",
+            size(Some(listing.partial_bytes)),
+            listing.dir
+        )
+    } else {
+        String::new()
+    };
     if listing.models.is_empty() {
         let why = if listing.exists {
             "is empty"
         } else {
             "does not exist yet"
         };
-        return format!("no cached models: {} {why}\n", listing.dir);
+        return format!("no cached models: {} {why}\n{partial}", listing.dir);
     }
     let mut rows = vec![vec!["NAME".to_string(), "SIZE".into(), "KIND".into(), "STATUS".into()]];
     for m in &listing.models {
@@ -175,7 +189,7 @@ pub fn human(listing: &CacheListing) -> String {
         ]);
     }
     format!(
-        "{}{} model(s), {} in {}\n",
+        "{}{} model(s), {} in {}\n{partial}",
         table(&rows),
         listing.models.len(),
         size(Some(listing.total_bytes)),
