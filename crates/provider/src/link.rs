@@ -1,7 +1,14 @@
 //! The node's side of the link: dial out to the gateway, upgrade, then serve
 //! the local router over HTTP/2 on that one connection. Reconnects with
 //! exponential backoff and jitter for as long as the node runs.
+//!
+//! When the node's offering changes (a model fetched in the background is
+//! ready), the link is replaced: a new one dials in and says hello, and the
+//! gateway, which learns offers from a link's hello, adds the new model; the
+//! old link then closes gracefully (GOAWAY), so its running requests finish.
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -74,6 +81,20 @@ pub fn parse_gateway(url: &str) -> anyhow::Result<LinkTarget> {
     })
 }
 
+/// How a link learns that the node's offering changed.
+pub struct Relink {
+    /// Changes when the offering is replaced.
+    pub replaced: tokio::sync::watch::Receiver<u64>,
+    /// Changes when the node answers a hello (on any link).
+    pub hellos: tokio::sync::watch::Receiver<u64>,
+}
+
+/// How long an old link waits for its successor's hello before closing anyway.
+const SUCCESSOR_HELLO: Duration = Duration::from_secs(15);
+/// After the successor's hello, time for the gateway to put its provisions in
+/// the pools before the old link stops taking requests.
+const HANDOVER: Duration = Duration::from_secs(2);
+
 /// Keeps a link up until `stop` is cancelled. Returns only on stop or refusal,
 /// or when the link closes once `draining` is cancelled (the node is on its
 /// way out: the gateway closing the link then is expected, not a fault).
@@ -84,13 +105,33 @@ pub async fn run(
     max_streams: u32,
     stop: CancellationToken,
     draining: CancellationToken,
+    mut relink: Relink,
 ) -> Result<(), LinkError> {
-    let target = parse_gateway(gateway)?;
+    let target = Arc::new(parse_gateway(gateway)?);
+    let credential: Arc<str> = Arc::from(credential);
     let mut backoff = Duration::from_millis(100);
+    relink.replaced.borrow_and_update();
     loop {
         let started = std::time::Instant::now();
         let status = crate::status::global();
-        match connect_once(&target, credential, router.clone(), max_streams, stop.clone()).await {
+        let retire = stop.child_token();
+        let mut attempt = Box::pin(connect_once(
+            target.clone(),
+            credential.clone(),
+            router.clone(),
+            max_streams,
+            retire.clone(),
+        ));
+        let outcome = tokio::select! {
+            r = &mut attempt => r,
+            Ok(()) = relink.replaced.changed() => {
+                tracing::info!("the node's offering changed: opening a new link to announce it");
+                retire_after_successor(attempt, retire, relink.hellos.clone());
+                backoff = Duration::from_millis(100);
+                continue;
+            }
+        };
+        match outcome {
             Ok(()) if stop.is_cancelled() || draining.is_cancelled() => return Ok(()),
             Ok(()) => {
                 tracing::warn!("link closed by the gateway; reconnecting");
@@ -120,9 +161,31 @@ pub async fn run(
     }
 }
 
+/// Keeps serving the link `attempt` until the next link has said hello (and
+/// the gateway has had a moment to pool it), then closes it gracefully.
+fn retire_after_successor(
+    attempt: impl Future<Output = Result<(), LinkError>> + Send + 'static,
+    retire: CancellationToken,
+    mut hellos: tokio::sync::watch::Receiver<u64>,
+) {
+    hellos.borrow_and_update();
+    tokio::spawn(async move {
+        let handover = async {
+            let _ = tokio::time::timeout(SUCCESSOR_HELLO, hellos.changed()).await;
+            tokio::time::sleep(HANDOVER).await;
+            retire.cancel();
+        };
+        let (ended, ()) = tokio::join!(attempt, handover);
+        match ended {
+            Ok(()) => tracing::debug!("the replaced link closed"),
+            Err(e) => tracing::debug!(error = %e, "the replaced link ended with an error"),
+        }
+    });
+}
+
 async fn connect_once(
-    target: &LinkTarget,
-    credential: &str,
+    target: Arc<LinkTarget>,
+    credential: Arc<str>,
     router: Router,
     max_streams: u32,
     stop: CancellationToken,

@@ -1,11 +1,12 @@
 //! Running a node: load the engines, link (or register a direct URL), serve,
 //! and on stop drain: no new work, in-flight requests finish, then go.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use cxmpute_protocol::assign::AssignmentRequest;
 use cxmpute_protocol::link::{Hello, Placement, Register, DRAIN_PATH, REGISTER_PATH};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -33,10 +34,35 @@ pub struct ServedNames {
     pub speech: Option<String>,
 }
 
+/// The switch, model folder and served name of the engine that loads `format`.
+fn slot<'a>(
+    config: &'a mut NodeConfig,
+    names: &'a mut ServedNames,
+    format: Format,
+) -> (&'a mut bool, &'a mut Option<std::path::PathBuf>, &'a mut Option<String>) {
+    match format {
+        Format::Gguf => (&mut config.chat, &mut config.chat_model_dir, &mut names.chat),
+        Format::SentenceBert => (
+            &mut config.embeddings,
+            &mut config.embeddings_model_dir,
+            &mut names.embeddings,
+        ),
+        Format::PiperVoice => (&mut config.speech, &mut config.speech_model_dir, &mut names.speech),
+    }
+}
+
+/// Where fetch progress goes: the start-up splash, or (while the node already
+/// serves) the dashboard's row for the model.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shown {
+    Splash,
+    Background,
+}
+
 /// Fetches the catalog models the assignment gave this node and points their
 /// engines at them. A model that cannot be fetched turns its engine off and
 /// is returned in the second list, for the gateway to assign something else.
-async fn fetch_planned(config: &mut NodeConfig, planned: Vec<Planned>) -> (ServedNames, Vec<String>) {
+async fn fetch_planned(config: &mut NodeConfig, planned: Vec<Planned>, shown: Shown) -> (ServedNames, Vec<String>) {
     let mut names = ServedNames::default();
     let mut failed = Vec::new();
     let limits = Limits {
@@ -45,22 +71,19 @@ async fn fetch_planned(config: &mut NodeConfig, planned: Vec<Planned>) -> (Serve
     };
     make_room(&planned, limits.max_bytes).await;
     for p in planned {
-        loading(&format!("fetching {}", p.id));
-        let id = p.id.clone();
+        let service = p.format.service();
+        let (id, id2) = (p.id.clone(), p.id.clone());
+        let report = move |msg: &str| match shown {
+            Shown::Splash => status::global().set_phase(Phase::Loading(msg.to_string())),
+            Shown::Background => status::global().set_fetching(service, &id2, msg),
+        };
+        report(&format!("fetching {}", p.id));
         let fetched = models::source::prepare(&p.id, p.format, &p.sources, &limits, move |msg| {
             tracing::info!(model = %id, "{msg}");
-            status::global().set_phase(Phase::Loading(msg.to_string()));
+            report(msg);
         })
         .await;
-        let (on, dir, name) = match p.format {
-            Format::Gguf => (&mut config.chat, &mut config.chat_model_dir, &mut names.chat),
-            Format::SentenceBert => (
-                &mut config.embeddings,
-                &mut config.embeddings_model_dir,
-                &mut names.embeddings,
-            ),
-            Format::PiperVoice => (&mut config.speech, &mut config.speech_model_dir, &mut names.speech),
-        };
+        let (on, dir, name) = slot(config, &mut names, p.format);
         match fetched {
             Ok(path) => {
                 *dir = Some(path);
@@ -69,12 +92,24 @@ async fn fetch_planned(config: &mut NodeConfig, planned: Vec<Planned>) -> (Serve
             Err(e) => {
                 tracing::error!(model = %p.id, "not serving {}: {e:#}", p.id);
                 status::global().error(format!("cannot fetch {}: {e:#}", p.id));
+                status::global().fetch_ended(&p.id);
                 *on = false;
                 failed.push(p.id);
             }
         }
     }
     (names, failed)
+}
+
+/// True when `p` needs no download: an earlier run fetched it for the
+/// catalog, or a source is a local path.
+fn is_at_hand(p: &Planned) -> bool {
+    let cached = models::source::cache_name(&p.id)
+        .is_some_and(|n| models::source::fetched_for_catalog(&models::models_dir().join(n)));
+    cached
+        || p.sources
+            .iter()
+            .any(|s| matches!(models::source::Source::parse(s), Ok(models::source::Source::Path(_))))
 }
 
 /// Evicts catalog models this assignment does not name (least recently used
@@ -255,7 +290,17 @@ fn soft<T>(catalog_model: Option<&str>, built: anyhow::Result<Option<T>>) -> any
 }
 
 /// Loads every engine the configuration asks for; `upstream` is already discovered.
-async fn build_engines(config: &NodeConfig, upstream: Option<Upstream>, names: ServedNames) -> anyhow::Result<Engines> {
+async fn build_engines(
+    config: &NodeConfig,
+    upstream: Option<Upstream>,
+    names: ServedNames,
+    shown: Shown,
+) -> anyhow::Result<Engines> {
+    let loading = |step: &str| {
+        if shown == Shown::Splash {
+            loading(step);
+        }
+    };
     if config.chat {
         loading("loading the chat model");
     }
@@ -343,6 +388,7 @@ pub async fn run(mut config: NodeConfig, shutdown: CancellationToken) -> anyhow:
     let credential = config.credential.clone().unwrap_or_default();
     let wanted = config.clone();
     let mut names = ServedNames::default();
+    let mut later = Vec::new();
     for round in 1..=ASSIGNMENT_ROUNDS {
         let fetched = tokio::select! {
             r = assignment::fetch(&wanted.gateway, &credential, &req) => r?,
@@ -353,25 +399,50 @@ pub async fn run(mut config: NodeConfig, shutdown: CancellationToken) -> anyhow:
         };
         config = wanted.clone();
         let planned = assignment::apply(&mut config, &assigned, &chat_model);
+        // Models that need a download come after the node serves the rest.
+        let (now, downloads): (Vec<_>, Vec<_>) = planned.into_iter().partition(is_at_hand);
+        later = downloads;
+        for p in &later {
+            *slot(&mut config, &mut names, p.format).0 = false;
+        }
         let failed;
         (names, failed) = tokio::select! {
-            done = fetch_planned(&mut config, planned) => done,
-            // A hub download in progress stays in the cache's .partial folder and resumes next time.
+            done = fetch_planned(&mut config, now, Shown::Splash) => done,
             _ = shutdown.cancelled() => return Ok(()),
         };
         if failed.is_empty() || round == ASSIGNMENT_ROUNDS {
             break;
         }
         tracing::warn!(models = ?failed, "asking the gateway again, without the models that could not be fetched");
-        let failed_before = std::mem::take(&mut req.fetch.failed);
-        // What this round fetched is cached now and needs no disk space again.
-        req = assignment::request(&wanted, req.hardware.clone(), &chat_model, upstream.as_ref());
-        req.fetch.failed = failed_before;
-        req.fetch.failed.extend(failed);
+        req = ask_again(&wanted, &req, upstream.as_ref(), &chat_model, failed);
     }
-    let engines = build_engines(&config, upstream, names).await?;
+    let mut engines = build_engines(&config, upstream.clone(), names, Shown::Splash).await?;
+    let mut background = None;
+    if !later.is_empty() {
+        let deferred = Deferred {
+            planned: later,
+            config: config.clone(),
+            wanted,
+            request: req.clone(),
+            upstream,
+            chat_model,
+        };
+        if engines.offers().is_empty() {
+            // Nothing to serve meanwhile: fetch first, as the splash shows.
+            let (added, _) = tokio::select! {
+                done = deferred.load(Shown::Splash) => done,
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            added.merge_into(&mut engines);
+        } else {
+            for p in &deferred.planned {
+                status::global().set_fetching(p.format.service(), &p.id, "waiting to fetch");
+            }
+            background = Some(deferred);
+        }
+    }
     let ollama = engines.ollama.clone();
-    let result = run_with_engines(config, engines, Some(req.hardware.tier), shutdown).await;
+    let result = run_with_engines(config, engines, Some(req.hardware.tier), background, shutdown).await;
     // Whatever ended the node, models it pulled into Ollama go again.
     if let Some(ollama) = ollama {
         ollama.remove_pulled().await;
@@ -379,12 +450,220 @@ pub async fn run(mut config: NodeConfig, shutdown: CancellationToken) -> anyhow:
     result
 }
 
+/// The assignment request of the next round: the same node, and every model
+/// that could not be fetched so far.
+fn ask_again(
+    wanted: &NodeConfig,
+    last: &AssignmentRequest,
+    upstream: Option<&Upstream>,
+    chat_model: &str,
+    failed: Vec<String>,
+) -> AssignmentRequest {
+    // What earlier rounds fetched is cached now and needs no disk space again.
+    let mut req = assignment::request(wanted, last.hardware.clone(), chat_model, upstream);
+    req.fetch.failed = last.fetch.failed.clone();
+    req.fetch.failed.extend(failed);
+    req
+}
+
+/// Assigned catalog models that need a download, fetched while the node
+/// already serves its other models.
+struct Deferred {
+    planned: Vec<Planned>,
+    /// The node's configuration once its assignment was applied.
+    config: NodeConfig,
+    /// What the owner asked for, to apply a new assignment to.
+    wanted: NodeConfig,
+    /// The last assignment request, to ask again without failed models.
+    request: AssignmentRequest,
+    upstream: Option<Upstream>,
+    chat_model: String,
+}
+
+/// Engines loaded after the start.
+struct Added {
+    chat: Option<BuiltinChat>,
+    minilm: Option<BuiltinEmbeddings>,
+    speech: Option<Arc<PiperVoice>>,
+}
+
+impl Added {
+    fn is_empty(&self) -> bool {
+        self.chat.is_none() && self.minilm.is_none() && self.speech.is_none()
+    }
+
+    fn absorb(&mut self, more: Added) {
+        self.chat = more.chat.or(self.chat.take());
+        self.minilm = more.minilm.or(self.minilm.take());
+        self.speech = more.speech.or(self.speech.take());
+    }
+
+    fn merge_into(self, engines: &mut Engines) {
+        if let Some(chat) = self.chat {
+            engines.chat = Some(chat);
+        }
+        if let Some(minilm) = self.minilm {
+            engines.minilm = Some(minilm);
+        }
+        if let Some(speech) = self.speech {
+            engines.speech = Some(speech);
+        }
+    }
+}
+
+impl Deferred {
+    /// Fetches and loads the models. Those that cannot be fetched are reported
+    /// to the gateway, which may assign others in their place (fetched in the
+    /// same way), for as many rounds as at start-up. Returns the engines that
+    /// loaded and the models that could not be served.
+    async fn load(&self, shown: Shown) -> (Added, Vec<String>) {
+        let mut added = Added {
+            chat: None,
+            minilm: None,
+            speech: None,
+        };
+        let mut planned = self.planned.clone();
+        // Engines whose built-in model the gateway assigned in a later round.
+        let mut builtins: Vec<Format> = Vec::new();
+        let mut request = self.request.clone();
+        let mut given_up = Vec::new();
+        let credential = self.config.credential.clone().unwrap_or_default();
+        for round in 1..=ASSIGNMENT_ROUNDS {
+            // Only the engines of these models: everything else already runs.
+            let mut config = NodeConfig {
+                chat: false,
+                embeddings: false,
+                speech: false,
+                scrape: false,
+                ollama: None,
+                ..self.config.clone()
+            };
+            let mut ignored = ServedNames::default();
+            for format in planned.iter().map(|p| p.format).chain(builtins.iter().copied()) {
+                *slot(&mut config, &mut ignored, format).0 = true;
+            }
+            let ids: Vec<String> = planned.iter().map(|p| p.id.clone()).collect();
+            let formats: Vec<Format> = planned.iter().map(|p| p.format).collect();
+            let (names, failed) = fetch_planned(&mut config, planned, shown).await;
+            match build_engines(&config, None, names, shown).await {
+                Ok(built) => {
+                    let loaded: Vec<String> = built.offers().into_iter().map(|o| o.model).collect();
+                    given_up.extend(
+                        ids.iter()
+                            .filter(|id| !loaded.contains(id) && !failed.contains(id))
+                            .cloned(),
+                    );
+                    added.absorb(Added {
+                        chat: built.chat,
+                        minilm: built.minilm,
+                        speech: built.speech,
+                    });
+                }
+                Err(e) => {
+                    tracing::error!("the models fetched after the start do not load: {e:#}");
+                    status::global().error(format!("cannot load {}: {e:#}", ids.join(", ")));
+                    given_up.extend(ids.iter().filter(|id| !failed.contains(id)).cloned());
+                }
+            }
+            for id in &ids {
+                status::global().fetch_ended(id);
+            }
+            if failed.is_empty() || round == ASSIGNMENT_ROUNDS {
+                given_up.extend(failed);
+                break;
+            }
+            tracing::warn!(models = ?failed, "asking the gateway again, without the models that could not be fetched");
+            request = ask_again(
+                &self.wanted,
+                &request,
+                self.upstream.as_ref(),
+                &self.chat_model,
+                failed.clone(),
+            );
+            let assigned = match assignment::fetch(&self.wanted.gateway, &credential, &request).await {
+                Ok(Some(a)) => a,
+                Ok(None) | Err(_) => {
+                    given_up.extend(failed);
+                    break;
+                }
+            };
+            let mut applied = self.wanted.clone();
+            // Replacements only for the engines whose model failed; the rest is settled.
+            let open: Vec<Format> = formats
+                .iter()
+                .zip(&ids)
+                .filter(|(_, id)| failed.contains(id))
+                .map(|(f, _)| *f)
+                .collect();
+            planned = assignment::apply(&mut applied, &assigned, &self.chat_model)
+                .into_iter()
+                .filter(|p| open.contains(&p.format) && !failed.contains(&p.id))
+                .collect();
+            // An engine left on with no catalog model was given its built-in one.
+            let mut ignored = ServedNames::default();
+            builtins = open
+                .into_iter()
+                .filter(|f| !planned.iter().any(|p| p.format == *f) && *slot(&mut applied, &mut ignored, *f).0)
+                .collect();
+            given_up.extend(failed);
+            if planned.is_empty() && builtins.is_empty() {
+                break;
+            }
+        }
+        (added, given_up)
+    }
+}
+
+/// Fetches the deferred models while the node serves, then serves them too:
+/// the offering is replaced, and the link (or direct registration) announces it.
+async fn fetch_in_background(state: NodeState, deferred: Deferred, reregister: Option<Register>) {
+    let (added, given_up) = deferred.load(Shown::Background).await;
+    if !given_up.is_empty() {
+        tracing::warn!(models = ?given_up, "not serving these assigned models");
+    }
+    if added.is_empty() {
+        return;
+    }
+    let current = state.offering();
+    let mut engines = current.engines.clone();
+    added.merge_into(&mut engines);
+    let hello = Hello {
+        offers: engines.offers(),
+        ..current.hello.clone()
+    };
+    show_offers(&hello);
+    state.replace(engines, hello);
+    if let Some(register) = reregister {
+        // A direct registration is asked for its hello when it is made: make it again.
+        if let Err(e) = register_direct(&deferred.config, &register).await {
+            tracing::warn!("could not announce the new models to the gateway: {e:#}");
+            status::global().error(format!("could not announce the new models: {e:#}"));
+        }
+    }
+}
+
+/// Logs what the node offers and shows it on the dashboard.
+fn show_offers(hello: &Hello) {
+    for o in &hello.offers {
+        tracing::info!(service = %o.service, model = %o.model, "offering");
+    }
+    status::global().set_offers(
+        hello
+            .offers
+            .iter()
+            .map(|o| (o.service.clone(), o.model.clone()))
+            .collect(),
+    );
+}
+
 /// Runs the node with `engines` until `shutdown`; `tier` is what the hardware
-/// probe found (announced for the public network figures).
-pub async fn run_with_engines(
+/// probe found (announced for the public network figures). `background`
+/// models are fetched and added while it serves.
+async fn run_with_engines(
     config: NodeConfig,
     engines: Engines,
     tier: Option<u8>,
+    background: Option<Deferred>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     config.validate()?;
@@ -405,23 +684,9 @@ pub async fn run_with_engines(
             region: config.location.region.clone(),
         },
     };
-    for o in &hello.offers {
-        tracing::info!(service = %o.service, model = %o.model, "offering");
-    }
-    status::global().set_offers(
-        hello
-            .offers
-            .iter()
-            .map(|o| (o.service.clone(), o.model.clone()))
-            .collect(),
-    );
+    show_offers(&hello);
     let direct_token = config.direct_url.as_ref().map(|_| cxmpute_token());
-    let state = NodeState {
-        engines: Arc::new(engines),
-        hello: Arc::new(hello),
-        direct_token: direct_token.as_deref().map(Arc::from),
-        in_flight: Arc::new(AtomicUsize::new(0)),
-    };
+    let state = NodeState::new(engines, hello, direct_token.as_deref().map(Arc::from));
     let router = server::router(state.clone());
     let serving = CancellationToken::new();
     if let Some(addr) = config.listen {
@@ -443,38 +708,43 @@ pub async fn run_with_engines(
     }
     let http = crate::gateway_tls::http_client(Duration::from_secs(15))?;
     let gateway = config.gateway.trim_end_matches('/').to_string();
-    let link_task = match (&config.direct_url, &direct_token) {
-        (Some(url), Some(token)) => {
-            let res = http
-                .post(format!("{gateway}{REGISTER_PATH}"))
-                .bearer_auth(&credential)
-                .json(&Register {
-                    url: url.clone(),
-                    token: token.clone(),
-                })
-                .send()
-                .await
-                .context("cannot reach the gateway to register")?;
-            let status = res.status();
-            let text = res.text().await.unwrap_or_default();
-            anyhow::ensure!(
-                status.is_success(),
-                "the gateway refused the registration ({status}): {text}"
-            );
-            tracing::info!(url = %url, "registered in direct mode");
+    let registration = match (&config.direct_url, &direct_token) {
+        (Some(url), Some(token)) => Some(Register {
+            url: url.clone(),
+            token: token.clone(),
+        }),
+        _ => None,
+    };
+    let link_task = match &registration {
+        Some(register) => {
+            register_direct(&config, register).await?;
+            tracing::info!(url = %register.url, "registered in direct mode");
             status::global().set_phase(Phase::Direct);
             None
         }
-        _ => {
+        None => {
             let (router, stop) = (router.clone(), serving.clone());
             let max_streams = config.max_concurrency;
             let (gw, draining) = (gateway.clone(), shutdown.clone());
+            let relink = link::Relink {
+                replaced: state.replacements(),
+                hellos: state.hellos(),
+            };
             status::global().set_phase(Phase::Connecting);
             Some(tokio::spawn(async move {
-                link::run(&gw, &credential, router, max_streams, stop, draining).await
+                link::run(&gw, &credential, router, max_streams, stop, draining, relink).await
             }))
         }
     };
+    if let Some(deferred) = background {
+        let fetching = tokio::spawn(fetch_in_background(state.clone(), deferred, registration));
+        let stop = shutdown.clone();
+        // A download in progress stays in the cache's .partial folder and resumes next time.
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            fetching.abort();
+        });
+    }
     let mut link_task = link_task;
     // Wait for a stop, or for the link to give up (refused credential).
     if let Some(task) = link_task.as_mut() {
@@ -508,6 +778,27 @@ pub async fn run_with_engines(
     }
     tracing::info!("node stopped");
     status::global().set_phase(Phase::Stopped);
+    Ok(())
+}
+
+/// Registers the node's local router with the gateway (direct mode); the
+/// gateway asks it for its hello and replaces an earlier registration.
+async fn register_direct(config: &NodeConfig, register: &Register) -> anyhow::Result<()> {
+    let http = crate::gateway_tls::http_client(Duration::from_secs(15))?;
+    let gateway = config.gateway.trim_end_matches('/');
+    let res = http
+        .post(format!("{gateway}{REGISTER_PATH}"))
+        .bearer_auth(config.credential.as_deref().unwrap_or_default())
+        .json(register)
+        .send()
+        .await
+        .context("cannot reach the gateway to register")?;
+    let status = res.status();
+    let text = res.text().await.unwrap_or_default();
+    anyhow::ensure!(
+        status.is_success(),
+        "the gateway refused the registration ({status}): {text}"
+    );
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{Context, Poll};
 
 use axum::body::Body;
@@ -24,13 +24,59 @@ use crate::engines::scrape::ScrapeRequest;
 use crate::engines::{error_response, Engines};
 use crate::models::canonical_speech_model;
 
+/// What the node serves at the moment: its engines and the hello that
+/// announces them. Replaced whole when a model fetched in the background is
+/// ready; a request keeps the offering it started with.
+pub struct Offering {
+    pub engines: Engines,
+    pub hello: Hello,
+}
+
 #[derive(Clone)]
 pub struct NodeState {
-    pub engines: Arc<Engines>,
-    pub hello: Arc<Hello>,
+    offering: Arc<RwLock<Arc<Offering>>>,
     /// Direct mode: the bearer token the gateway must send.
     pub direct_token: Option<Arc<str>>,
     pub in_flight: Arc<AtomicUsize>,
+    /// Counts replacements of the offering, so links announce it again.
+    replaced: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Counts hellos answered, so a link being replaced knows when its
+    /// successor has introduced itself.
+    hellos: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl NodeState {
+    pub fn new(engines: Engines, hello: Hello, direct_token: Option<Arc<str>>) -> NodeState {
+        NodeState {
+            offering: Arc::new(RwLock::new(Arc::new(Offering { engines, hello }))),
+            direct_token,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            replaced: Arc::new(tokio::sync::watch::Sender::new(0)),
+            hellos: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
+
+    /// The engines and hello of this moment.
+    pub fn offering(&self) -> Arc<Offering> {
+        self.offering.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Serves `engines` from now on (requests already running finish on the
+    /// old ones) and tells the links to announce `hello`.
+    pub fn replace(&self, engines: Engines, hello: Hello) {
+        *self.offering.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(Offering { engines, hello });
+        self.replaced.send_modify(|n| *n += 1);
+    }
+
+    /// Changes when the offering is replaced.
+    pub fn replacements(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.replaced.subscribe()
+    }
+
+    /// Changes when a hello is answered.
+    pub fn hellos(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.hellos.subscribe()
+    }
 }
 
 pub fn router(state: NodeState) -> Router {
@@ -139,11 +185,14 @@ impl http_body::Body for Counted {
 }
 
 async fn hello(State(state): State<NodeState>) -> Json<Hello> {
-    Json((*state.hello).clone())
+    let hello = state.offering().hello.clone();
+    state.hellos.send_modify(|n| *n += 1);
+    Json(hello)
 }
 
 async fn models(State(state): State<NodeState>) -> Json<serde_json::Value> {
     let data: Vec<_> = state
+        .offering()
         .hello
         .offers
         .iter()
@@ -169,19 +218,21 @@ fn unknown_model(model: &str) -> Response<Body> {
     )
 }
 
-async fn via_upstream(state: &NodeState, service: &str, path: &str, body: Bytes) -> Response<Body> {
+async fn via_upstream(engines: &Engines, service: &str, path: &str, body: Bytes) -> Response<Body> {
     let model = match parse_json::<ModelOnly>(&body) {
         Ok(m) => m.model,
         Err(e) => return bad_request(&e.message),
     };
-    match &state.engines.upstream {
+    match &engines.upstream {
         Some(up) if up.serves(service, &model) => up.forward(path, body).await,
         _ => unknown_model(&model),
     }
 }
 
 async fn chat(State(state): State<NodeState>, body: Bytes) -> Response<Body> {
-    if let Some(chat) = &state.engines.chat {
+    let offering = state.offering();
+    let engines = &offering.engines;
+    if let Some(chat) = &engines.chat {
         let ours = parse_json::<ModelOnly>(&body).is_ok_and(|m| chat.serves(&m.model));
         if ours {
             return match parse_json::<ChatRequest>(&body) {
@@ -190,14 +241,10 @@ async fn chat(State(state): State<NodeState>, body: Bytes) -> Response<Body> {
             };
         }
     }
-    if let Some(ollama) = &state.engines.ollama {
+    if let Some(ollama) = &engines.ollama {
         // The upstream wins a model both offer, as it did before Ollama existed.
         let model = parse_json::<ModelOnly>(&body).map(|m| m.model).unwrap_or_default();
-        let upstream_has = state
-            .engines
-            .upstream
-            .as_ref()
-            .is_some_and(|u| u.serves("chat", &model));
+        let upstream_has = engines.upstream.as_ref().is_some_and(|u| u.serves("chat", &model));
         if ollama.serves("chat", &model) && !upstream_has {
             return match parse_json::<ChatRequest>(&body) {
                 Ok(req) => ollama.chat(req).await,
@@ -205,39 +252,40 @@ async fn chat(State(state): State<NodeState>, body: Bytes) -> Response<Body> {
             };
         }
     }
-    via_upstream(&state, "chat", "/chat/completions", body).await
+    via_upstream(engines, "chat", "/chat/completions", body).await
 }
 
 async fn speech(State(state): State<NodeState>, body: Bytes) -> Response<Body> {
-    if let Some(voice) = &state.engines.speech {
+    let offering = state.offering();
+    let engines = &offering.engines;
+    if let Some(voice) = &engines.speech {
         let ours = parse_json::<ModelOnly>(&body).is_ok_and(|m| {
             m.model.trim() == voice.model || canonical_speech_model(&m.model).is_some_and(|id| id == voice.model)
         });
         if ours {
             return match parse_json::<SpeechRequest>(&body) {
-                Ok(req) => {
-                    crate::engines::piper::http::speech(voice.clone(), state.engines.cpu_slots.clone(), req).await
-                }
+                Ok(req) => crate::engines::piper::http::speech(voice.clone(), engines.cpu_slots.clone(), req).await,
                 Err(e) => bad_request(&e.message),
             };
         }
     }
-    via_upstream(&state, "speech", "/audio/speech", body).await
+    via_upstream(engines, "speech", "/audio/speech", body).await
 }
 
 async fn embeddings(State(state): State<NodeState>, body: Bytes) -> Response<Body> {
+    let offering = state.offering();
+    let engines = &offering.engines;
     let req: EmbeddingsRequest = match parse_json(&body) {
         Ok(r) => r,
         Err(e) => return bad_request(&e.message),
     };
-    let builtin = state
-        .engines
+    let builtin = engines
         .minilm
         .as_ref()
         .filter(|e| e.serves(&req.model))
         .map(|e| e.engine.clone());
     let Some(engine) = builtin else {
-        return match (&state.engines.upstream, &state.engines.ollama) {
+        return match (&engines.upstream, &engines.ollama) {
             (Some(up), _) if up.serves("embeddings", &req.model) => up.forward("/embeddings", body).await,
             (_, Some(ollama)) if ollama.serves("embeddings", &req.model) => ollama.embeddings(req).await,
             _ => unknown_model(&req.model),
@@ -258,7 +306,7 @@ async fn embeddings(State(state): State<NodeState>, body: Bytes) -> Response<Bod
             ));
         }
     }
-    let Ok(_slot) = state.engines.cpu_slots.clone().acquire_owned().await else {
+    let Ok(_slot) = engines.cpu_slots.clone().acquire_owned().await else {
         return error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
@@ -293,7 +341,9 @@ async fn embeddings(State(state): State<NodeState>, body: Bytes) -> Response<Bod
 }
 
 async fn scrape(State(state): State<NodeState>, body: Bytes) -> Response<Body> {
-    let Some(engine) = state.engines.scrape.clone() else {
+    let offering = state.offering();
+    let engines = &offering.engines;
+    let Some(engine) = engines.scrape.clone() else {
         return unknown_model("web-scrape");
     };
     let req: ScrapeRequest = match parse_json(&body) {

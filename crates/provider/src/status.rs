@@ -50,6 +50,9 @@ pub struct Earnings {
 pub struct Snapshot {
     pub phase: Phase,
     pub offers: Vec<(String, String)>,
+    /// Assigned models being fetched while the node serves the others:
+    /// service, model, last progress line.
+    pub fetching: Vec<(String, String, String)>,
     pub served: u64,
     pub failed: u64,
     pub in_flight: u64,
@@ -63,6 +66,7 @@ pub struct Snapshot {
 struct Inner {
     phase: Option<Phase>,
     offers: Vec<(String, String)>,
+    fetching: Vec<(String, String, String)>,
     errors: VecDeque<(SystemTime, String)>,
     earnings: Option<Earnings>,
     earnings_error: Option<String>,
@@ -107,6 +111,22 @@ impl NodeStatus {
         self.with(|i| i.offers = offers);
     }
 
+    /// Shows `model` (of `service`) as being fetched in the background, with
+    /// its latest progress line.
+    pub fn set_fetching(&self, service: &str, model: &str, progress: &str) {
+        self.with(|i| match i.fetching.iter_mut().find(|f| f.1 == model) {
+            Some(f) => f.2 = progress.to_string(),
+            None => i
+                .fetching
+                .push((service.to_string(), model.to_string(), progress.to_string())),
+        });
+    }
+
+    /// `model` is no longer being fetched (it is served now, or it failed).
+    pub fn fetch_ended(&self, model: &str) {
+        self.with(|i| i.fetching.retain(|f| f.1 != model));
+    }
+
     pub fn request_started(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
     }
@@ -146,10 +166,11 @@ impl NodeStatus {
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        let (phase, offers, errors, earnings, earnings_error) = self.with(|i| {
+        let (phase, offers, fetching, errors, earnings, earnings_error) = self.with(|i| {
             (
                 i.phase.clone().unwrap_or(Phase::Loading("starting".into())),
                 i.offers.clone(),
+                i.fetching.clone(),
                 i.errors.iter().cloned().collect(),
                 i.earnings.clone(),
                 i.earnings_error.clone(),
@@ -158,6 +179,7 @@ impl NodeStatus {
         Snapshot {
             phase,
             offers,
+            fetching,
             served: self.served.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),

@@ -327,7 +327,6 @@ async fn serve(engine: Arc<LlamaChat>) -> String {
     use cxmpute_protocol::link::Hello;
     use cxmpute_provider::engines::{BuiltinChat, Engines};
     use cxmpute_provider::server::{router, NodeState};
-    use std::sync::atomic::AtomicUsize;
 
     let engines = Engines {
         speech: None,
@@ -347,12 +346,7 @@ async fn serve(engine: Arc<LlamaChat>) -> String {
         max_concurrency: 8,
         placement: Default::default(),
     };
-    let state = NodeState {
-        engines: Arc::new(engines),
-        hello: Arc::new(hello),
-        direct_token: None,
-        in_flight: Arc::new(AtomicUsize::new(0)),
-    };
+    let state = NodeState::new(engines, hello, None);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, router(state)).await });

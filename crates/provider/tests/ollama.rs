@@ -3,7 +3,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use cxmpute_protocol::link::Hello;
@@ -46,12 +45,7 @@ async fn serve(ollama: Ollama) -> String {
         max_concurrency: 8,
         placement: Default::default(),
     };
-    let state = NodeState {
-        engines: Arc::new(engines),
-        hello: Arc::new(hello),
-        direct_token: None,
-        in_flight: Arc::new(AtomicUsize::new(0)),
-    };
+    let state = NodeState::new(engines, hello, None);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, router(state)).await });

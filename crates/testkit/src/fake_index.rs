@@ -5,7 +5,8 @@
 //! API: JSON (PEP 691) when the client accepts it and the index was started
 //! with [`PageFormat::Json`], HTML anchors (PEP 503) otherwise. Files are at
 //! `GET|HEAD /files/{filename}`, with `Range: bytes=N-` honoured. Faults on
-//! demand: a connection cut after some bytes (once), a wrong listed checksum.
+//! demand: a connection cut after some bytes (once), a wrong listed checksum,
+//! and file downloads held until the test lets them go ([`FakeIndex::hold`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -58,6 +59,8 @@ struct IndexState {
     projects: Mutex<HashMap<String, Vec<String>>>,
     files: Mutex<HashMap<String, IndexFile>>,
     log: Mutex<Vec<LoggedRequest>>,
+    /// False while file downloads are held.
+    open: tokio::sync::watch::Sender<bool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -78,6 +81,7 @@ impl FakeIndex {
             projects: Mutex::default(),
             files: Mutex::default(),
             log: Mutex::default(),
+            open: tokio::sync::watch::Sender::new(true),
         });
         let app = Router::new()
             .route("/simple/{project}/", get(page))
@@ -104,6 +108,17 @@ impl FakeIndex {
     /// Changes a listed file (e.g. to inject a fault); false when there is none.
     pub fn edit(&self, filename: &str, change: impl FnOnce(&mut IndexFile)) -> bool {
         lock(&self.state.files).get_mut(filename).map(change).is_some()
+    }
+
+    /// Holds every file download (GET) until [`FakeIndex::release`]; pages and
+    /// HEAD requests still answer.
+    pub fn hold(&self) {
+        self.state.open.send_replace(false);
+    }
+
+    /// Lets held and later downloads go.
+    pub fn release(&self) {
+        self.state.open.send_replace(true);
     }
 
     /// Every request so far, in order.
@@ -175,6 +190,8 @@ async fn file(
             .body(Body::empty())
             .unwrap_or_default();
     }
+    let mut open = state.open.subscribe();
+    let _ = open.wait_for(|open| *open).await;
     if f.cut_after.is_some() {
         if let Some(stored) = lock(&state.files).get_mut(&filename) {
             stored.cut_after = None;

@@ -54,6 +54,8 @@ impl BuiltinEmbeddings {
     }
 }
 
+/// Cheap to clone: every engine is shared.
+#[derive(Clone)]
 pub struct Engines {
     pub chat: Option<BuiltinChat>,
     pub minilm: Option<BuiltinEmbeddings>,

@@ -134,6 +134,15 @@ impl Format {
         }
     }
 
+    /// The service a model of this format serves.
+    pub fn service(self) -> &'static str {
+        match self {
+            Format::Gguf => "chat",
+            Format::SentenceBert => "embeddings",
+            Format::PiperVoice => "speech",
+        }
+    }
+
     fn describe(self) -> String {
         match self {
             Format::Gguf => "a .gguf file".into(),

@@ -146,6 +146,14 @@ fn dashboard(frame: &mut Frame, view: &View) {
         Phase::Stopped | Phase::Refused(_) => "stopped",
         _ => "ready",
     };
+    let fetching = s.fetching.iter().map(|(service, model, progress)| {
+        Row::new(vec![
+            Cell::from(service.clone()),
+            Cell::from(format!("{model} · {progress}")),
+            Cell::from("fetching"),
+        ])
+        .style(Style::default().fg(Color::Yellow))
+    });
     let rows: Vec<Row> = s
         .offers
         .iter()
@@ -156,6 +164,7 @@ fn dashboard(frame: &mut Frame, view: &View) {
                 Cell::from(serving),
             ])
         })
+        .chain(fetching)
         .collect();
     frame.render_widget(
         Table::new(
@@ -250,6 +259,7 @@ mod tests {
                 ("chat".into(), "gemma-3-270m".into()),
                 ("speech".into(), "piper-en-us-joe-medium".into()),
             ],
+            fetching: vec![("embeddings".into(), "house-embed".into(), "42%".into())],
             served: 42,
             failed: 1,
             in_flight: 2,
@@ -303,6 +313,8 @@ mod tests {
             "gemma-3-270m",
             "piper-en-us-joe-medium",
             "serving",
+            "house-embed · 42%",
+            "fetching",
             "served      42",
             "tokens/s    12.5",
             "$0.001500",
