@@ -6,6 +6,8 @@
 #
 #   BENCH_BUILD=0 bench/profile.sh          # binaries from ${CARGO_TARGET_DIR:-target}/release
 #   C=1 D=6 PERF=0 bench/profile.sh         # concurrency 1, no perf (cleaner CPU figure)
+#   GW_THREADS=1 PERF=0 bench/profile.sh    # the gateway's tokio runtime with one worker thread
+#   NODE_BIN=target/debug/cxmpute-provider bench/profile.sh   # a node binary from elsewhere
 #
 # Everything runs on 127.0.0.1 and stops on exit. Needs curl, jq, awk, and perf
 # unless PERF=0. The perf data and logs stay in the folder it prints.
@@ -16,6 +18,9 @@ BIN=$TARGET_DIR/release
 C=${C:-64}
 D=${D:-8}
 PERF=${PERF:-1}
+NODE_BIN=${NODE_BIN:-$BIN/cxmpute-provider}
+GW_ENV=()
+[[ -n ${GW_THREADS:-} ]] && GW_ENV+=(TOKIO_WORKER_THREADS="$GW_THREADS")
 if [[ ${BENCH_BUILD:-1} != 0 ]]; then
     (cd "$ROOT" && cargo build --release -p cxmpute-gateway -p cxmpute-provider -p cxmpute-bench) >&2
 fi
@@ -40,7 +45,7 @@ url_in() { # file...: the first http://… address printed
 
 "$BIN/fake-upstream" --port 0 >"$TMP/up.out" 2>"$TMP/up.err" &
 UP=$(url_in "$TMP/up.out" "$TMP/up.err")
-env CXMPUTE_ADMIN_TOKEN="$TOKEN" CXMPUTE_LOG=warn "$BIN/cxmpute-gateway" \
+env "${GW_ENV[@]}" CXMPUTE_ADMIN_TOKEN="$TOKEN" CXMPUTE_LOG=warn "$BIN/cxmpute-gateway" \
     --database-url "sqlite://$TMP/gw.db" serve --listen 127.0.0.1:0 >"$TMP/gw.out" 2>"$TMP/gw.err" &
 GW_PID=$!
 GW=$(url_in "$TMP/gw.out" "$TMP/gw.err")
@@ -54,7 +59,7 @@ admin POST "/admin/accounts/$user/deposit" '{"amount":9000000000000000000}' >/de
 KEY=$(admin POST "/admin/accounts/$user/keys" '{"name":"profile"}' | jq -r .key)
 provider=$(admin POST /admin/accounts '{"name":"profile-provider"}' | jq -r .id)
 CRED=$(admin POST "/admin/accounts/$provider/devices" '{"name":"profile-node"}' | jq -r .credential)
-env CXMPUTE_CREDENTIAL="$CRED" CXMPUTE_LOG=warn "$BIN/cxmpute-provider" start --gateway "$GW" \
+env CXMPUTE_CREDENTIAL="$CRED" CXMPUTE_LOG=warn "$NODE_BIN" start --gateway "$GW" \
     --upstream "$UP/v1" --no-embeddings --no-chat --no-speech --no-scrape --max-concurrency 1024 \
     >"$TMP/node.out" 2>"$TMP/node.err" &
 for ((i = 0; i < 100; i++)); do

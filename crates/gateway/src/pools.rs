@@ -193,24 +193,26 @@ impl Pools {
 
     /// Removes every provision of one session; returns how many.
     pub fn remove_session(&self, session: u64) -> usize {
-        let mut pools = self.pools.write().unwrap_or_else(|p| p.into_inner());
-        let mut removed = 0;
-        for pool in pools.values_mut() {
-            let before = pool.len();
-            pool.retain(|p| p.session != session);
-            removed += before - pool.len();
-        }
-        pools.retain(|_, pool| !pool.is_empty());
-        removed
+        self.remove_where(|p| p.session == session)
     }
 
     /// Removes every provision of a device (drain, disconnect by an admin).
     pub fn remove_device(&self, device_id: &str) -> usize {
+        self.remove_where(|p| p.device_id == device_id)
+    }
+
+    /// Removes a device's provisions of every session but `session` (a direct
+    /// registration that replaces an earlier one).
+    pub fn remove_device_except(&self, device_id: &str, session: u64) -> usize {
+        self.remove_where(|p| p.device_id == device_id && p.session != session)
+    }
+
+    fn remove_where(&self, gone: impl Fn(&Provision) -> bool) -> usize {
         let mut pools = self.pools.write().unwrap_or_else(|p| p.into_inner());
         let mut removed = 0;
         for pool in pools.values_mut() {
             let before = pool.len();
-            pool.retain(|p| p.device_id != device_id);
+            pool.retain(|p| !gone(p));
             removed += before - pool.len();
         }
         pools.retain(|_, pool| !pool.is_empty());

@@ -8,6 +8,7 @@
 //! old link then closes gracefully (GOAWAY), so its running requests finish.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -89,10 +90,12 @@ pub struct Relink {
     pub hellos: tokio::sync::watch::Receiver<u64>,
 }
 
-/// How long an old link waits for its successor's hello before closing anyway.
+/// How long an old link waits for its successor's hello; without one it stays
+/// (the gateway closes it when another link takes its place).
 const SUCCESSOR_HELLO: Duration = Duration::from_secs(15);
 /// After the successor's hello, time for the gateway to put its provisions in
-/// the pools before the old link stops taking requests.
+/// the pools before the old link stops taking requests. The gateway normally
+/// closes the old link itself as soon as the new one's provisions replace it.
 const HANDOVER: Duration = Duration::from_secs(2);
 
 /// Keeps a link up until `stop` is cancelled. Returns only on stop or refusal,
@@ -110,26 +113,36 @@ pub async fn run(
     let target = Arc::new(parse_gateway(gateway)?);
     let credential: Arc<str> = Arc::from(credential);
     let mut backoff = Duration::from_millis(100);
-    relink.replaced.borrow_and_update();
     loop {
+        // A link that has not said hello yet announces the latest offering anyway.
+        relink.replaced.borrow_and_update();
         let started = std::time::Instant::now();
         let status = crate::status::global();
         let retire = stop.child_token();
+        let linked = Arc::new(AtomicBool::new(false));
         let mut attempt = Box::pin(connect_once(
             target.clone(),
             credential.clone(),
             router.clone(),
             max_streams,
             retire.clone(),
+            linked.clone(),
         ));
-        let outcome = tokio::select! {
-            r = &mut attempt => r,
-            Ok(()) = relink.replaced.changed() => {
-                tracing::info!("the node's offering changed: opening a new link to announce it");
-                retire_after_successor(attempt, retire, relink.hellos.clone());
-                backoff = Duration::from_millis(100);
-                continue;
+        let outcome = loop {
+            tokio::select! {
+                r = &mut attempt => break Some(r),
+                Ok(()) = relink.replaced.changed() => {
+                    if linked.load(Ordering::SeqCst) && !draining.is_cancelled() {
+                        break None;
+                    }
+                }
             }
+        };
+        let Some(outcome) = outcome else {
+            tracing::info!("the node's offering changed: opening a new link to announce it");
+            retire_after_successor(attempt, retire, relink.hellos.clone());
+            backoff = Duration::from_millis(100);
+            continue;
         };
         match outcome {
             Ok(()) if stop.is_cancelled() || draining.is_cancelled() => return Ok(()),
@@ -161,21 +174,35 @@ pub async fn run(
     }
 }
 
-/// Keeps serving the link `attempt` until the next link has said hello (and
-/// the gateway has had a moment to pool it), then closes it gracefully.
+/// Keeps serving the link `attempt` until it ends: the gateway closes it
+/// when the next link's provisions replace its own. Failing that, it is
+/// closed gracefully a moment after the next link has said hello.
 fn retire_after_successor(
-    attempt: impl Future<Output = Result<(), LinkError>> + Send + 'static,
+    attempt: impl Future<Output = Result<(), LinkError>> + Send + Unpin + 'static,
     retire: CancellationToken,
     mut hellos: tokio::sync::watch::Receiver<u64>,
 ) {
     hellos.borrow_and_update();
     tokio::spawn(async move {
-        let handover = async {
-            let _ = tokio::time::timeout(SUCCESSOR_HELLO, hellos.changed()).await;
-            tokio::time::sleep(HANDOVER).await;
-            retire.cancel();
+        let mut attempt = attempt;
+        let successor_said_hello = async {
+            let heard = tokio::time::timeout(SUCCESSOR_HELLO, hellos.changed()).await;
+            if matches!(heard, Ok(Ok(()))) {
+                tokio::time::sleep(HANDOVER).await;
+                true
+            } else {
+                false
+            }
         };
-        let (ended, ()) = tokio::join!(attempt, handover);
+        let ended = tokio::select! {
+            ended = &mut attempt => ended,
+            hello = successor_said_hello => {
+                if hello {
+                    retire.cancel();
+                }
+                attempt.await
+            }
+        };
         match ended {
             Ok(()) => tracing::debug!("the replaced link closed"),
             Err(e) => tracing::debug!(error = %e, "the replaced link ended with an error"),
@@ -183,13 +210,48 @@ fn retire_after_successor(
     });
 }
 
+/// One link: dial, upgrade, then serve until the connection ends or `stop`
+/// (then gracefully). `linked` is set once the upgrade is through.
 async fn connect_once(
     target: Arc<LinkTarget>,
     credential: Arc<str>,
     router: Router,
     max_streams: u32,
     stop: CancellationToken,
+    linked: Arc<AtomicBool>,
 ) -> Result<(), LinkError> {
+    let upgraded = tokio::select! {
+        r = dial(&target, &credential) => r?,
+        _ = stop.cancelled() => return Ok(()),
+    };
+    linked.store(true, Ordering::SeqCst);
+    tracing::info!(gateway = %target.authority, "linked to the gateway");
+    crate::status::global().set_phase_unless_leaving(Phase::Linked {
+        since: std::time::Instant::now(),
+    });
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(5)))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .max_concurrent_streams(max_streams)
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(8 << 20);
+    let conn = builder.serve_connection(upgraded, TowerToHyperService::new(router));
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r.context("link connection").map_err(LinkError::Other),
+        _ = stop.cancelled() => {
+            // GOAWAY: the gateway opens no new streams; running ones finish.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+            Ok(())
+        }
+    }
+}
+
+/// Dials the gateway and upgrades the connection to a link.
+async fn dial(target: &LinkTarget, credential: &str) -> Result<hyper::upgrade::Upgraded, LinkError> {
     let tcp = TcpStream::connect((target.host.as_str(), target.port))
         .await
         .with_context(|| format!("cannot connect to the gateway at {}:{}", target.host, target.port))?;
@@ -251,30 +313,7 @@ async fn connect_once(
             _ => LinkError::Other(anyhow::anyhow!("the gateway answered {status}: {text}")),
         });
     }
-    let upgraded = hyper::upgrade::on(res).await.context("upgrading the link")?;
-    tracing::info!(gateway = %target.authority, "linked to the gateway");
-    crate::status::global().set_phase_unless_leaving(Phase::Linked {
-        since: std::time::Instant::now(),
-    });
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(5)))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .max_concurrent_streams(max_streams)
-        .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(8 << 20);
-    let conn = builder.serve_connection(upgraded, TowerToHyperService::new(router));
-    let mut conn = std::pin::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => r.context("link connection").map_err(LinkError::Other),
-        _ = stop.cancelled() => {
-            // GOAWAY: the gateway opens no new streams; running ones finish.
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-            Ok(())
-        }
-    }
+    Ok(hyper::upgrade::on(res).await.context("upgrading the link")?)
 }
 
 #[cfg(test)]

@@ -34,6 +34,16 @@ pub struct ServedNames {
     pub speech: Option<String>,
 }
 
+impl ServedNames {
+    fn catalog_ids(&self) -> Vec<String> {
+        [&self.chat, &self.embeddings, &self.speech]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+}
+
 /// The switch, model folder and served name of the engine that loads `format`.
 fn slot<'a>(
     config: &'a mut NodeConfig,
@@ -65,11 +75,7 @@ enum Shown {
 async fn fetch_planned(config: &mut NodeConfig, planned: Vec<Planned>, shown: Shown) -> (ServedNames, Vec<String>) {
     let mut names = ServedNames::default();
     let mut failed = Vec::new();
-    let limits = Limits {
-        path_roots: Some(config.model_paths.clone()),
-        max_bytes: config.max_disk_mb.map(|mb| mb.saturating_mul(1 << 20)),
-    };
-    make_room(&planned, limits.max_bytes).await;
+    let limits = limits_of(config);
     for p in planned {
         let service = p.format.service();
         let (id, id2) = (p.id.clone(), p.id.clone());
@@ -101,25 +107,36 @@ async fn fetch_planned(config: &mut NodeConfig, planned: Vec<Planned>, shown: Sh
     (names, failed)
 }
 
+fn limits_of(config: &NodeConfig) -> Limits {
+    Limits {
+        path_roots: Some(config.model_paths.clone()),
+        max_bytes: config.max_disk_mb.map(|mb| mb.saturating_mul(1 << 20)),
+    }
+}
+
 /// True when `p` needs no download: an earlier run fetched it for the
 /// catalog, or a source is a local path.
 fn is_at_hand(p: &Planned) -> bool {
     let cached = models::source::cache_name(&p.id)
         .is_some_and(|n| models::source::fetched_for_catalog(&models::models_dir().join(n)));
-    cached
-        || p.sources
-            .iter()
-            .any(|s| matches!(models::source::Source::parse(s), Ok(models::source::Source::Path(_))))
+    // Sources are tried in order: a local path helps only when it comes first.
+    let local_first = match p.sources.first().map(|s| models::source::Source::parse(s)) {
+        Some(Ok(models::source::Source::Path(path))) => path.exists(),
+        _ => false,
+    };
+    cached || local_first
 }
 
-/// Evicts catalog models this assignment does not name (least recently used
-/// first) while the cache and the models about to be fetched would not fit
-/// the owner's disk allowance or the free disk.
-async fn make_room(planned: &[Planned], allowance: Option<u64>) {
+/// Evicts catalog models neither `planned` nor `serving` names (least
+/// recently used first) while the cache and the models about to be fetched
+/// would not fit the owner's disk allowance or the free disk.
+async fn make_room(planned: &[Planned], serving: &[String], allowance: Option<u64>) {
     let root = models::models_dir();
     let keep: Vec<String> = planned
         .iter()
-        .filter_map(|p| models::source::cache_name(&p.id))
+        .map(|p| &p.id)
+        .chain(serving)
+        .filter_map(|id| models::source::cache_name(id))
         .collect();
     let incoming: u64 = planned
         .iter()
@@ -399,6 +416,7 @@ pub async fn run(mut config: NodeConfig, shutdown: CancellationToken) -> anyhow:
         };
         config = wanted.clone();
         let planned = assignment::apply(&mut config, &assigned, &chat_model);
+        make_room(&planned, &[], limits_of(&config).max_bytes).await;
         // Models that need a download come after the node serves the rest.
         let (now, downloads): (Vec<_>, Vec<_>) = planned.into_iter().partition(is_at_hand);
         later = downloads;
@@ -416,11 +434,12 @@ pub async fn run(mut config: NodeConfig, shutdown: CancellationToken) -> anyhow:
         tracing::warn!(models = ?failed, "asking the gateway again, without the models that could not be fetched");
         req = ask_again(&wanted, &req, upstream.as_ref(), &chat_model, failed);
     }
-    let mut engines = build_engines(&config, upstream.clone(), names, Shown::Splash).await?;
+    let mut engines = build_engines(&config, upstream.clone(), names.clone(), Shown::Splash).await?;
     let mut background = None;
     if !later.is_empty() {
         let deferred = Deferred {
             planned: later,
+            serving: names.catalog_ids(),
             config: config.clone(),
             wanted,
             request: req.clone(),
@@ -470,6 +489,8 @@ fn ask_again(
 /// already serves its other models.
 struct Deferred {
     planned: Vec<Planned>,
+    /// Catalog models the node already serves (kept when making room).
+    serving: Vec<String>,
     /// The node's configuration once its assignment was applied.
     config: NodeConfig,
     /// What the owner asked for, to apply a new assignment to.
@@ -527,6 +548,7 @@ impl Deferred {
         let mut builtins: Vec<Format> = Vec::new();
         let mut request = self.request.clone();
         let mut given_up = Vec::new();
+        let mut serving = self.serving.clone();
         let credential = self.config.credential.clone().unwrap_or_default();
         for round in 1..=ASSIGNMENT_ROUNDS {
             // Only the engines of these models: everything else already runs.
@@ -544,6 +566,10 @@ impl Deferred {
             }
             let ids: Vec<String> = planned.iter().map(|p| p.id.clone()).collect();
             let formats: Vec<Format> = planned.iter().map(|p| p.format).collect();
+            if round > 1 {
+                make_room(&planned, &serving, limits_of(&config).max_bytes).await;
+            }
+            serving.extend(ids.iter().cloned());
             let (names, failed) = fetch_planned(&mut config, planned, shown).await;
             match build_engines(&config, None, names, shown).await {
                 Ok(built) => {
@@ -599,11 +625,16 @@ impl Deferred {
                 .into_iter()
                 .filter(|p| open.contains(&p.format) && !failed.contains(&p.id))
                 .collect();
-            // An engine left on with no catalog model was given its built-in one.
-            let mut ignored = ServedNames::default();
+            // An engine with no catalog model may have been given its built-in one.
+            let speech_id = assignment::speech_model_id(&self.wanted);
+            let builtin_id = |f: Format| match f {
+                Format::Gguf => self.chat_model.as_str(),
+                Format::SentenceBert => models::MINILM_ID,
+                Format::PiperVoice => speech_id.as_str(),
+            };
             builtins = open
                 .into_iter()
-                .filter(|f| !planned.iter().any(|p| p.format == *f) && *slot(&mut applied, &mut ignored, *f).0)
+                .filter(|f| !planned.iter().any(|p| p.format == *f) && assigned.has(builtin_id(*f)))
                 .collect();
             given_up.extend(failed);
             if planned.is_empty() && builtins.is_empty() {
@@ -616,8 +647,16 @@ impl Deferred {
 
 /// Fetches the deferred models while the node serves, then serves them too:
 /// the offering is replaced, and the link (or direct registration) announces it.
-async fn fetch_in_background(state: NodeState, deferred: Deferred, reregister: Option<Register>) {
+async fn fetch_in_background(
+    state: NodeState,
+    deferred: Deferred,
+    reregister: Option<Register>,
+    shutdown: CancellationToken,
+) {
     let (added, given_up) = deferred.load(Shown::Background).await;
+    if shutdown.is_cancelled() {
+        return;
+    }
     if !given_up.is_empty() {
         tracing::warn!(models = ?given_up, "not serving these assigned models");
     }
@@ -634,11 +673,25 @@ async fn fetch_in_background(state: NodeState, deferred: Deferred, reregister: O
     show_offers(&hello);
     state.replace(engines, hello);
     if let Some(register) = reregister {
-        // A direct registration is asked for its hello when it is made: make it again.
-        if let Err(e) = register_direct(&deferred.config, &register).await {
+        // A direct registration is asked for its hello when it is made: make it
+        // again, until it is taken (the task ends when the node stops).
+        let mut backoff = Duration::from_millis(500);
+        while let Err(e) = register_direct(&deferred.config, &register).await {
             tracing::warn!("could not announce the new models to the gateway: {e:#}");
             status::global().error(format!("could not announce the new models: {e:#}"));
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
         }
+    }
+}
+
+/// Aborts a task when dropped: a background fetch ends with the node however
+/// the node ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -736,15 +789,22 @@ async fn run_with_engines(
             }))
         }
     };
-    if let Some(deferred) = background {
-        let fetching = tokio::spawn(fetch_in_background(state.clone(), deferred, registration));
-        let stop = shutdown.clone();
-        // A download in progress stays in the cache's .partial folder and resumes next time.
+    // Stopped with the node, or when it drains (a download in progress stays in
+    // the cache's .partial folder and resumes next time).
+    let _fetching = background.map(|deferred| {
+        let task = tokio::spawn(fetch_in_background(
+            state.clone(),
+            deferred,
+            registration,
+            shutdown.clone(),
+        ));
+        let (abort, stop) = (task.abort_handle(), shutdown.clone());
         tokio::spawn(async move {
             stop.cancelled().await;
-            fetching.abort();
+            abort.abort();
         });
-    }
+        AbortOnDrop(task)
+    });
     let mut link_task = link_task;
     // Wait for a stop, or for the link to give up (refused credential).
     if let Some(task) = link_task.as_mut() {

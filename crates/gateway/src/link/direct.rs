@@ -82,8 +82,6 @@ pub async fn register_direct(
     let device = auth::authenticate_device(state.store.as_ref(), token).await?;
     let req: Register = parse_json(&body).map_err(ApiError::invalid_body)?;
     let base = check_url(&req.url, state.config.link.allow_private_direct_urls).await?;
-    // One registration per device: a new one replaces the old.
-    state.pools.remove_device(&device.id);
     if req.token.len() < 16 || req.token.len() > 256 {
         return Err(ApiError::bad_request("'token' must be 16-256 characters").with_param("token"));
     }
@@ -96,6 +94,9 @@ pub async fn register_direct(
     let n = register::register(&state, &device, transport.clone(), session, Some(&base))
         .await
         .map_err(|e| ApiError::bad_request(format!("the gateway could not reach {base}: {e}")).with_param("url"))?;
+    // One registration per device: the new one replaces the old (added first,
+    // so the device's models never leave the pools in between).
+    state.pools.remove_device_except(&device.id, session);
     tokio::spawn(watch(state.clone(), device.id.clone(), transport, session));
     tracing::info!(device = %device.id, session, provisions = n, url = %base, "direct provider registered");
     Ok(Json(json!({ "provisions": n, "session": session })))

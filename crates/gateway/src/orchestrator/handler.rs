@@ -52,12 +52,12 @@ pub async fn request_assignment(
         ))
         .with_param("opt_in.services"));
     }
-    let online: HashMap<(Service, String), usize> = state
-        .pools
-        .summary()
-        .into_iter()
-        .map(|(service, model, n)| ((service, model), n))
-        .collect();
+    // Other devices only: a node asking again while it serves must not see its
+    // own provisions as the network's supply and be moved off what it serves.
+    let mut online: HashMap<(Service, String), usize> = HashMap::new();
+    for p in state.pools.all().iter().filter(|p| p.device_id != device.id) {
+        *online.entry((p.service, p.model.clone())).or_default() += 1;
+    }
     let assignment = assign(&state.config.catalog, &req, |service, model| {
         online.get(&(service, model.to_string())).copied().unwrap_or(0)
     });
