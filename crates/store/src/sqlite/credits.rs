@@ -33,6 +33,9 @@ use crate::{
     day_of, now_millis, rules, HoldOutcome, HoldRequest, LedgerKind, Result, SettleOutcome, StoreError, UsageRecord,
 };
 
+/// How long the writer waits for another connection's write to finish.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Most jobs in one transaction: bounds the time the first of them waits.
 const MAX_BATCH: usize = 256;
 
@@ -71,7 +74,8 @@ pub(super) struct CreditWriter {
 /// What callers and the writer thread share.
 struct Shared {
     conn: Mutex<Connection>,
-    /// Jobs submitted and not yet answered.
+    /// Callers waiting for a job (a caller whose future is dropped stops
+    /// counting, though its job may still be queued).
     active: AtomicUsize,
     /// How many jobs in a row found no other in progress.
     alone_streak: AtomicUsize,
@@ -120,7 +124,7 @@ impl CreditWriter {
     /// migrated already) and starts the thread.
     pub(super) fn start(path: &Path) -> Result<Self> {
         let conn = Connection::open(path).map_err(db)?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(db)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
         // temp_store: statement journals stay in memory, not in a temp file.
         conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY;")
             .map_err(db)?;
@@ -154,11 +158,22 @@ impl CreditWriter {
         if self.shared.quiet(active.alone) {
             let free = match self.shared.conn.try_lock() {
                 Ok(conn) => Some(conn),
-                Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(TryLockError::Poisoned(p)) => {
+                    self.shared.conn.clear_poison();
+                    Some(p.into_inner())
+                }
                 Err(TryLockError::WouldBlock) => None,
             };
-            if let Some(conn) = free {
-                let result = run_alone(&conn, &op);
+            // Never wait for another connection's write on an async thread:
+            // when the database is busy, the job queues for the thread.
+            let began = free.filter(|conn| {
+                let _ = conn.busy_timeout(Duration::ZERO);
+                let began = begin(conn).is_ok();
+                let _ = conn.busy_timeout(BUSY_TIMEOUT);
+                began
+            });
+            if let Some(conn) = began {
+                let result = finish_alone(&conn, &op);
                 drop(conn);
                 // Checkpoints stay on the thread, off the request path.
                 if self.shared.checkpoint_due() && !self.shared.checkpoint_asked.swap(true, Ordering::Relaxed) {
@@ -236,10 +251,15 @@ fn run(shared: &Shared, rx: mpsc::Receiver<Option<Job>>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut results = Vec::with_capacity(MAX_BATCH);
     while let Ok(first) = rx.recv() {
+        // `None` is a checkpoint asked for by a caller that ran its job itself.
+        let mut asked = first.is_none();
         batch.extend(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(job) => batch.extend(job),
+                Ok(job) => {
+                    asked |= job.is_none();
+                    batch.extend(job);
+                }
                 Err(_) => break,
             }
         }
@@ -255,7 +275,7 @@ fn run(shared: &Shared, rx: mpsc::Receiver<Option<Job>>) {
         for (job, result) in batch.drain(..).zip(results.drain(..)) {
             let _ = job.reply.send(result);
         }
-        if shared.checkpoint_due() {
+        if asked || shared.checkpoint_due() {
             shared.checkpoint(&conn);
         }
     }
@@ -297,7 +317,7 @@ fn is_clean(e: &StoreError) -> bool {
 /// they write, so no savepoints are needed. Returns an error when a job
 /// failed part-way or the commit failed: the caller then rolls back.
 fn run_batch(conn: &Connection, batch: &[Job], results: &mut Vec<Result<Done>>) -> Result<()> {
-    exec(conn, "BEGIN IMMEDIATE")?;
+    begin(conn)?;
     for job in batch {
         let result = apply(conn, &job.op);
         if let Err(e) = &result {
@@ -311,7 +331,20 @@ fn run_batch(conn: &Connection, batch: &[Job], results: &mut Vec<Result<Done>>) 
 }
 
 fn run_alone(conn: &Connection, op: &Op) -> Result<Done> {
-    exec(conn, "BEGIN IMMEDIATE")?;
+    begin(conn)?;
+    finish_alone(conn, op)
+}
+
+/// Starts a write transaction, first ending one that a panic left open.
+fn begin(conn: &Connection) -> Result<()> {
+    if !conn.is_autocommit() {
+        let _ = exec(conn, "ROLLBACK");
+    }
+    exec(conn, "BEGIN IMMEDIATE")
+}
+
+/// Runs `op` in the transaction [`begin`] started, then commits (or rolls back).
+fn finish_alone(conn: &Connection, op: &Op) -> Result<Done> {
     match apply(conn, op) {
         Ok(done) => {
             if let Err(e) = exec(conn, "COMMIT") {
