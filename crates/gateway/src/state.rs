@@ -33,6 +33,9 @@ pub struct Inner {
     /// Live provider links, so an operator can close one.
     pub links: Links,
     next_session: AtomicU64,
+    /// Random per process: with `next_session`, names a link uniquely across
+    /// gateway replicas and restarts (the store's `provisions.link_id`).
+    instance: String,
     /// Tells background tasks (links, sweepers) to stop.
     pub shutdown: tokio_util::sync::CancellationToken,
 }
@@ -59,12 +62,18 @@ impl AppState {
             web: WebState::new(mailer),
             links: Links::default(),
             next_session: AtomicU64::new(1),
+            instance: format!("{:016x}", rand::random::<u64>()),
             shutdown: tokio_util::sync::CancellationToken::new(),
         }))
     }
 
     pub fn new_session(&self) -> u64 {
         self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The id the store keeps for the link (or direct registration) `session`.
+    pub fn link_id(&self, session: u64) -> String {
+        format!("{}:{session}", self.instance)
     }
 
     /// The prices in force: one read lock and a reference count per request.

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use cxmpute_protocol::assign::AssignmentRequest;
 use cxmpute_protocol::link::{Hello, Placement, Register, DRAIN_PATH, REGISTER_PATH};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -448,8 +449,9 @@ pub async fn run(mut config: NodeConfig, shutdown: CancellationToken) -> anyhow:
         };
         if engines.offers().is_empty() {
             // Nothing to serve meanwhile: fetch first, as the splash shows.
-            let (added, _) = tokio::select! {
-                done = deferred.load(Shown::Splash) => done,
+            let mut added = Added::default();
+            tokio::select! {
+                _ = deferred.load(Shown::Splash, |more| added.absorb(more)) => {}
                 _ = shutdown.cancelled() => return Ok(()),
             };
             added.merge_into(&mut engines);
@@ -502,6 +504,7 @@ struct Deferred {
 }
 
 /// Engines loaded after the start.
+#[derive(Default)]
 struct Added {
     chat: Option<BuiltinChat>,
     minilm: Option<BuiltinEmbeddings>,
@@ -527,16 +530,13 @@ impl Added {
 }
 
 impl Deferred {
-    /// Fetches and loads the models. Those that cannot be fetched are reported
+    /// Fetches and loads the models one at a time, handing each engine to
+    /// `on_ready` as soon as it loads (so a small model is served while a
+    /// large one still downloads). Those that cannot be fetched are reported
     /// to the gateway, which may assign others in their place (fetched in the
-    /// same way), for as many rounds as at start-up. Returns the engines that
-    /// loaded and the models that could not be served.
-    async fn load(&self, shown: Shown) -> (Added, Vec<String>) {
-        let mut added = Added {
-            chat: None,
-            minilm: None,
-            speech: None,
-        };
+    /// same way), for as many rounds as at start-up. Returns the models that
+    /// could not be served.
+    async fn load(&self, shown: Shown, mut on_ready: impl FnMut(Added)) -> Vec<String> {
         let mut planned = self.planned.clone();
         // Engines whose built-in model the gateway assigned in a later round.
         let mut builtins: Vec<Format> = Vec::new();
@@ -545,48 +545,60 @@ impl Deferred {
         let mut serving = self.serving.clone();
         let credential = self.config.credential.clone().unwrap_or_default();
         for round in 1..=ASSIGNMENT_ROUNDS {
-            // Only the engines of these models: everything else already runs.
-            let mut config = NodeConfig {
-                chat: false,
-                embeddings: false,
-                speech: false,
-                scrape: false,
-                ollama: None,
-                ..self.config.clone()
-            };
-            let mut ignored = ServedNames::default();
-            for format in planned.iter().map(|p| p.format).chain(builtins.iter().copied()) {
-                *slot(&mut config, &mut ignored, format).0 = true;
-            }
             let ids: Vec<String> = planned.iter().map(|p| p.id.clone()).collect();
             let formats: Vec<Format> = planned.iter().map(|p| p.format).collect();
             if round > 1 {
-                make_room(&planned, &serving, limits_of(&config).max_bytes).await;
+                make_room(&planned, &serving, limits_of(&self.config).max_bytes).await;
             }
             serving.extend(ids.iter().cloned());
-            let (names, failed) = fetch_planned(&mut config, planned, shown).await;
-            match build_engines(&config, None, names, shown).await {
-                Ok(built) => {
-                    let loaded: Vec<String> = built.offers().into_iter().map(|o| o.model).collect();
-                    given_up.extend(
-                        ids.iter()
-                            .filter(|id| !loaded.contains(id) && !failed.contains(id))
-                            .cloned(),
-                    );
-                    added.absorb(Added {
-                        chat: built.chat,
-                        minilm: built.minilm,
-                        speech: built.speech,
-                    });
-                }
-                Err(e) => {
-                    tracing::error!("the models fetched after the start do not load: {e:#}");
-                    status::global().error(format!("cannot load {}: {e:#}", ids.join(", ")));
-                    given_up.extend(ids.iter().filter(|id| !failed.contains(id)).cloned());
-                }
+            // One step per model, then one for the built-in models (no download).
+            let mut steps: Vec<(Vec<Planned>, Vec<Format>)> =
+                planned.into_iter().map(|p| (vec![p], Vec::new())).collect();
+            if !builtins.is_empty() {
+                steps.push((Vec::new(), std::mem::take(&mut builtins)));
             }
-            for id in &ids {
-                status::global().fetch_ended(id);
+            // The steps run at once (a small model is not held up behind a
+            // large one); each engine is handed over as soon as it loads.
+            let mut running: FuturesUnordered<_> = steps
+                .into_iter()
+                .map(|(step, builtin)| async move {
+                    let ids: Vec<String> = step.iter().map(|p| p.id.clone()).collect();
+                    let mut config = self.engines_only(step.iter().map(|p| p.format).chain(builtin));
+                    let (names, failed) = fetch_planned(&mut config, step, shown).await;
+                    let built = build_engines(&config, None, names, shown).await;
+                    (ids, failed, built)
+                })
+                .collect();
+            let mut failed = Vec::new();
+            while let Some((step_ids, step_failed, built)) = running.next().await {
+                match built {
+                    Ok(built) => {
+                        let loaded: Vec<String> = built.offers().into_iter().map(|o| o.model).collect();
+                        given_up.extend(
+                            step_ids
+                                .iter()
+                                .filter(|id| !loaded.contains(id) && !step_failed.contains(id))
+                                .cloned(),
+                        );
+                        let added = Added {
+                            chat: built.chat,
+                            minilm: built.minilm,
+                            speech: built.speech,
+                        };
+                        if !added.is_empty() {
+                            on_ready(added);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!("the models fetched after the start do not load: {e:#}");
+                        status::global().error(format!("cannot load {}: {e:#}", step_ids.join(", ")));
+                        given_up.extend(step_ids.iter().filter(|id| !step_failed.contains(id)).cloned());
+                    }
+                }
+                for id in &step_ids {
+                    status::global().fetch_ended(id);
+                }
+                failed.extend(step_failed);
             }
             if failed.is_empty() || round == ASSIGNMENT_ROUNDS {
                 given_up.extend(failed);
@@ -635,47 +647,77 @@ impl Deferred {
                 break;
             }
         }
-        (added, given_up)
+        given_up
+    }
+
+    /// The node's configuration with only the engines of `formats` switched on:
+    /// everything else already runs.
+    fn engines_only(&self, formats: impl Iterator<Item = Format>) -> NodeConfig {
+        let mut config = NodeConfig {
+            chat: false,
+            embeddings: false,
+            speech: false,
+            scrape: false,
+            ollama: None,
+            ..self.config.clone()
+        };
+        let mut ignored = ServedNames::default();
+        for format in formats {
+            *slot(&mut config, &mut ignored, format).0 = true;
+        }
+        config
     }
 }
 
-/// Fetches the deferred models while the node serves, then serves them too:
-/// the offering is replaced, and the link (or direct registration) announces it.
+/// Fetches the deferred models while the node serves, and serves each as soon
+/// as it loads: the offering is replaced, and the link (or a new direct
+/// registration) announces it.
 async fn fetch_in_background(
     state: NodeState,
     deferred: Deferred,
     reregister: Option<Register>,
     shutdown: CancellationToken,
 ) {
-    let (added, given_up) = deferred.load(Shown::Background).await;
-    if shutdown.is_cancelled() {
-        return;
-    }
+    // A direct-mode node registers again after each replacement (the gateway
+    // asks a registration for its hello); a later replacement while one is
+    // still being retried is covered by the same registration.
+    let announcing = reregister.map(|register| {
+        let (mut replaced, config) = (state.replacements(), deferred.config.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            while replaced.changed().await.is_ok() {
+                replaced.mark_unchanged();
+                let mut backoff = Duration::from_millis(500);
+                while let Err(e) = register_direct(&config, &register).await {
+                    tracing::warn!("could not announce the new models to the gateway: {e:#}");
+                    status::global().error(format!("could not announce the new models: {e:#}"));
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }))
+    });
+    let given_up = deferred
+        .load(Shown::Background, |added| {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let current = state.offering();
+            let mut engines = current.engines.clone();
+            added.merge_into(&mut engines);
+            let hello = Hello {
+                offers: engines.offers(),
+                ..current.hello.clone()
+            };
+            show_offers(&hello);
+            state.replace(engines, hello);
+        })
+        .await;
     if !given_up.is_empty() {
         tracing::warn!(models = ?given_up, "not serving these assigned models");
     }
-    if added.is_empty() {
-        return;
-    }
-    let current = state.offering();
-    let mut engines = current.engines.clone();
-    added.merge_into(&mut engines);
-    let hello = Hello {
-        offers: engines.offers(),
-        ..current.hello.clone()
-    };
-    show_offers(&hello);
-    state.replace(engines, hello);
-    if let Some(register) = reregister {
-        // A direct registration is asked for its hello when it is made: make it
-        // again, until it is taken (the task ends when the node stops).
-        let mut backoff = Duration::from_millis(500);
-        while let Err(e) = register_direct(&deferred.config, &register).await {
-            tracing::warn!("could not announce the new models to the gateway: {e:#}");
-            status::global().error(format!("could not announce the new models: {e:#}"));
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(30));
-        }
+    // Announcing continues until the node stops.
+    if announcing.is_some() {
+        shutdown.cancelled().await;
     }
 }
 

@@ -294,17 +294,26 @@ async fn two_fetches_of_one_wheel_share_a_single_download() {
     let index = FakeIndex::start(PageFormat::Json).await.unwrap();
     index.add("demo-model", FILE, IndexFile::new(body.clone(), sha256(&body)));
     let cache = tempfile::tempdir().unwrap();
-    let (a, b) = tokio::join!(
+    let (a, b, c) = tokio::join!(
+        fetch(&index, cache.path(), "1.0.0", None),
         fetch(&index, cache.path(), "1.0.0", None),
         fetch(&index, cache.path(), "1.0.0", None)
     );
-    assert_eq!(a.unwrap(), b.unwrap());
+    let a = a.unwrap();
+    assert_eq!(a, b.unwrap());
+    assert_eq!(a, c.unwrap());
     let gets = index
         .log()
         .iter()
         .filter(|(m, p, _)| m == "GET" && p.starts_with("/files/"))
         .count();
-    assert_eq!(gets, 1, "the second waited for the first: {:?}", index.log());
+    assert_eq!(gets, 1, "the others waited for the first: {:?}", index.log());
+    // The lock file goes with the last holder.
+    let left: Vec<_> = std::fs::read_dir(cache.path().join(".partial/.wheels"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, [FILE], "only the wheel is left");
 }
 
 #[tokio::test]

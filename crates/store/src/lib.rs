@@ -359,7 +359,8 @@ pub trait Store: AdminStore + ReferralStore + Send + Sync + 'static {
     /// Makes the device's credential useless for good (its access-key hash
     /// is cleared; the device and its history stay). True if it had one.
     async fn revoke_device(&self, id: &str) -> Result<bool>;
-    /// Inserts or updates (device, service, model), returning the provision id.
+    /// Inserts or updates (device, service, model), returning the provision
+    /// id; `link_id` names the link (or registration) that announced it.
     async fn upsert_provision(
         &self,
         device_id: &str,
@@ -367,8 +368,12 @@ pub trait Store: AdminStore + ReferralStore + Send + Sync + 'static {
         model: &str,
         mode: &str,
         endpoint: Option<&str>,
+        link_id: Option<&str>,
     ) -> Result<String>;
-    async fn set_device_offline(&self, device_id: &str) -> Result<()>;
+    /// Marks the device's provisions offline: all of them (`None`), or only
+    /// those `link_id` announced last (a link closing while the device may
+    /// already be linked again, here or on another gateway replica).
+    async fn set_device_offline(&self, device_id: &str, link_id: Option<&str>) -> Result<()>;
     async fn provisions(&self) -> Result<Vec<ProvisionRecord>>;
     /// Every model any provision ever offered, per service (for 404 vs 503).
     async fn known_models(&self) -> Result<Vec<(Service, String)>>;

@@ -342,14 +342,15 @@ impl Store for PgStore {
         model: &str,
         mode: &str,
         endpoint: Option<&str>,
+        link_id: Option<&str>,
     ) -> Result<String> {
         // On conflict RETURNING yields the existing row, so the id is stable.
         let id: String = sqlx::query_scalar(
             "INSERT INTO provisions (id, device_id, service, model, mode, endpoint, online, \
-             updated_at) VALUES ($1, $2, $3, $4, $5, $6, TRUE, $7) \
+             updated_at, link_id) VALUES ($1, $2, $3, $4, $5, $6, TRUE, $7, $8) \
              ON CONFLICT (device_id, service, model) DO UPDATE SET mode = excluded.mode, \
-             endpoint = excluded.endpoint, online = TRUE, updated_at = excluded.updated_at \
-             RETURNING id",
+             endpoint = excluded.endpoint, online = TRUE, updated_at = excluded.updated_at, \
+             link_id = excluded.link_id RETURNING id",
         )
         .bind(new_id("prv_"))
         .bind(device_id)
@@ -358,18 +359,23 @@ impl Store for PgStore {
         .bind(mode)
         .bind(endpoint)
         .bind(now_millis())
+        .bind(link_id)
         .fetch_one(&self.pool)
         .await
         .map_err(|e| on_insert(e, String::new, || format!("device {device_id}")))?;
         Ok(id)
     }
 
-    async fn set_device_offline(&self, device_id: &str) -> Result<()> {
-        sqlx::query("UPDATE provisions SET online = FALSE, updated_at = $2 WHERE device_id = $1")
-            .bind(device_id)
-            .bind(now_millis())
-            .execute(&self.pool)
-            .await?;
+    async fn set_device_offline(&self, device_id: &str, link_id: Option<&str>) -> Result<()> {
+        sqlx::query(
+            "UPDATE provisions SET online = FALSE, updated_at = $2 \
+             WHERE device_id = $1 AND ($3 IS NULL OR link_id = $3)",
+        )
+        .bind(device_id)
+        .bind(now_millis())
+        .bind(link_id)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

@@ -131,7 +131,7 @@ pub async fn drain(State(state): State<AppState>, headers: HeaderMap) -> Result<
     let token = auth::bearer(&headers).ok_or_else(ApiError::missing_key)?;
     let device = auth::authenticate_device(state.store.as_ref(), token).await?;
     let removed = state.pools.remove_device(&device.id);
-    state.store.set_device_offline(&device.id).await?;
+    state.store.set_device_offline(&device.id, None).await?;
     tracing::info!(device = %device.id, removed, "provider draining");
     Ok(Json(json!({ "removed": removed })))
 }

@@ -61,7 +61,14 @@ pub async fn register(
         }
         let id = state
             .store
-            .upsert_provision(&device.id, service, &offer.model, transport.mode(), endpoint)
+            .upsert_provision(
+                &device.id,
+                service,
+                &offer.model,
+                transport.mode(),
+                endpoint,
+                Some(&state.link_id(session)),
+            )
             .await?;
         provisions.push(Arc::new(
             Provision::new(
@@ -88,10 +95,15 @@ pub async fn register(
 pub async fn unregister(state: &AppState, device_id: &str, session: u64) {
     let removed = state.pools.remove_session(session);
     tracing::debug!(device = %device_id, session, removed, "provisions left the pools");
-    // Another session of the same device (a reconnect) may be live already.
+    // Another session of the same device (a reconnect) may be live already,
+    // here or on another replica: only what this session announced goes offline.
     let still_linked = state.pools.all().iter().any(|p| p.device_id == device_id);
     if !still_linked {
-        if let Err(e) = state.store.set_device_offline(device_id).await {
+        if let Err(e) = state
+            .store
+            .set_device_offline(device_id, Some(&state.link_id(session)))
+            .await
+        {
             tracing::warn!(device = %device_id, error = %e, "could not mark device offline");
         }
     }

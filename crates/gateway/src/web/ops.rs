@@ -87,7 +87,7 @@ pub async fn set_suspended(state: &AppState, account_id: &str, reason: Option<&s
 pub async fn disconnect_device(state: &AppState, device_id: &str) -> Result<(usize, usize), ApiError> {
     let links = state.links.close_device(device_id);
     let removed = state.pools.remove_device(device_id);
-    state.store.set_device_offline(device_id).await?;
+    state.store.set_device_offline(device_id, None).await?;
     if links + removed > 0 {
         tracing::info!(device = %device_id, links, removed, "device disconnected by an operator");
     }

@@ -595,26 +595,64 @@ pub async fn fetch_wheel(
     Ok(done)
 }
 
-/// Holds `<file>.lock` in the wheels folder: a second process downloading the
-/// same wheel into the same cache waits, then finds it done.
-async fn lock_wheel(partial: &Path, file: &str) -> Result<fs::File> {
+/// `<file>.lock` in the wheels folder, held while a wheel downloads: a second
+/// process downloading the same wheel into the same cache waits, then finds it
+/// done. The holder removes the file before it lets go, so none is left behind.
+struct WheelLock {
+    path: PathBuf,
+    _file: fs::File,
+}
+
+impl Drop for WheelLock {
+    fn drop(&mut self) {
+        // Removed while still held: a process waiting on this file sees, once it
+        // has the lock, that the path is gone (or another file) and starts over.
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+async fn lock_wheel(partial: &Path, file: &str) -> Result<WheelLock> {
     let path = partial.join(format!("{file}.lock"));
-    let lock = fs::File::options()
-        .create(true)
-        .write(true)
-        .truncate(false)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    match lock.try_lock() {
-        Ok(()) => Ok(lock),
-        Err(fs::TryLockError::WouldBlock) => {
-            tracing::info!("another process is downloading {file} into this cache; waiting for it");
-            tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
-                .await
-                .context("waiting for the download lock panicked")?
-                .with_context(|| format!("cannot lock {}", path.display()))
+    loop {
+        let lock = fs::File::options()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let lock = match lock.try_lock() {
+            Ok(()) => lock,
+            Err(fs::TryLockError::WouldBlock) => {
+                tracing::info!("another process is downloading {file} into this cache; waiting for it");
+                tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
+                    .await
+                    .context("waiting for the download lock panicked")?
+                    .with_context(|| format!("cannot lock {}", path.display()))?
+            }
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(anyhow!(e).context(format!("cannot lock {}", path.display())))
+            }
+        };
+        if still_at(&lock, &path) {
+            return Ok(WheelLock { path, _file: lock });
         }
-        Err(fs::TryLockError::Error(e)) => Err(anyhow!(e).context(format!("cannot lock {}", path.display()))),
+    }
+}
+
+/// True when `path` still names the file `open` was opened from.
+fn still_at(open: &fs::File, path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (open.metadata(), fs::metadata(path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = open;
+        path.exists()
     }
 }
 

@@ -171,24 +171,47 @@ pub async fn devices_and_provisions(s: Arc<dyn Store>) {
     assert!(matches!(r, Err(StoreError::NotFound(_))), "{r:?}");
 
     let p1 = s
-        .upsert_provision("dev_1", Service::Chat, "llama", "link", None)
+        .upsert_provision("dev_1", Service::Chat, "llama", "link", None, Some("gw1:1"))
         .await
         .expect("upsert");
     assert!(p1.starts_with("prv_"));
     let p2 = s
-        .upsert_provision("dev_1", Service::Embeddings, "bge", "direct", Some("http://x"))
+        .upsert_provision(
+            "dev_1",
+            Service::Embeddings,
+            "bge",
+            "direct",
+            Some("http://x"),
+            Some("gw1:1"),
+        )
         .await
         .expect("upsert");
-    s.upsert_provision("dev_3", Service::Chat, "llama", "link", None)
+    s.upsert_provision("dev_3", Service::Chat, "llama", "link", None, Some("gw1:2"))
         .await
         .expect("upsert");
     assert_ne!(p1, p2);
     let r = s
-        .upsert_provision("dev_nope", Service::Chat, "llama", "link", None)
+        .upsert_provision("dev_nope", Service::Chat, "llama", "link", None, None)
         .await;
     assert!(matches!(r, Err(StoreError::NotFound(_))), "{r:?}");
 
-    s.set_device_offline("dev_1").await.expect("offline");
+    // A link that closed after the device linked again (here or on another
+    // replica) leaves the newer link's provisions online.
+    s.upsert_provision("dev_1", Service::Chat, "llama", "link", None, Some("gw2:7"))
+        .await
+        .expect("upsert");
+    s.set_device_offline("dev_1", Some("gw1:1")).await.expect("offline");
+    let online = |all: &[crate::ProvisionRecord], id: &str| all.iter().find(|p| p.id == id).expect("provision").online;
+    let all = s.provisions().await.expect("provisions");
+    assert!(online(&all, &p1), "announced again by gw2:7");
+    assert!(!online(&all, &p2), "announced last by gw1:1");
+    s.set_device_offline("dev_1", Some("gw2:7")).await.expect("offline");
+    assert!(!online(&s.provisions().await.expect("provisions"), &p1));
+
+    s.upsert_provision("dev_1", Service::Chat, "llama", "link", None, Some("gw2:8"))
+        .await
+        .expect("upsert");
+    s.set_device_offline("dev_1", None).await.expect("offline");
     let all = s.provisions().await.expect("provisions");
     assert_eq!(all.len(), 3);
     assert!(all.iter().filter(|p| p.device_id == "dev_1").all(|p| !p.online));
@@ -196,7 +219,7 @@ pub async fn devices_and_provisions(s: Arc<dyn Store>) {
 
     // Re-announcing updates in place: same id, back online, new details.
     let again = s
-        .upsert_provision("dev_1", Service::Chat, "llama", "direct", Some("http://y"))
+        .upsert_provision("dev_1", Service::Chat, "llama", "direct", Some("http://y"), None)
         .await
         .expect("upsert");
     assert_eq!(again, p1);
