@@ -530,7 +530,7 @@ impl Added {
 }
 
 impl Deferred {
-    /// Fetches and loads the models one at a time, handing each engine to
+    /// Fetches and loads the models, all at once, handing each engine to
     /// `on_ready` as soon as it loads (so a small model is served while a
     /// large one still downloads). Those that cannot be fetched are reported
     /// to the gateway, which may assign others in their place (fetched in the
@@ -679,13 +679,12 @@ async fn fetch_in_background(
     shutdown: CancellationToken,
 ) {
     // A direct-mode node registers again after each replacement (the gateway
-    // asks a registration for its hello); a later replacement while one is
-    // still being retried is covered by the same registration.
+    // asks a registration for its hello); replacements that come while a
+    // registration is being retried are announced by one more registration.
     let announcing = reregister.map(|register| {
         let (mut replaced, config) = (state.replacements(), deferred.config.clone());
         AbortOnDrop(tokio::spawn(async move {
             while replaced.changed().await.is_ok() {
-                replaced.mark_unchanged();
                 let mut backoff = Duration::from_millis(500);
                 while let Err(e) = register_direct(&config, &register).await {
                     tracing::warn!("could not announce the new models to the gateway: {e:#}");
