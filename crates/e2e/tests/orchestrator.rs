@@ -440,6 +440,28 @@ async fn serves_while_downloading(direct: bool) {
     assert_eq!(gw.providers("late-embed").await, 1);
 }
 
+/// Whether `espeak-ng` (the Piper voice's phonemizer) runs here.
+fn espeak_present() -> bool {
+    std::process::Command::new("espeak-ng")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Asks `model` to speak a sentence as WAV through the gateway; returns the audio.
+async fn speak_wav(gw: &Gateway, key: &str, model: &str) -> bytes::Bytes {
+    let res = gw
+        .post("/v1/audio/speech", key)
+        .json(&json!({ "model": model, "input": "Hello there.", "voice": "joe", "response_format": "wav" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let audio = res.bytes().await.unwrap();
+    assert_eq!(&audio[0..4], b"RIFF");
+    audio
+}
+
 #[tokio::test]
 async fn models_fetched_after_the_start_are_served_as_each_is_ready() {
     let Some(minilm) = minilm_files() else {
@@ -459,10 +481,7 @@ async fn models_fetched_after_the_start_are_served_as_each_is_ready() {
                 .is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so"))
         })
         .max();
-    let espeak = std::process::Command::new("espeak-ng")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let espeak = espeak_present();
     if !common::present_or_skip(
         voice.join("en_US-joe-medium.onnx").is_file() && ort.is_some() && espeak,
         "the Piper voice, ONNX Runtime or espeak-ng",
@@ -514,14 +533,7 @@ async fn models_fetched_after_the_start_are_served_as_each_is_ready() {
     gw.wait_providers("hub-voice", 1, Duration::from_secs(60)).await;
     assert_eq!(gw.providers("slow-embed").await, 0);
     let (_, key) = gw.account(1_000_000_000, json!({})).await;
-    let res = gw
-        .post("/v1/audio/speech", &key)
-        .json(&json!({ "model": "hub-voice", "input": "Hello there.", "voice": "joe", "response_format": "wav" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    assert_eq!(&res.bytes().await.unwrap()[0..4], b"RIFF");
+    speak_wav(&gw, &key, "hub-voice").await;
 
     // Then the embeddings model joins it, and both stay served.
     index.release();
@@ -538,10 +550,7 @@ async fn catalog_chat_and_voice_models_load_from_local_paths_under_their_catalog
     };
     let gemma = root.join("gemma-3-270m");
     let voice = root.join("piper-en-us-joe-medium");
-    let espeak = std::process::Command::new("espeak-ng")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let espeak = espeak_present();
     if !common::present_or_skip(
         gemma.join("gemma-3-270m-q4_k_m.gguf").is_file() && voice.join("en_US-joe-medium.onnx").is_file() && espeak,
         "Gemma, the Piper voice or espeak-ng",
@@ -583,15 +592,7 @@ async fn catalog_chat_and_voice_models_load_from_local_paths_under_their_catalog
     let v: Value = res.json().await.unwrap();
     assert_eq!(v["model"], "house-chat");
     assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{v}");
-    let res = gw
-        .post("/v1/audio/speech", &key)
-        .json(&json!({ "model": "house-voice", "input": "Hello there.", "voice": "joe", "response_format": "wav" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let audio = res.bytes().await.unwrap();
-    assert_eq!(&audio[0..4], b"RIFF");
+    let audio = speak_wav(&gw, &key, "house-voice").await;
     assert!(audio.len() > 10_000, "{} bytes", audio.len());
     // The built-in ids were not assigned: nobody serves them.
     for (path, model) in [
