@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 PROMPTS = [
     "Write a long story about a lighthouse keeper.",
     "Explain how bread is made, step by step, in detail.",
-    "Describe the history of sailing ships.",
+    "Write a long essay about the history of sailing ships.",
     "Write a long letter to a friend about a trip to the mountains.",
 ]
 MODEL = "gemma-3-270m"

@@ -27,7 +27,7 @@ use serde_json::json;
 const PROMPTS: [&str; 4] = [
     "Write a long story about a lighthouse keeper.",
     "Explain how bread is made, step by step, in detail.",
-    "Describe the history of sailing ships.",
+    "Write a long essay about the history of sailing ships.",
     "Write a long letter to a friend about a trip to the mountains.",
 ];
 
@@ -137,6 +137,13 @@ fn main() -> anyhow::Result<()> {
             .collect::<anyhow::Result<Vec<Run>>>()
     })?;
     let wall = started.elapsed();
+    for (i, run) in runs.iter().enumerate() {
+        println!(
+            "  stream {i}: {} tokens in {:.2?} (first token {:.0?})",
+            run.tokens, run.total, run.first
+        );
+    }
+    println!("  sequences moved to a lower id: {}", engine.sequences_moved());
     let total: u32 = runs.iter().map(|r| r.tokens).sum();
     let slowest_first = runs.iter().map(|r| r.first).max().unwrap_or_default();
     if std::env::args().any(|a| a == "--json") {

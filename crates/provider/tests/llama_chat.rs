@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use cxmpute_protocol::openai::{ChatMessage, ChatRequest};
 use cxmpute_protocol::parse::parse_json;
-use cxmpute_provider::engines::llama::engine::FinishReason;
+use cxmpute_provider::engines::llama::engine::{Event, FinishReason};
 use cxmpute_provider::engines::llama::params::ChatParams;
-use cxmpute_provider::engines::llama::{ChatOptions, Completion, LlamaChat};
+use cxmpute_provider::engines::llama::{ChatOptions, Completion, Generation, LlamaChat};
 use cxmpute_provider::models;
 use serde_json::{json, Value};
 
@@ -224,6 +224,57 @@ fn dropping_the_receiver_frees_the_sequence() {
     }
     let next = complete(&engine, "Say hello.", json!({"temperature": 0, "max_tokens": 4}));
     assert!(next.completion_tokens >= 1);
+}
+
+/// The text of a started generation, once it is done.
+fn text_of(mut generation: Generation) -> String {
+    let mut text = String::new();
+    while let Some(event) = generation.events.blocking_recv() {
+        match event {
+            Event::Text(piece) => text.push_str(&piece),
+            Event::Done { .. } => return text,
+            Event::Failed(e) => panic!("generation failed: {e}"),
+        }
+    }
+    panic!("the engine stopped mid-answer")
+}
+
+#[test]
+fn a_sequence_moved_to_a_freed_id_keeps_its_context() {
+    // An engine of its own with two slots. The first request (sequence 0) ends
+    // after one token while the second (sequence 1) is still answering, so the
+    // engine moves the second into id 0 (one pass over the weights per step)
+    // and must carry its KV cache along: with a lost or wrong cache the rest of
+    // the count would not follow from the prompt.
+    let Some(file) = model_file() else { return };
+    let options = ChatOptions {
+        slots: 2,
+        context_per_slot: 1024,
+        ..ChatOptions::default()
+    };
+    let engine = LlamaChat::load(&file, options).expect("load");
+    let greedy = |max_tokens: u32| json!({"temperature": 0, "max_tokens": max_tokens});
+    let count = "Count from 1 to 40, separated by commas: 1, 2, 3, 4, 5,";
+    let (short_messages, short_params) = ask(count, greedy(6));
+    let (long_messages, long_params) = ask(count, greedy(64));
+    // The short request is running (sequence 0) before the long one is sent,
+    // so the long one takes sequence 1.
+    let mut short = engine.start(&short_messages, &short_params).expect("start");
+    let Some(Event::Text(first)) = short.events.blocking_recv() else {
+        panic!("the short request produced no text");
+    };
+    let long = engine.start(&long_messages, &long_params).expect("start");
+    let short = first + &text_of(short);
+    let moved = text_of(long);
+    assert!(
+        engine.sequences_moved() >= 1,
+        "the long answer was never moved (short answer {short:?})"
+    );
+    let alone = text_of(engine.start(&long_messages, &long_params).expect("start"));
+    eprintln!("moved: {moved:?}\nalone: {alone:?}");
+    for run in ["9, 10, 11", "15, 16, 17"] {
+        assert!(moved.contains(run), "the moved answer lost the count: {moved:?}");
+    }
 }
 
 #[test]

@@ -16,7 +16,7 @@
 //!    computed, sending the new text to that job's receiver.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 
@@ -80,6 +80,15 @@ pub struct Shape {
     pub batch: u32,
 }
 
+/// What the engine thread publishes for [`super::LlamaChat`].
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Jobs running or waiting, as of the last step.
+    pub busy: AtomicUsize,
+    /// Sequences moved to a lower id (see `Engine::compact`).
+    pub moved: AtomicU64,
+}
+
 /// A job holding a sequence id.
 struct Active {
     seq: i32,
@@ -107,12 +116,11 @@ pub struct Engine<'m> {
     active: Vec<Active>,
     free: Vec<i32>,
     piece: Vec<u8>,
-    /// Jobs running or waiting, published for [`super::LlamaChat::busy`].
-    busy: Arc<AtomicUsize>,
+    stats: Arc<Stats>,
 }
 
 impl<'m> Engine<'m> {
-    pub fn new(model: &'m LlamaModel, ctx: LlamaContext<'m>, shape: Shape, busy: Arc<AtomicUsize>) -> Self {
+    pub fn new(model: &'m LlamaModel, ctx: LlamaContext<'m>, shape: Shape, stats: Arc<Stats>) -> Self {
         Engine {
             model,
             ctx,
@@ -123,7 +131,7 @@ impl<'m> Engine<'m> {
             // Popped from the end: sequence 0 first.
             free: (0..shape.slots as i32).rev().collect(),
             piece: Vec::new(),
-            busy,
+            stats,
         }
     }
 
@@ -136,6 +144,7 @@ impl<'m> Engine<'m> {
             }
             self.drop_cancelled();
             self.admit();
+            self.compact();
             self.publish();
             if self.active.is_empty() {
                 continue;
@@ -145,7 +154,8 @@ impl<'m> Engine<'m> {
     }
 
     fn publish(&self) {
-        self.busy
+        self.stats
+            .busy
             .store(self.active.len() + self.waiting.len(), Ordering::Relaxed);
     }
 
@@ -187,6 +197,33 @@ impl<'m> Engine<'m> {
             } else {
                 i += 1;
             }
+        }
+    }
+
+    /// Keeps the running sequences' ids contiguous from 0 when nothing waits
+    /// to fill a freed id. With one KV stream per sequence, llama.cpp decodes
+    /// sequences 0, 1 and 3 in two passes over the weights (see `fill_batch`),
+    /// so a request that ends before a higher-numbered one would make every
+    /// later step cost nearly twice as much. The highest-numbered sequence moves
+    /// into the lowest free id instead: llama.cpp copies its KV stream (a few
+    /// MB per layer group, once) at the next decode.
+    fn compact(&mut self) {
+        loop {
+            let Some(&hole) = self.free.last() else { return };
+            let Some(top) = self.active.iter_mut().filter(|a| a.seq > hole).max_by_key(|a| a.seq) else {
+                return;
+            };
+            let from = top.seq;
+            if self.ctx.copy_kv_cache_seq(from, hole, None, None).is_err() {
+                return;
+            }
+            let _ = self.ctx.clear_kv_cache_seq(u32::try_from(from).ok(), None, None);
+            top.seq = hole;
+            tracing::debug!(from, to = hole, "sequence moved to keep ids contiguous");
+            self.stats.moved.fetch_add(1, Ordering::Relaxed);
+            self.free.pop();
+            self.free.push(from);
+            self.free.sort_unstable_by(|a, b| b.cmp(a));
         }
     }
 

@@ -22,7 +22,7 @@ pub mod text;
 
 use std::num::NonZeroU32;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -35,7 +35,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::LogOptions;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-use engine::{Engine, Event, Job, Shape};
+use engine::{Engine, Event, Job, Shape, Stats};
 use params::ChatParams;
 use prompt::{Prompt, PromptError, PromptFormat};
 
@@ -102,7 +102,7 @@ pub struct LlamaChat {
     format: PromptFormat,
     jobs: Mutex<mpsc::Sender<Job>>,
     options: ChatOptions,
-    busy: Arc<AtomicUsize>,
+    stats: Arc<Stats>,
 }
 
 /// llama.cpp's global state, initialised once per process and kept for its life.
@@ -158,8 +158,8 @@ impl LlamaChat {
         let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
         let thread_model = Arc::clone(&model);
-        let busy = Arc::new(AtomicUsize::new(0));
-        let thread_busy = Arc::clone(&busy);
+        let stats = Arc::new(Stats::default());
+        let thread_stats = Arc::clone(&stats);
         std::thread::Builder::new()
             .name("llama-chat".into())
             .spawn(move || {
@@ -186,7 +186,7 @@ impl LlamaChat {
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
-                Engine::new(&thread_model, ctx, shape, thread_busy).run(jobs_rx);
+                Engine::new(&thread_model, ctx, shape, thread_stats).run(jobs_rx);
             })
             .context("cannot start the chat engine thread")?;
         match ready_rx.recv() {
@@ -207,7 +207,7 @@ impl LlamaChat {
             format,
             jobs: Mutex::new(jobs_tx),
             options,
-            busy,
+            stats,
         })
     }
 
@@ -218,7 +218,13 @@ impl LlamaChat {
     /// Requests generating or waiting for a slot, as of the engine's last step.
     /// A request whose receiver was dropped stops counting at the next step.
     pub fn busy(&self) -> usize {
-        self.busy.load(Ordering::Relaxed)
+        self.stats.busy.load(Ordering::Relaxed)
+    }
+
+    /// Sequences the engine has moved to a lower id so far, to keep one pass
+    /// over the weights per step (see `engine::Engine::compact`).
+    pub fn sequences_moved(&self) -> u64 {
+        self.stats.moved.load(Ordering::Relaxed)
     }
 
     pub fn prompt_format(&self) -> &PromptFormat {
