@@ -12,7 +12,7 @@ use cxmpute_protocol::openai::{ChatMessage, ChatRequest};
 use cxmpute_protocol::parse::parse_json;
 use cxmpute_provider::engines::llama::engine::{Event, FinishReason};
 use cxmpute_provider::engines::llama::params::ChatParams;
-use cxmpute_provider::engines::llama::{ChatOptions, Completion, Generation, LlamaChat};
+use cxmpute_provider::engines::llama::{ChatOptions, Completion, LlamaChat};
 use cxmpute_provider::models;
 use serde_json::{json, Value};
 
@@ -226,19 +226,6 @@ fn dropping_the_receiver_frees_the_sequence() {
     assert!(next.completion_tokens >= 1);
 }
 
-/// The text of a started generation, once it is done.
-fn text_of(mut generation: Generation) -> String {
-    let mut text = String::new();
-    while let Some(event) = generation.events.blocking_recv() {
-        match event {
-            Event::Text(piece) => text.push_str(&piece),
-            Event::Done { .. } => return text,
-            Event::Failed(e) => panic!("generation failed: {e}"),
-        }
-    }
-    panic!("the engine stopped mid-answer")
-}
-
 #[test]
 fn a_sequence_moved_to_a_freed_id_keeps_its_context() {
     // An engine of its own with two slots. The first request (sequence 0) ends
@@ -264,14 +251,12 @@ fn a_sequence_moved_to_a_freed_id_keeps_its_context() {
         panic!("the short request produced no text");
     };
     let long = engine.start(&long_messages, &long_params).expect("start");
-    let short = first + &text_of(short);
-    let moved = text_of(long);
+    let short = first + &short.wait().expect("short answer").text;
+    let moved = long.wait().expect("long answer").text;
     assert!(
         engine.sequences_moved() >= 1,
         "the long answer was never moved (short answer {short:?})"
     );
-    let alone = text_of(engine.start(&long_messages, &long_params).expect("start"));
-    eprintln!("moved: {moved:?}\nalone: {alone:?}");
     for run in ["9, 10, 11", "15, 16, 17"] {
         assert!(moved.contains(run), "the moved answer lost the count: {moved:?}");
     }

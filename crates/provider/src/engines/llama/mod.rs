@@ -275,10 +275,17 @@ impl LlamaChat {
     /// Runs a request to the end on the calling thread (which must not be an
     /// async runtime's): for tests and benchmarks.
     pub fn complete_blocking(&self, messages: &[ChatMessage], params: &ChatParams) -> anyhow::Result<Completion> {
-        let mut generation = self.start(messages, params)?;
+        self.start(messages, params)?.wait()
+    }
+}
+
+impl Generation {
+    /// Collects the rest of the answer on the calling thread (which must not
+    /// be an async runtime's): for tests and benchmarks.
+    pub fn wait(mut self) -> anyhow::Result<Completion> {
         let mut text = String::new();
         let mut pieces = 0;
-        while let Some(event) = generation.events.blocking_recv() {
+        while let Some(event) = self.events.blocking_recv() {
             match event {
                 Event::Text(t) => {
                     text.push_str(&t);
@@ -291,7 +298,7 @@ impl LlamaChat {
                     return Ok(Completion {
                         text,
                         reason,
-                        prompt_tokens: generation.prompt_tokens,
+                        prompt_tokens: self.prompt_tokens,
                         completion_tokens,
                         pieces,
                     })
