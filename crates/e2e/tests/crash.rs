@@ -1,6 +1,7 @@
 //! The gateway is SIGKILLed under load and restarted on the same database:
 //! every request the client saw succeed is charged exactly once, none twice,
-//! and holds of the interrupted ones are returned.
+//! and holds of the interrupted ones are returned (on SQLite they lived in
+//! the killed process's memory, so the stored balance must show none).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -27,10 +27,12 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Connects to the database (running migrations), returns holds a crash may
+    /// Connects to the database (running migrations), claims it where the
+    /// backend serves only one gateway (SQLite), returns holds a crash may
     /// have left, and loads the models known from earlier runs.
     pub async fn open(config: Config) -> anyhow::Result<Gateway> {
         let store = cxmpute_store::connect(&config.database_url).await?;
+        store.claim_for_serving().await?;
         Gateway::with_store(config, store).await
     }
 

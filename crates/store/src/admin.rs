@@ -286,17 +286,19 @@ macro_rules! impl_admin_store {
                     .bind(limit.max(0))
                     .fetch_all(&self.$r)
                     .await?;
-                Ok(rows.into_iter().map($crate::Account::from).collect())
+                Ok(rows.into_iter().map(|row| self.shown(row.into())).collect())
             }
 
             async fn adjust_balance(&self, account_id: &str, amount: i64, note: &str) -> $crate::Result<i64> {
                 use $crate::admin::*;
                 check_adjustment(amount)?;
+                // Credits that running requests hold cannot be taken away.
+                let held = self.held_now(account_id);
                 let mut tx = self.$begin().await?;
                 let balance: Option<i64> = ::sqlx::query_scalar(ADJUST_BALANCE)
                     .bind(account_id)
                     .bind(amount)
-                    .bind(amount.saturating_neg())
+                    .bind(amount.saturating_neg().saturating_add(held))
                     .bind(i64::MAX - amount.max(0))
                     .fetch_optional(&mut *tx)
                     .await?;
@@ -322,7 +324,7 @@ macro_rules! impl_admin_store {
                     .execute(&mut *tx)
                     .await?;
                 tx.commit().await?;
-                Ok(balance)
+                Ok(balance - held)
             }
 
             async fn ledger_page(

@@ -24,6 +24,9 @@ pub enum StoreError {
     Sqlite(String),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Another process serves requests from this database.
+    #[error("{0}")]
+    InUse(String),
 }
 
 /// Turns constraint violations of an insert into the errors callers can act on:

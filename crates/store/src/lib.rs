@@ -25,6 +25,11 @@
 //! id, so it happens at most once; a hold left by a crash is returned by
 //! [`Store::release_expired_holds`].
 //!
+//! That is the PostgreSQL backend, whose replicas share their holds. SQLite,
+//! whose file one gateway serves ([`Store::claim_for_serving`]), keeps holds
+//! in that gateway's memory instead and subtracts them from every balance it
+//! shows, so callers see the same contract (see `sqlite/holds.rs`).
+//!
 //! Invariant checked by the conformance suite:
 //! `balance == sum(ledger.amount) - sum(holds.amount)` for every account.
 
@@ -399,6 +404,14 @@ pub trait Store: AdminStore + ReferralStore + Send + Sync + 'static {
     async fn held_amount(&self, account_id: &str) -> Result<i64>;
 
     async fn ping(&self) -> Result<()>;
+
+    /// Claims the database for the one gateway that serves requests from it,
+    /// where a backend allows only one (SQLite keeps holds in that gateway's
+    /// memory). Fails with [`StoreError::InUse`] while another process holds
+    /// the claim; released when the store is dropped or the process ends.
+    async fn claim_for_serving(&self) -> Result<()> {
+        Ok(())
+    }
 
     // Web login (see the `web` module). Emails compare case-insensitively.
     async fn account_by_email(&self, email: &str) -> Result<Option<Account>>;

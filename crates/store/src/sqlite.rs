@@ -16,6 +16,7 @@
 mod admin;
 mod credits;
 mod devices;
+mod holds;
 mod referrals;
 mod web;
 
@@ -44,6 +45,10 @@ pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
     credits: credits::CreditWriter,
+    /// The database file, for the serving claim's lock file beside it.
+    path: PathBuf,
+    /// Held while this store serves requests (see `claim_for_serving`).
+    claim: std::sync::Mutex<Option<std::fs::File>>,
     _scratch: Option<ScratchFile>,
 }
 
@@ -52,7 +57,7 @@ struct ScratchFile(PathBuf);
 
 impl Drop for ScratchFile {
     fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm"] {
+        for suffix in ["", "-wal", "-shm", ".serving"] {
             let mut path = self.0.clone().into_os_string();
             path.push(suffix);
             let _ = std::fs::remove_file(path);
@@ -93,11 +98,13 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
-        let credits = credits::CreditWriter::start(Path::new(&path))?;
+        let credits = credits::CreditWriter::start(&path)?;
         Ok(SqliteStore {
             writer,
             reader,
             credits,
+            path,
+            claim: std::sync::Mutex::new(None),
             _scratch: scratch,
         })
     }
@@ -115,14 +122,17 @@ fn is_memory(url: &str) -> bool {
 }
 
 impl SqliteStore {
-    /// Releases in groups: each group is one job of the credit writer, so live
-    /// requests' jobs get their turn in between.
-    async fn release_each(&self, request_ids: Vec<String>) -> Result<u64> {
-        let mut released = 0;
-        for group in request_ids.chunks(64) {
-            released += self.credits.release(group.to_vec()).await?;
-        }
-        Ok(released)
+    /// An account as the store shows it: its balance less what its running
+    /// requests hold (holds live in memory on SQLite, see `sqlite/holds.rs`).
+    pub(crate) fn shown(&self, mut account: Account) -> Account {
+        account.balance -= self.credits.held(&account.id);
+        account
+    }
+
+    /// What the running requests of an account hold; 0 on other backends,
+    /// whose balances no longer contain their holds.
+    pub(crate) fn held_now(&self, account_id: &str) -> i64 {
+        self.credits.held(account_id)
     }
 }
 
@@ -152,14 +162,14 @@ impl Store for SqliteStore {
             .bind(id)
             .fetch_optional(&self.reader)
             .await?;
-        Ok(row.map(Account::from))
+        Ok(row.map(|row| self.shown(row.into())))
     }
 
     async fn list_accounts(&self) -> Result<Vec<Account>> {
         let rows: Vec<AccountRow> = sqlx::query_as("SELECT * FROM accounts ORDER BY created_at, id")
             .fetch_all(&self.reader)
             .await?;
-        Ok(rows.into_iter().map(Account::from).collect())
+        Ok(rows.into_iter().map(|row| self.shown(row.into())).collect())
     }
 
     async fn set_suspended(&self, id: &str, reason: Option<&str>) -> Result<()> {
@@ -210,7 +220,7 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(balance)
+        Ok(balance - self.held_now(account_id))
     }
 
     async fn ledger(&self, account_id: &str, limit: i64) -> Result<Vec<LedgerEntry>> {
@@ -411,7 +421,8 @@ impl Store for SqliteStore {
     }
 
     async fn release(&self, request_id: &str) -> Result<()> {
-        self.credits.release(vec![request_id.to_string()]).await.map(|_| ())
+        self.credits.release([request_id]);
+        Ok(())
     }
 
     async fn settle(&self, usage: UsageRecord) -> Result<SettleOutcome> {
@@ -419,18 +430,11 @@ impl Store for SqliteStore {
     }
 
     async fn release_expired_holds(&self, now: Millis) -> Result<u64> {
-        let ids: Vec<String> = sqlx::query_scalar("SELECT request_id FROM holds WHERE expires_at < $1")
-            .bind(now)
-            .fetch_all(&self.reader)
-            .await?;
-        self.release_each(ids).await
+        Ok(self.credits.release_expired(now))
     }
 
     async fn release_all_holds(&self) -> Result<u64> {
-        let ids: Vec<String> = sqlx::query_scalar("SELECT request_id FROM holds")
-            .fetch_all(&self.reader)
-            .await?;
-        self.release_each(ids).await
+        Ok(self.credits.release_all())
     }
 
     async fn usage(&self, request_id: &str) -> Result<Option<UsageRecord>> {
@@ -476,17 +480,44 @@ impl Store for SqliteStore {
     }
 
     async fn held_amount(&self, account_id: &str) -> Result<i64> {
-        Ok(
-            sqlx::query_scalar("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM holds WHERE account_id = $1")
-                .bind(account_id)
-                .fetch_one(&self.reader)
-                .await?,
-        )
+        Ok(self.held_now(account_id))
     }
 
     async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
+    }
+
+    /// An exclusive lock on `<database>.serving`, which the operating system
+    /// drops with the process however it ends. Two gateways on one file would
+    /// not see each other's holds; the admin commands take no claim.
+    async fn claim_for_serving(&self) -> Result<()> {
+        let mut claim = self.claim.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if claim.is_some() {
+            return Ok(());
+        }
+        let mut lock_path = self.path.clone().into_os_string();
+        lock_path.push(".serving");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| StoreError::InUse(format!("cannot open {}: {e}", Path::new(&lock_path).display())))?;
+        match file.try_lock() {
+            Ok(()) => {
+                *claim = Some(file);
+                Ok(())
+            }
+            Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse(format!(
+                "another gateway is serving {} (a SQLite database serves one gateway; use PostgreSQL for several)",
+                self.path.display()
+            ))),
+            Err(std::fs::TryLockError::Error(e)) => Err(StoreError::InUse(format!(
+                "cannot lock {}: {e}",
+                Path::new(&lock_path).display()
+            ))),
+        }
     }
 
     async fn account_by_email(&self, email: &str) -> Result<Option<Account>> {

@@ -57,3 +57,74 @@ async fn unknown_schemes_are_refused_without_leaking_passwords() {
     assert!(matches!(err, StoreError::InvalidUrl(_)), "{err:?}");
     assert!(!err.to_string().contains("hunter2"), "{err}");
 }
+
+#[tokio::test]
+async fn one_gateway_at_a_time_serves_a_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("served.db").display());
+    let first = cxmpute_store::connect(&url).await.expect("connect");
+    first.claim_for_serving().await.expect("the first claim");
+    first.claim_for_serving().await.expect("claiming again is a no-op");
+
+    let second = cxmpute_store::connect(&url).await.expect("connect");
+    let err = second.claim_for_serving().await.expect_err("a second gateway");
+    assert!(matches!(err, StoreError::InUse(_)), "{err:?}");
+    assert!(err.to_string().contains("another gateway is serving"), "{err}");
+    // The admin commands open the file without a claim and still write.
+    let account = second.create_account("admin", None).await.expect("create");
+    assert_eq!(second.deposit(&account.id, 5, None).await.expect("deposit"), 5);
+
+    drop(first);
+    second.claim_for_serving().await.expect("free once the first is gone");
+}
+
+/// Holds used to be rows; the migration that moved them into memory gives
+/// back what a gateway of the older version left behind.
+#[tokio::test]
+async fn holds_an_older_gateway_left_are_returned_by_the_migration() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("old.db").display());
+    let store = cxmpute_store::connect(&url).await.expect("connect");
+    let account = store.create_account("a", None).await.expect("create");
+    store.deposit(&account.id, 1_000, None).await.expect("deposit");
+    let key = store
+        .create_api_key(cxmpute_store::NewApiKey {
+            id: "k".into(),
+            account_id: account.id.clone(),
+            name: "k".into(),
+            prefix: "sk-cx-k".into(),
+            secret_hash: "h".into(),
+            credit_limit: None,
+            allowed_services: None,
+            rpm_limit: None,
+        })
+        .await
+        .expect("key");
+    drop(store);
+
+    // The state an older gateway leaves: a hold row taken off the balance
+    // and reserved on the key, before the last migration.
+    let pool = sqlx::SqlitePool::connect(&url).await.expect("raw connect");
+    for sql in [
+        "CREATE TABLE holds (request_id TEXT PRIMARY KEY NOT NULL, account_id TEXT NOT NULL, \
+         key_id TEXT NOT NULL, amount INTEGER NOT NULL, created_at INTEGER NOT NULL, \
+         expires_at INTEGER NOT NULL) STRICT, WITHOUT ROWID",
+        "UPDATE accounts SET balance = balance - 300",
+        "UPDATE api_keys SET reserved = 300",
+        "DELETE FROM _sqlx_migrations WHERE version = 7",
+    ] {
+        sqlx::query(sql).execute(&pool).await.expect(sql);
+    }
+    sqlx::query("INSERT INTO holds VALUES ('r1', $1, $2, 300, 0, 0)")
+        .bind(&account.id)
+        .bind(&key.id)
+        .execute(&pool)
+        .await
+        .expect("hold row");
+    pool.close().await;
+
+    let store = cxmpute_store::connect(&url).await.expect("migrate");
+    let read = store.account(&account.id).await.expect("read").expect("exists");
+    assert_eq!(read.balance, 1_000, "the hold went back to the balance");
+    assert_eq!(store.held_amount(&account.id).await.expect("held"), 0);
+}

@@ -1,5 +1,8 @@
 //! Holds and settlement on SQLite, with group commit.
 //!
+//! A hold writes nothing: it reads the account and key here and is kept in
+//! memory (`holds.rs`); a settlement is the one write transaction per request.
+//!
 //! These are the writes made on every API request, so they take the shortest
 //! path SQLite offers: one OS thread owns one connection (`rusqlite`, cached
 //! prepared statements, no per-statement hop between threads) and runs the
@@ -29,8 +32,9 @@ use std::time::{Duration, Instant};
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
+use super::holds::{Holds, Standing, Undo};
 use crate::{
-    day_of, now_millis, rules, HoldOutcome, HoldRequest, LedgerKind, Result, SettleOutcome, StoreError, UsageRecord,
+    day_of, rules, HoldOutcome, HoldRequest, LedgerKind, Millis, Result, SettleOutcome, StoreError, UsageRecord,
 };
 
 /// How long the writer waits for another connection's write to finish.
@@ -48,13 +52,11 @@ const QUIET_STREAK: usize = 32;
 
 enum Op {
     Hold(HoldRequest),
-    Release(Vec<String>),
     Settle(Box<UsageRecord>),
 }
 
 enum Done {
     Hold(HoldOutcome),
-    Released(u64),
     Settle(SettleOutcome),
 }
 
@@ -74,6 +76,8 @@ pub(super) struct CreditWriter {
 /// What callers and the writer thread share.
 struct Shared {
     conn: Mutex<Connection>,
+    /// Taken after `conn` when both are needed (see `holds.rs`).
+    holds: Mutex<Holds>,
     /// Callers waiting for a job (a caller whose future is dropped stops
     /// counting, though its job may still be queued).
     active: AtomicUsize,
@@ -89,6 +93,10 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn holds(&self) -> std::sync::MutexGuard<'_, Holds> {
+        self.holds.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn now_ms(&self) -> u64 {
@@ -139,6 +147,7 @@ impl CreditWriter {
         let (jobs, rx) = mpsc::channel();
         let shared = Arc::new(Shared {
             conn: Mutex::new(conn),
+            holds: Mutex::new(Holds::default()),
             active: AtomicUsize::new(0),
             alone_streak: AtomicUsize::new(0),
             checkpointed_ms: AtomicU64::new(0),
@@ -168,12 +177,12 @@ impl CreditWriter {
             // when the database is busy, the job queues for the thread.
             let began = free.filter(|conn| {
                 let _ = conn.busy_timeout(Duration::ZERO);
-                let began = begin(conn).is_ok();
+                let began = begin(conn, &op).is_ok();
                 let _ = conn.busy_timeout(BUSY_TIMEOUT);
                 began
             });
             if let Some(conn) = began {
-                let result = finish_alone(&conn, &op);
+                let result = finish_alone(&conn, &self.shared, &op);
                 drop(conn);
                 // Checkpoints stay on the thread, off the request path.
                 if self.shared.checkpoint_due() && !self.shared.checkpoint_asked.swap(true, Ordering::Relaxed) {
@@ -195,14 +204,22 @@ impl CreditWriter {
         }
     }
 
-    pub(super) async fn release(&self, request_ids: Vec<String>) -> Result<u64> {
-        if request_ids.is_empty() {
-            return Ok(0);
-        }
-        match self.submit(Op::Release(request_ids)).await? {
-            Done::Released(n) => Ok(n),
-            _ => Err(mismatch()),
-        }
+    /// Returns holds in full. Nothing to write: the balance never lost them.
+    pub(super) fn release<'a>(&self, request_ids: impl IntoIterator<Item = &'a str>) -> u64 {
+        self.shared.holds().release(request_ids)
+    }
+
+    pub(super) fn release_expired(&self, now: Millis) -> u64 {
+        self.shared.holds().release_expired(now)
+    }
+
+    pub(super) fn release_all(&self) -> u64 {
+        self.shared.holds().release_all()
+    }
+
+    /// What the running requests of an account hold (still in its database balance).
+    pub(super) fn held(&self, account_id: &str) -> i64 {
+        self.shared.holds().held_by_account(account_id)
     }
 
     pub(super) async fn settle(&self, usage: UsageRecord) -> Result<SettleOutcome> {
@@ -250,6 +267,7 @@ fn db(e: rusqlite::Error) -> StoreError {
 fn run(shared: &Shared, rx: mpsc::Receiver<Option<Job>>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut results = Vec::with_capacity(MAX_BATCH);
+    let mut undo = Vec::new();
     while let Ok(first) = rx.recv() {
         // `None` is a checkpoint asked for by a caller that ran its job itself.
         let mut asked = first.is_none();
@@ -264,14 +282,16 @@ fn run(shared: &Shared, rx: mpsc::Receiver<Option<Job>>) {
             }
         }
         let conn = shared.lock();
-        if !batch.is_empty() && run_batch(&conn, &batch, &mut results).is_err() {
+        if !batch.is_empty() && run_batch(&conn, shared, &batch, &mut results, &mut undo).is_err() {
             // One job broke the shared transaction (or the commit failed):
             // nothing of the batch happened. Run each job on its own, so only
             // the job at fault fails.
             let _ = exec(&conn, "ROLLBACK");
+            shared.holds().undo(&mut undo);
             results.clear();
-            results.extend(batch.iter().map(|job| run_alone(&conn, &job.op)));
+            results.extend(batch.iter().map(|job| run_alone(&conn, shared, &job.op)));
         }
+        undo.clear();
         for (job, result) in batch.drain(..).zip(results.drain(..)) {
             let _ = job.reply.send(result);
         }
@@ -316,10 +336,16 @@ fn is_clean(e: &StoreError) -> bool {
 /// that decline (insufficient balance, already settled, …) decide before
 /// they write, so no savepoints are needed. Returns an error when a job
 /// failed part-way or the commit failed: the caller then rolls back.
-fn run_batch(conn: &Connection, batch: &[Job], results: &mut Vec<Result<Done>>) -> Result<()> {
-    begin(conn)?;
+fn run_batch(
+    conn: &Connection,
+    shared: &Shared,
+    batch: &[Job],
+    results: &mut Vec<Result<Done>>,
+    undo: &mut Vec<Undo>,
+) -> Result<()> {
+    exec(conn, "BEGIN IMMEDIATE")?;
     for job in batch {
-        let result = apply(conn, &job.op);
+        let result = apply(conn, shared, &job.op, undo);
         if let Err(e) = &result {
             if !is_clean(e) {
                 return Err(StoreError::Sqlite(e.to_string()));
@@ -330,157 +356,69 @@ fn run_batch(conn: &Connection, batch: &[Job], results: &mut Vec<Result<Done>>) 
     exec(conn, "COMMIT")
 }
 
-fn run_alone(conn: &Connection, op: &Op) -> Result<Done> {
-    begin(conn)?;
-    finish_alone(conn, op)
+fn run_alone(conn: &Connection, shared: &Shared, op: &Op) -> Result<Done> {
+    begin(conn, op)?;
+    finish_alone(conn, shared, op)
 }
 
-/// Starts a write transaction, first ending one that a panic left open.
-fn begin(conn: &Connection) -> Result<()> {
+/// Starts a write transaction for a job that writes, first ending one that a
+/// panic left open. A hold only reads, in autocommit mode.
+fn begin(conn: &Connection, op: &Op) -> Result<()> {
     if !conn.is_autocommit() {
         let _ = exec(conn, "ROLLBACK");
     }
-    exec(conn, "BEGIN IMMEDIATE")
+    match op {
+        Op::Hold(_) => Ok(()),
+        Op::Settle(_) => exec(conn, "BEGIN IMMEDIATE"),
+    }
 }
 
 /// Runs `op` in the transaction [`begin`] started, then commits (or rolls back).
-fn finish_alone(conn: &Connection, op: &Op) -> Result<Done> {
-    match apply(conn, op) {
-        Ok(done) => {
-            if let Err(e) = exec(conn, "COMMIT") {
-                let _ = exec(conn, "ROLLBACK");
-                return Err(e);
-            }
-            Ok(done)
-        }
-        Err(e) => {
-            let _ = exec(conn, "ROLLBACK");
-            Err(e)
-        }
+fn finish_alone(conn: &Connection, shared: &Shared, op: &Op) -> Result<Done> {
+    let mut undo = Vec::new();
+    let result = apply(conn, shared, op, &mut undo);
+    if conn.is_autocommit() {
+        return result;
     }
+    let committed = result.and_then(|done| exec(conn, "COMMIT").map(|()| done));
+    if committed.is_err() {
+        let _ = exec(conn, "ROLLBACK");
+        shared.holds().undo(&mut undo);
+    }
+    committed
 }
 
-fn apply(conn: &Connection, op: &Op) -> Result<Done> {
+fn apply(conn: &Connection, shared: &Shared, op: &Op, undo: &mut Vec<Undo>) -> Result<Done> {
     match op {
-        Op::Hold(hold) => hold_one(conn, hold).map(Done::Hold),
-        Op::Release(ids) => {
-            let mut released = 0;
-            for id in ids {
-                if return_hold(conn, id)?.is_some() {
-                    released += 1;
-                }
-            }
-            Ok(Done::Released(released))
+        Op::Hold(hold) => {
+            let standing = standing(conn, hold)?;
+            shared.holds().place(hold, &standing, undo).map(Done::Hold)
         }
-        Op::Settle(usage) => settle_one(conn, usage).map(Done::Settle),
+        Op::Settle(usage) => settle_one(conn, shared, usage, undo).map(Done::Settle),
     }
 }
 
-/// Decides first, then writes: a declined hold leaves nothing behind. The
-/// decision cannot go stale before the writes, since this thread is the only
-/// writer while its transaction is open.
-fn hold_one(conn: &Connection, hold: &HoldRequest) -> Result<HoldOutcome> {
-    type State = (bool, bool, i64, Option<i64>, i64);
-    let state: Option<State> = conn
-        .prepare_cached(
-            "SELECT a.suspended, k.revoked_at IS NOT NULL, a.balance, k.credit_limit, k.spent + k.reserved \
-             FROM accounts a JOIN api_keys k ON k.account_id = a.id WHERE a.id = ?1 AND k.id = ?2",
-        )
-        .map_err(db)?
-        .query_row(params![hold.account_id, hold.key_id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+/// Reads what a hold is decided on. The hold itself is placed in memory
+/// (`holds.rs`), under the connection's lock, so no write can come between
+/// this read and the decision.
+fn standing(conn: &Connection, hold: &HoldRequest) -> Result<Standing> {
+    conn.prepare_cached(
+        "SELECT a.suspended, k.revoked_at IS NOT NULL, a.balance, k.credit_limit, k.spent \
+         FROM accounts a JOIN api_keys k ON k.account_id = a.id WHERE a.id = ?1 AND k.id = ?2",
+    )
+    .map_err(db)?
+    .query_row(params![hold.account_id, hold.key_id], |r| {
+        Ok(Standing {
+            suspended: r.get(0)?,
+            revoked: r.get(1)?,
+            balance: r.get(2)?,
+            credit_limit: r.get(3)?,
+            spent: r.get(4)?,
         })
-        .optional()
-        .map_err(db)?;
-    let Some((suspended, revoked, balance, credit_limit, committed)) = state else {
-        return Err(StoreError::NotFound(format!(
-            "api key {} of account {}",
-            hold.key_id, hold.account_id
-        )));
-    };
-    if suspended || revoked {
-        return Ok(HoldOutcome::Refused);
-    }
-    if balance < hold.amount {
-        return Ok(HoldOutcome::InsufficientBalance);
-    }
-    if credit_limit.is_some_and(|limit| committed.saturating_add(hold.amount) > limit) {
-        return Ok(HoldOutcome::KeyLimitReached);
-    }
-    let inserted = conn
-        .prepare_cached(
-            "INSERT INTO holds (request_id, account_id, key_id, amount, created_at, expires_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (request_id) DO NOTHING",
-        )
-        .map_err(db)?
-        .execute(params![
-            hold.request_id,
-            hold.account_id,
-            hold.key_id,
-            hold.amount,
-            now_millis(),
-            hold.expires_at
-        ])
-        .map_err(db)?;
-    if inserted == 0 {
-        return Err(StoreError::Conflict(format!(
-            "request {} already holds credits",
-            hold.request_id
-        )));
-    }
-    // The guard repeats the check above, so a hold can never overdraw even
-    // if the decision were somehow stale.
-    let debited = conn
-        .prepare_cached("UPDATE accounts SET balance = balance - ?2 WHERE id = ?1 AND balance >= ?2")
-        .map_err(db)?
-        .execute(params![hold.account_id, hold.amount])
-        .map_err(db)?;
-    let reserved = conn
-        .prepare_cached("UPDATE api_keys SET reserved = reserved + ?2 WHERE id = ?1")
-        .map_err(db)?
-        .execute(params![hold.key_id, hold.amount])
-        .map_err(db)?;
-    if debited == 0 || reserved == 0 {
-        return Err(StoreError::Corrupt(format!(
-            "hold {} changed under the writer",
-            hold.request_id
-        )));
-    }
-    Ok(HoldOutcome::Held)
-}
-
-struct Hold {
-    account_id: String,
-    key_id: String,
-    amount: i64,
-}
-
-fn take_hold(conn: &Connection, request_id: &str) -> Result<Option<Hold>> {
-    conn.prepare_cached("DELETE FROM holds WHERE request_id = ?1 RETURNING account_id, key_id, amount")
-        .map_err(db)?
-        .query_row([request_id], |r| {
-            Ok(Hold {
-                account_id: r.get(0)?,
-                key_id: r.get(1)?,
-                amount: r.get(2)?,
-            })
-        })
-        .optional()
-        .map_err(db)
-}
-
-/// Deletes a hold and gives its amount back to the balance and the key's
-/// headroom. Returns the amount, or `None` when there was no hold.
-fn return_hold(conn: &Connection, request_id: &str) -> Result<Option<i64>> {
-    let Some(hold) = take_hold(conn, request_id)? else {
-        return Ok(None);
-    };
-    add_to_balance(conn, &hold.account_id, hold.amount).map_err(after_write)?;
-    conn.prepare_cached("UPDATE api_keys SET reserved = reserved - ?2 WHERE id = ?1")
-        .map_err(db)?
-        .execute(params![hold.key_id, hold.amount])
-        .map_err(db)?;
-    Ok(Some(hold.amount))
+    })
+    .optional()
+    .map_err(db)?
+    .ok_or_else(|| StoreError::NotFound(format!("api key {} of account {}", hold.key_id, hold.account_id)))
 }
 
 fn add_to_balance(conn: &Connection, account_id: &str, amount: i64) -> Result<()> {
@@ -523,8 +461,10 @@ fn after_write(e: StoreError) -> StoreError {
 }
 
 /// See the crate docs: the usage record is the settlement's claim, so a
-/// second settle of the same request stops at the first statement.
-fn settle_one(conn: &Connection, u: &UsageRecord) -> Result<SettleOutcome> {
+/// second settle of the same request stops at the first statement. The hold
+/// leaves memory (undone should the transaction not commit); the balance
+/// only loses the charge, since it never lost the hold.
+fn settle_one(conn: &Connection, shared: &Shared, u: &UsageRecord, undo: &mut Vec<Undo>) -> Result<SettleOutcome> {
     let reward = rules::payable_reward(u);
     let balance = balance_of(conn, &u.account_id)?;
     let inserted = conn
@@ -561,48 +501,28 @@ fn settle_one(conn: &Connection, u: &UsageRecord) -> Result<SettleOutcome> {
         return Ok(SettleOutcome::AlreadySettled);
     }
 
-    // The hold goes back and the charge comes off in one balance update when
-    // both concern the same account, which is the normal case.
-    let hold = take_hold(conn, &u.request_id)?;
-    let (balance, returned_here) = match &hold {
-        Some(h) if h.account_id == u.account_id => (balance, h.amount),
-        Some(h) => {
-            add_to_balance(conn, &h.account_id, h.amount).map_err(after_write)?;
-            (balance, 0)
-        }
-        None => (balance, 0),
+    // What the account may pay: its balance less what its other running
+    // requests hold (this request's own hold has just left the map).
+    let available = {
+        let mut holds = shared.holds();
+        holds.take(&u.request_id, undo);
+        balance - holds.held_by_account(&u.account_id)
     };
-    let charge = rules::clamp_charge(u.cost, balance + returned_here);
+    let charge = rules::clamp_charge(u.cost, available);
     if charge != u.cost {
         conn.prepare_cached("UPDATE usage_records SET cost = ?2 WHERE request_id = ?1")
             .map_err(db)?
             .execute(params![u.request_id, charge])
             .map_err(db)?;
     }
-    if returned_here != charge {
-        add_to_balance(conn, &u.account_id, returned_here - charge).map_err(after_write)?;
-    }
     if charge > 0 {
+        add_to_balance(conn, &u.account_id, -charge).map_err(after_write)?;
         add_ledger(conn, u, &u.account_id, LedgerKind::Charge, -charge)?;
     }
-    // Likewise one update for the key, unless the hold came through another.
-    let released_here = match &hold {
-        Some(h) if h.key_id == u.key_id => h.amount,
-        Some(h) => {
-            conn.prepare_cached("UPDATE api_keys SET reserved = reserved - ?2 WHERE id = ?1")
-                .map_err(db)?
-                .execute(params![h.key_id, h.amount])
-                .map_err(db)?;
-            0
-        }
-        None => 0,
-    };
-    conn.prepare_cached(
-        "UPDATE api_keys SET spent = spent + ?2, reserved = reserved - ?3, last_used_at = ?4 WHERE id = ?1",
-    )
-    .map_err(db)?
-    .execute(params![u.key_id, charge, released_here, u.created_at])
-    .map_err(db)?;
+    conn.prepare_cached("UPDATE api_keys SET spent = spent + ?2, last_used_at = ?3 WHERE id = ?1")
+        .map_err(db)?
+        .execute(params![u.key_id, charge, u.created_at])
+        .map_err(db)?;
     if let (Some(provider), true) = (&u.provider_account_id, reward > 0) {
         add_to_balance(conn, provider, reward).map_err(after_write)?;
         add_ledger(conn, u, provider, LedgerKind::Reward, reward)?;

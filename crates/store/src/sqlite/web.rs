@@ -13,7 +13,7 @@ impl SqliteStore {
             .bind(email)
             .fetch_optional(&self.reader)
             .await?;
-        Ok(row.map(Account::from))
+        Ok(row.map(|row| self.shown(row.into())))
     }
 
     pub(super) async fn put_login_code_impl(

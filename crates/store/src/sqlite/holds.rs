@@ -1,0 +1,224 @@
+//! Holds on SQLite live in the gateway's memory, not in the database.
+//!
+//! A SQLite file is served by one gateway (see `SqliteStore::lock_for_serving`),
+//! and every hold is returned when that gateway starts, so a hold row would
+//! only ever be read back by the process that wrote it. Keeping holds here
+//! takes two write transactions' worth of statements off every request: a
+//! hold is one read of the account and key, plus a map entry; a settlement
+//! no longer deletes a row nor gives an amount back to the balance.
+//!
+//! The database balance therefore still contains what is held;
+//! [`Holds::held_by_account`] is subtracted wherever the store shows a
+//! balance, so the [`crate::Store`] contract is unchanged: a balance read
+//! never includes credits that a running request may still spend.
+//!
+//! Decisions that read the balance (a hold, a settlement's clamp) run on the
+//! credit writer's connection while it is locked, so a hold and the writes
+//! it depends on are ordered. A job changes the map as it runs, recording
+//! each change in an undo log; if its transaction does not commit, the log
+//! is played back, so the map never reflects a write that was rolled back.
+
+use std::collections::HashMap;
+
+use crate::{HoldOutcome, HoldRequest, Millis, Result, StoreError};
+
+/// One request's hold.
+#[derive(Debug, Clone)]
+pub(super) struct Held {
+    pub account_id: String,
+    pub key_id: String,
+    pub amount: i64,
+    pub expires_at: Millis,
+}
+
+/// A change to [`Holds`] that a rollback must undo.
+pub(super) enum Undo {
+    Placed(String),
+    Taken(String, Held),
+}
+
+/// What an account and its key look like in the database when a hold is
+/// decided.
+pub(super) struct Standing {
+    pub suspended: bool,
+    pub revoked: bool,
+    /// The database balance, which still contains the held amounts.
+    pub balance: i64,
+    pub credit_limit: Option<i64>,
+    pub spent: i64,
+}
+
+#[derive(Default)]
+pub(super) struct Holds {
+    by_request: HashMap<String, Held>,
+    by_account: HashMap<String, i64>,
+    by_key: HashMap<String, i64>,
+}
+
+impl Holds {
+    pub fn held_by_account(&self, account_id: &str) -> i64 {
+        self.by_account.get(account_id).copied().unwrap_or(0)
+    }
+
+    fn held_by_key(&self, key_id: &str) -> i64 {
+        self.by_key.get(key_id).copied().unwrap_or(0)
+    }
+
+    /// Decides a hold against `standing` and places it.
+    pub fn place(&mut self, hold: &HoldRequest, standing: &Standing, undo: &mut Vec<Undo>) -> Result<HoldOutcome> {
+        if standing.suspended || standing.revoked {
+            return Ok(HoldOutcome::Refused);
+        }
+        let available = standing.balance - self.held_by_account(&hold.account_id);
+        if available < hold.amount {
+            return Ok(HoldOutcome::InsufficientBalance);
+        }
+        let committed = standing.spent.saturating_add(self.held_by_key(&hold.key_id));
+        if standing
+            .credit_limit
+            .is_some_and(|limit| committed.saturating_add(hold.amount) > limit)
+        {
+            return Ok(HoldOutcome::KeyLimitReached);
+        }
+        if self.by_request.contains_key(&hold.request_id) {
+            return Err(StoreError::Conflict(format!(
+                "request {} already holds credits",
+                hold.request_id
+            )));
+        }
+        self.insert(
+            hold.request_id.clone(),
+            Held {
+                account_id: hold.account_id.clone(),
+                key_id: hold.key_id.clone(),
+                amount: hold.amount,
+                expires_at: hold.expires_at,
+            },
+        );
+        undo.push(Undo::Placed(hold.request_id.clone()));
+        Ok(HoldOutcome::Held)
+    }
+
+    /// Removes a request's hold for its settlement (undone on rollback).
+    pub fn take(&mut self, request_id: &str, undo: &mut Vec<Undo>) -> Option<Held> {
+        let held = self.remove(request_id)?;
+        undo.push(Undo::Taken(request_id.to_string(), held.clone()));
+        Some(held)
+    }
+
+    /// Plays an undo log back, newest change first.
+    pub fn undo(&mut self, log: &mut Vec<Undo>) {
+        while let Some(change) = log.pop() {
+            match change {
+                Undo::Placed(request_id) => {
+                    self.remove(&request_id);
+                }
+                Undo::Taken(request_id, held) => self.insert(request_id, held),
+            }
+        }
+    }
+
+    /// Returns holds in full (no write: the balance never lost them).
+    pub fn release<'a>(&mut self, request_ids: impl IntoIterator<Item = &'a str>) -> u64 {
+        request_ids.into_iter().filter(|id| self.remove(id).is_some()).count() as u64
+    }
+
+    pub fn release_expired(&mut self, now: Millis) -> u64 {
+        let expired: Vec<String> = self
+            .by_request
+            .iter()
+            .filter(|(_, held)| held.expires_at < now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        self.release(expired.iter().map(String::as_str))
+    }
+
+    pub fn release_all(&mut self) -> u64 {
+        let n = self.by_request.len() as u64;
+        *self = Holds::default();
+        n
+    }
+
+    fn insert(&mut self, request_id: String, held: Held) {
+        *self.by_account.entry(held.account_id.clone()).or_default() += held.amount;
+        *self.by_key.entry(held.key_id.clone()).or_default() += held.amount;
+        self.by_request.insert(request_id, held);
+    }
+
+    fn remove(&mut self, request_id: &str) -> Option<Held> {
+        let held = self.by_request.remove(request_id)?;
+        subtract(&mut self.by_account, &held.account_id, held.amount);
+        subtract(&mut self.by_key, &held.key_id, held.amount);
+        Some(held)
+    }
+}
+
+/// Lowers a running total, dropping it at zero so the maps hold only live
+/// accounts and keys.
+fn subtract(totals: &mut HashMap<String, i64>, id: &str, amount: i64) {
+    if let Some(total) = totals.get_mut(id) {
+        *total -= amount;
+        if *total == 0 {
+            totals.remove(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(id: &str, amount: i64) -> HoldRequest {
+        HoldRequest {
+            request_id: id.into(),
+            account_id: "acc".into(),
+            key_id: "key".into(),
+            amount,
+            expires_at: 100,
+        }
+    }
+
+    fn standing(balance: i64) -> Standing {
+        Standing {
+            suspended: false,
+            revoked: false,
+            balance,
+            credit_limit: None,
+            spent: 0,
+        }
+    }
+
+    #[test]
+    fn undo_restores_the_map_as_it_was() {
+        let mut holds = Holds::default();
+        let mut log = Vec::new();
+        holds.place(&request("a", 30), &standing(100), &mut log).expect("place");
+        log.clear();
+        holds.place(&request("b", 50), &standing(100), &mut log).expect("place");
+        assert!(holds.take("a", &mut log).is_some());
+        assert_eq!(holds.held_by_account("acc"), 50);
+        holds.undo(&mut log);
+        assert_eq!(holds.held_by_account("acc"), 30);
+        assert_eq!(
+            holds.place(&request("c", 71), &standing(100), &mut log).expect("place"),
+            HoldOutcome::InsufficientBalance,
+            "the restored hold counts again"
+        );
+        assert_eq!(holds.release(["a"]), 1);
+        assert!(holds.by_account.is_empty() && holds.by_key.is_empty());
+    }
+
+    #[test]
+    fn expiry_releases_only_old_holds() {
+        let mut holds = Holds::default();
+        let mut log = Vec::new();
+        holds
+            .place(&request("old", 10), &standing(100), &mut log)
+            .expect("place");
+        let mut late = request("late", 20);
+        late.expires_at = 500;
+        holds.place(&late, &standing(100), &mut log).expect("place");
+        assert_eq!(holds.release_expired(200), 1);
+        assert_eq!(holds.held_by_account("acc"), 20);
+    }
+}
