@@ -90,3 +90,36 @@ async fn a_killed_gateway_charges_each_success_exactly_once() {
         .unwrap();
     assert_eq!(res.status(), 200);
 }
+
+/// Holds live in the serving gateway's memory on SQLite, so a second gateway
+/// on the same file must not start; the admin commands still work beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_gateway_on_a_served_sqlite_file_refuses_to_start() {
+    let db = Db::sqlite().await;
+    let gw = Gateway::start(&db.url).await;
+    let run = |args: &[&str]| {
+        tokio::process::Command::new(common::bin("cxmpute-gateway"))
+            .args(["--database-url", db.url.as_str()])
+            .args(args)
+            .env("CXMPUTE_LOG", "warn")
+            .kill_on_drop(true)
+            .output()
+    };
+    let second = tokio::time::timeout(Duration::from_secs(60), run(&["serve", "--listen", "127.0.0.1:0"]))
+        .await
+        .expect("the second gateway should stop by itself")
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&second.stdout),
+        String::from_utf8_lossy(&second.stderr),
+    );
+    assert!(!second.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("another gateway is serving"), "{stderr}");
+    assert!(!stdout.contains("listening on"), "it announced itself: {stdout}");
+
+    let admin = run(&["admin", "account", "create", "--name", "beside"]).await.unwrap();
+    assert!(admin.status.success(), "{}", String::from_utf8_lossy(&admin.stderr));
+    // The first gateway is unaffected.
+    let res = gw.http.get(format!("{}/healthz", gw.url)).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+}

@@ -158,10 +158,14 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             let addr = listener.local_addr()?;
             // The address actually bound (port 0 picks one): pages show it.
             config.listen = addr;
-            tracing::info!(addr = %addr, config = ?config, "gateway listening");
+            tracing::info!(addr = %addr, config = ?config, "gateway starting");
+            // The store first (migrations, the SQLite claim): a script that
+            // waits for the line below may then use the database at once.
+            let gateway = cxmpute_gateway::Gateway::open(config).await?;
+            tracing::info!(addr = %addr, "gateway listening");
             // One machine-readable line for scripts and tests that bind port 0.
             println!("listening on http://{addr}");
-            cxmpute_gateway::run(config, listener, shutdown_signal()).await
+            gateway.serve(listener, shutdown_signal()).await
         }
         Command::Admin(cmd) => admin(config, cmd).await,
     }

@@ -80,24 +80,7 @@ impl SqliteStore {
         .busy_timeout(Duration::from_secs(5));
         let path: PathBuf = options.get_filename().to_path_buf();
 
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(
-                options
-                    .clone()
-                    .create_if_missing(true)
-                    .journal_mode(SqliteJournalMode::Wal)
-                    .synchronous(SqliteSynchronous::Normal),
-            )
-            .await?;
-        // The journal mode is a property of the file, set by the writer
-        // above; readers must not try to switch it (that needs a lock
-        // busy_timeout cannot wait for).
-        let reader = SqlitePoolOptions::new()
-            .max_connections(READERS)
-            .connect_with(options)
-            .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
+        let (writer, reader) = open_migrated(&options).await?;
         let credits = credits::CreditWriter::start(&path)?;
         Ok(SqliteStore {
             writer,
@@ -114,6 +97,62 @@ impl SqliteStore {
     /// CLI) holds the file; in-process writers already queue on the pool.
     async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>> {
         Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+/// Opens the writer and reader pools and runs the migrations, again when
+/// another process was doing the same on the same new file (a starting
+/// gateway and the admin commands): sqlx takes no lock on SQLite, so the
+/// slower one fails on a table the other just created, or cannot switch the
+/// file to WAL while the other writes; on the next try it finds the
+/// migrations applied. A migration that is really broken fails every try.
+async fn open_migrated(options: &SqliteConnectOptions) -> Result<(SqlitePool, SqlitePool)> {
+    let mut tries = 0u64;
+    loop {
+        match open_once(options).await {
+            Err(e) if tries < 6 && lost_a_race(&e) => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50 * tries)).await;
+            }
+            done => return done,
+        }
+    }
+}
+
+async fn open_once(options: &SqliteConnectOptions) -> Result<(SqlitePool, SqlitePool)> {
+    let writer = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(
+            options
+                .clone()
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal),
+        )
+        .await?;
+    // The journal mode is a property of the file, set by the writer
+    // above; readers must not try to switch it (that needs a lock
+    // busy_timeout cannot wait for).
+    let reader = SqlitePoolOptions::new()
+        .max_connections(READERS)
+        .connect_with(options.clone())
+        .await?;
+    sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
+    Ok((writer, reader))
+}
+
+/// Whether opening failed because another process was opening the same file.
+fn lost_a_race(e: &StoreError) -> bool {
+    let busy = |e: &sqlx::Error| {
+        e.as_database_error()
+            .and_then(|db| db.code())
+            .and_then(|code| code.parse::<i32>().ok())
+            .is_some_and(|code| code & 0xff == 5) // SQLITE_BUSY and its extended codes
+    };
+    match e {
+        StoreError::Migrate(sqlx::migrate::MigrateError::ExecuteMigration(..)) => true,
+        StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)) | StoreError::Database(e) => busy(e),
+        _ => false,
     }
 }
 

@@ -128,3 +128,17 @@ async fn holds_an_older_gateway_left_are_returned_by_the_migration() {
     assert_eq!(read.balance, 1_000, "the hold went back to the balance");
     assert_eq!(store.held_amount(&account.id).await.expect("held"), 0);
 }
+
+/// The admin commands and a starting gateway may open a new file at the same
+/// moment: both run the migrations, and both must end up with a usable store.
+#[tokio::test]
+async fn two_processes_migrating_one_new_file_both_succeed() {
+    for round in 0..5 {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join(format!("race{round}.db")).display());
+        let (a, b) = tokio::join!(cxmpute_store::connect(&url), cxmpute_store::connect(&url));
+        let (a, b) = (a.expect("first"), b.expect("second"));
+        let account = a.create_account("a", None).await.expect("create");
+        assert!(b.account(&account.id).await.expect("read").is_some());
+    }
+}
