@@ -153,6 +153,8 @@ pub(crate) const SEARCH_ACCOUNTS: &str = "SELECT * FROM accounts WHERE id = $1 \
 pub(crate) const ADJUST_BALANCE: &str = "UPDATE accounts SET balance = balance + $2 \
      WHERE id = $1 AND balance >= $3 AND balance <= $4 RETURNING balance";
 
+pub(crate) const ADJUST_REFUSED: &str = "the adjustment would make the balance negative (or overflow it)";
+
 pub(crate) const INSERT_LEDGER: &str = "INSERT INTO ledger (account_id, kind, amount, note, created_at) \
      VALUES ($1, $2, $3, $4, $5)";
 
@@ -290,41 +292,8 @@ macro_rules! impl_admin_store {
             }
 
             async fn adjust_balance(&self, account_id: &str, amount: i64, note: &str) -> $crate::Result<i64> {
-                use $crate::admin::*;
-                check_adjustment(amount)?;
-                // Credits that running requests hold cannot be taken away.
-                let held = self.held_now(account_id);
-                let mut tx = self.$begin().await?;
-                let balance: Option<i64> = ::sqlx::query_scalar(ADJUST_BALANCE)
-                    .bind(account_id)
-                    .bind(amount)
-                    .bind(amount.saturating_neg().saturating_add(held))
-                    .bind(i64::MAX - amount.max(0))
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                let Some(balance) = balance else {
-                    let exists: bool = ::sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = $1)")
-                        .bind(account_id)
-                        .fetch_one(&mut *tx)
-                        .await?;
-                    return Err(if exists {
-                        $crate::StoreError::InvalidInput(
-                            "the adjustment would make the balance negative (or overflow it)".into(),
-                        )
-                    } else {
-                        $crate::StoreError::NotFound(format!("account {account_id}"))
-                    });
-                };
-                ::sqlx::query(INSERT_LEDGER)
-                    .bind(account_id)
-                    .bind($crate::LedgerKind::Adjust.as_str())
-                    .bind(amount)
-                    .bind(note)
-                    .bind($crate::now_millis())
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(balance - held)
+                $crate::admin::check_adjustment(amount)?;
+                self.adjust(account_id, amount, note).await
             }
 
             async fn ledger_page(

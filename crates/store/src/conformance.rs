@@ -46,6 +46,7 @@ macro_rules! conformance_tests {
             settle_to_own_account,
             usage_history_and_rollups,
             expired_holds,
+            holds_count_in_every_balance_shown,
             invariant_after_mixed_operations,
             concurrent_holds_and_settles,
             crossed_settlements,

@@ -46,11 +46,6 @@ impl PgStore {
         account
     }
 
-    /// Nothing is held outside the balance on PostgreSQL.
-    pub(crate) fn held_now(&self, _account_id: &str) -> i64 {
-        0
-    }
-
     /// Opens `postgres://…` and runs the migrations.
     pub async fn connect(url: &str) -> Result<Self> {
         Self::open(parse_url(url)?).await

@@ -535,7 +535,10 @@ impl Store for SqliteStore {
         if claim.is_some() {
             return Ok(());
         }
-        let mut lock_path = self.path.clone().into_os_string();
+        // One lock file per database, however its path was spelled.
+        let mut lock_path = std::fs::canonicalize(&self.path)
+            .unwrap_or_else(|_| self.path.clone())
+            .into_os_string();
         lock_path.push(".serving");
         let file = std::fs::OpenOptions::new()
             .create(true)

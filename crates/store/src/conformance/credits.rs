@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::{account_with, assert_invariant, balance, device_of, hold_of, key_of, usage_of};
-use crate::{day_of, HoldOutcome, LedgerKind, Service, SettleOutcome, Store, StoreError};
+use crate::{day_of, now_millis, HoldOutcome, LedgerKind, Service, SettleOutcome, Store, StoreError};
 
 pub async fn hold_and_release(s: Arc<dyn Store>) {
     let s = &*s;
@@ -401,4 +401,42 @@ pub async fn invariant_after_mixed_operations(s: Arc<dyn Store>) {
     assert_eq!(s.held_amount(&user.id).await.expect("held"), 0);
     assert_invariant(s, &user.id).await;
     assert_invariant(s, &provider.id).await;
+}
+
+/// Wherever a balance is shown, credits a running request holds are not in
+/// it, and an operator's debit cannot take them.
+pub async fn holds_count_in_every_balance_shown(s: Arc<dyn Store>) {
+    let s = &*s;
+    let a = account_with(s, "held-everywhere", 1_000).await;
+    let key = key_of(s, &a, "k", None).await;
+    assert_eq!(s.hold(hold_of("r1", &key, 600)).await.expect("hold"), HoldOutcome::Held);
+
+    assert_eq!(balance(s, &a.id).await, 400);
+    let listed = s.list_accounts().await.expect("list");
+    assert_eq!(listed.iter().find(|x| x.id == a.id).expect("listed").balance, 400);
+    let found = s.search_accounts("held-everywhere", 10).await.expect("search");
+    assert_eq!(found.first().expect("found").balance, 400);
+    let now = now_millis();
+    s.create_session("token-hash", &a.id, now, now + 60_000)
+        .await
+        .expect("session");
+    let session = s.session("token-hash", now).await.expect("read").expect("live");
+    assert_eq!(session.account.balance, 400);
+    assert_eq!(s.deposit(&a.id, 100, None).await.expect("deposit"), 500);
+
+    let refused = s.adjust_balance(&a.id, -501, "too much").await;
+    assert!(matches!(refused, Err(StoreError::InvalidInput(_))), "{refused:?}");
+    assert_eq!(
+        s.adjust_balance(&a.id, -500, "all that is free").await.expect("adjust"),
+        0
+    );
+    assert_eq!(
+        s.hold(hold_of("r2", &key, 1)).await.expect("hold"),
+        HoldOutcome::InsufficientBalance
+    );
+    assert_invariant(s, &a.id).await;
+
+    s.release("r1").await.expect("release");
+    assert_eq!(balance(s, &a.id).await, 600);
+    assert_invariant(s, &a.id).await;
 }

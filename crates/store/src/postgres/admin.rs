@@ -3,11 +3,46 @@
 //! `UPDATE`, so concurrent charges cannot slip under it.
 
 use super::PgStore;
-use crate::Result;
+use crate::admin::{ADJUST_BALANCE, INSERT_LEDGER};
+use crate::{LedgerKind, Result, StoreError};
 
 impl PgStore {
     pub(super) async fn begin_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
         Ok(self.pool.begin().await?)
+    }
+
+    /// See [`crate::AdminStore::adjust_balance`]; holds are already off the
+    /// balance here, so the `UPDATE`'s own check keeps them.
+    pub(crate) async fn adjust(&self, account_id: &str, amount: i64, note: &str) -> Result<i64> {
+        let mut tx = self.begin_tx().await?;
+        let balance: Option<i64> = sqlx::query_scalar(ADJUST_BALANCE)
+            .bind(account_id)
+            .bind(amount)
+            .bind(amount.saturating_neg())
+            .bind(i64::MAX - amount.max(0))
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(balance) = balance else {
+            let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = $1)")
+                .bind(account_id)
+                .fetch_one(&mut *tx)
+                .await?;
+            return Err(if exists {
+                StoreError::InvalidInput(crate::admin::ADJUST_REFUSED.into())
+            } else {
+                StoreError::NotFound(format!("account {account_id}"))
+            });
+        };
+        sqlx::query(INSERT_LEDGER)
+            .bind(account_id)
+            .bind(LedgerKind::Adjust.as_str())
+            .bind(amount)
+            .bind(note)
+            .bind(crate::now_millis())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(balance)
     }
 }
 

@@ -53,11 +53,23 @@ const QUIET_STREAK: usize = 32;
 enum Op {
     Hold(HoldRequest),
     Settle(Box<UsageRecord>),
+    Adjust(Box<Adjustment>),
 }
 
 enum Done {
     Hold(HoldOutcome),
     Settle(SettleOutcome),
+    /// The balance shown after an adjustment.
+    Adjusted(i64),
+}
+
+/// An operator's change to a balance. It runs here, under the connection's
+/// lock, because a debit must be checked against the holds in memory, and a
+/// hold may be placed at any moment without SQLite's write lock.
+struct Adjustment {
+    account_id: String,
+    amount: i64,
+    note: String,
 }
 
 struct Job {
@@ -200,6 +212,20 @@ impl CreditWriter {
         rules::check_hold(&hold)?;
         match self.submit(Op::Hold(hold)).await? {
             Done::Hold(outcome) => Ok(outcome),
+            _ => Err(mismatch()),
+        }
+    }
+
+    /// See [`crate::AdminStore::adjust_balance`]: refused when a debit would
+    /// leave less than the running requests hold.
+    pub(super) async fn adjust(&self, account_id: &str, amount: i64, note: &str) -> Result<i64> {
+        let adjustment = Adjustment {
+            account_id: account_id.to_string(),
+            amount,
+            note: note.to_string(),
+        };
+        match self.submit(Op::Adjust(Box::new(adjustment))).await? {
+            Done::Adjusted(balance) => Ok(balance),
             _ => Err(mismatch()),
         }
     }
@@ -369,7 +395,7 @@ fn begin(conn: &Connection, op: &Op) -> Result<()> {
     }
     match op {
         Op::Hold(_) => Ok(()),
-        Op::Settle(_) => exec(conn, "BEGIN IMMEDIATE"),
+        Op::Settle(_) | Op::Adjust(_) => exec(conn, "BEGIN IMMEDIATE"),
     }
 }
 
@@ -395,7 +421,33 @@ fn apply(conn: &Connection, shared: &Shared, op: &Op, undo: &mut Vec<Undo>) -> R
             shared.holds().place(hold, &standing, undo).map(Done::Hold)
         }
         Op::Settle(usage) => settle_one(conn, shared, usage, undo).map(Done::Settle),
+        Op::Adjust(adjustment) => adjust_one(conn, shared, adjustment).map(Done::Adjusted),
     }
+}
+
+/// Decides first (an unknown account or a refused amount writes nothing),
+/// then sets the balance and writes the ledger entry.
+fn adjust_one(conn: &Connection, shared: &Shared, a: &Adjustment) -> Result<i64> {
+    let balance = balance_of(conn, &a.account_id)?;
+    let held = shared.holds().held_by_account(&a.account_id);
+    let Some(adjusted) = balance
+        .checked_add(a.amount)
+        .filter(|&adjusted| a.amount > 0 || adjusted - held >= 0)
+    else {
+        return Err(StoreError::InvalidInput(crate::admin::ADJUST_REFUSED.into()));
+    };
+    add_to_balance(conn, &a.account_id, a.amount).map_err(after_write)?;
+    conn.prepare_cached(crate::admin::INSERT_LEDGER)
+        .map_err(db)?
+        .execute(params![
+            a.account_id,
+            LedgerKind::Adjust.as_str(),
+            a.amount,
+            a.note,
+            crate::now_millis()
+        ])
+        .map_err(db)?;
+    Ok(adjusted - held)
 }
 
 /// Reads what a hold is decided on. The hold itself is placed in memory

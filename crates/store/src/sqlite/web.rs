@@ -106,7 +106,11 @@ impl SqliteStore {
         .bind(now)
         .fetch_optional(&self.reader)
         .await?;
-        Ok(row.map(Session::from))
+        Ok(row.map(|row| {
+            let mut session = Session::from(row);
+            session.account = self.shown(session.account);
+            session
+        }))
     }
 
     pub(super) async fn delete_session_impl(&self, token_hash: &str) -> Result<bool> {
