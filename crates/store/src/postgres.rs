@@ -181,15 +181,7 @@ impl Store for PgStore {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(balance) = balance else {
-            let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = $1)")
-                .bind(account_id)
-                .fetch_one(&mut *tx)
-                .await?;
-            return Err(if exists {
-                StoreError::InvalidInput("deposit would overflow the balance".into())
-            } else {
-                StoreError::NotFound(format!("account {account_id}"))
-            });
+            return Err(refused_or_missing(&mut tx, account_id, "deposit would overflow the balance").await);
         };
         sqlx::query(
             "INSERT INTO ledger (account_id, kind, amount, note, created_at) \
@@ -562,5 +554,19 @@ impl Store for PgStore {
 
     async fn assignment(&self, device_id: &str) -> Result<Option<crate::StoredAssignment>> {
         self.assignment_impl(device_id).await
+    }
+}
+
+/// Why a guarded balance update changed no row: the account does not exist,
+/// or its guard refused the amount (`refused` says why).
+pub(crate) async fn refused_or_missing(conn: &mut sqlx::PgConnection, account_id: &str, refused: &str) -> StoreError {
+    match sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = $1)")
+        .bind(account_id)
+        .fetch_one(conn)
+        .await
+    {
+        Ok(true) => StoreError::InvalidInput(refused.into()),
+        Ok(false) => StoreError::NotFound(format!("account {account_id}")),
+        Err(e) => e.into(),
     }
 }

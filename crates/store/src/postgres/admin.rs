@@ -4,7 +4,7 @@
 
 use super::PgStore;
 use crate::admin::{ADJUST_BALANCE, INSERT_LEDGER};
-use crate::{LedgerKind, Result, StoreError};
+use crate::{LedgerKind, Result};
 
 impl PgStore {
     pub(super) async fn begin_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
@@ -23,15 +23,7 @@ impl PgStore {
             .fetch_optional(&mut *tx)
             .await?;
         let Some(balance) = balance else {
-            let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = $1)")
-                .bind(account_id)
-                .fetch_one(&mut *tx)
-                .await?;
-            return Err(if exists {
-                StoreError::InvalidInput(crate::admin::ADJUST_REFUSED.into())
-            } else {
-                StoreError::NotFound(format!("account {account_id}"))
-            });
+            return Err(super::refused_or_missing(&mut tx, account_id, crate::admin::ADJUST_REFUSED).await);
         };
         sqlx::query(INSERT_LEDGER)
             .bind(account_id)
