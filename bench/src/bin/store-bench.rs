@@ -155,12 +155,13 @@ async fn drive(
     for t in 0..concurrency {
         let (store, keys, device) = (store.clone(), keys.clone(), device.clone());
         let count = total / concurrency + usize::from(t < total % concurrency);
-        let prefix = format!("{prefix}-{t}");
+        let prefix = format!("{prefix}_");
         tasks.push(tokio::spawn(async move {
             let mut times = Vec::with_capacity(count);
             for i in 0..count {
                 let key = &keys[(t + i) % keys.len()];
-                let request_id = format!("{prefix}-{i}");
+                // Time-ordered, as the gateway makes them.
+                let request_id = cxmpute_store::ids::new_sorted_id(&prefix);
                 let began = Instant::now();
                 let held = store.hold(hold_of(&request_id, key, COST * 2)).await?;
                 if held != HoldOutcome::Held {

@@ -17,6 +17,7 @@ mod admin;
 mod credits;
 mod devices;
 mod holds;
+mod pending;
 mod referrals;
 mod web;
 

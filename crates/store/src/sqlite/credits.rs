@@ -15,8 +15,10 @@
 //! `synchronous = NORMAL`: a commit survives a process crash; an operating
 //! system crash may lose the last commits, as for every other write).
 //!
-//! Under load many jobs share one commit; at concurrency 1 each job has its
-//! own, and the cost is a few statements on a cached connection. At low
+//! Under load many jobs share one commit, and the counters they all add to
+//! (balances, key spend, daily roll-ups) are written once per commit rather
+//! than once per job (`pending.rs`); at concurrency 1 each job has its own,
+//! and the cost is a few statements on a cached connection. At low
 //! load (the job is the only one in progress, and so were the few before
 //! it) the caller runs its job itself on the same connection (behind a
 //! mutex) instead of handing it to the thread and waiting to be woken: that
@@ -33,9 +35,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
 use super::holds::{Holds, Standing, Undo};
-use crate::{
-    day_of, rules, HoldOutcome, HoldRequest, LedgerKind, Millis, Result, SettleOutcome, StoreError, UsageRecord,
-};
+use super::pending::Pending;
+use crate::{rules, HoldOutcome, HoldRequest, LedgerKind, Millis, Result, SettleOutcome, StoreError, UsageRecord};
 
 /// How long the writer waits for another connection's write to finish.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -132,6 +133,18 @@ impl Shared {
             >= CHECKPOINT_EVERY.as_millis() as u64
     }
 
+    fn new(conn: Connection) -> Self {
+        Shared {
+            conn: Mutex::new(conn),
+            holds: Mutex::new(Holds::default()),
+            active: AtomicUsize::new(0),
+            alone_streak: AtomicUsize::new(0),
+            checkpointed_ms: AtomicU64::new(0),
+            checkpoint_asked: AtomicBool::new(false),
+            epoch: Instant::now(),
+        }
+    }
+
     fn checkpoint(&self, conn: &Connection) {
         checkpoint(conn);
         self.checkpointed_ms.store(self.now_ms(), Ordering::Relaxed);
@@ -143,29 +156,8 @@ impl CreditWriter {
     /// Opens its own connection to `path` (which the sqlx pools opened and
     /// migrated already) and starts the thread.
     pub(super) fn start(path: &Path) -> Result<Self> {
-        let conn = Connection::open(path).map_err(db)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
-        // temp_store: statement journals stay in memory, not in a temp file.
-        conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY;")
-            .map_err(db)?;
-        conn.set_prepared_statement_cache_capacity(32);
-        // Checkpoints (copying the WAL back into the database file) would run
-        // inside a commit, stalling the whole batch; this thread runs them
-        // itself between batches instead (see `run`).
-        // The WAL restarts from its beginning after each full checkpoint; the
-        // size limit then trims what a burst left behind.
-        conn.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 16777216;")
-            .map_err(db)?;
+        let shared = Arc::new(Shared::new(open(path)?));
         let (jobs, rx) = mpsc::channel();
-        let shared = Arc::new(Shared {
-            conn: Mutex::new(conn),
-            holds: Mutex::new(Holds::default()),
-            active: AtomicUsize::new(0),
-            alone_streak: AtomicUsize::new(0),
-            checkpointed_ms: AtomicU64::new(0),
-            checkpoint_asked: AtomicBool::new(false),
-            epoch: Instant::now(),
-        });
         let thread_shared = shared.clone();
         std::thread::Builder::new()
             .name("cxmpute-credits".into())
@@ -278,6 +270,25 @@ impl Drop for Active<'_> {
     }
 }
 
+/// The writer's own connection to `path` (which the sqlx pools opened and
+/// migrated already).
+fn open(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path).map_err(db)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
+    // temp_store: statement journals stay in memory, not in a temp file.
+    conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY;")
+        .map_err(db)?;
+    conn.set_prepared_statement_cache_capacity(32);
+    // Checkpoints (copying the WAL back into the database file) would run
+    // inside a commit, stalling the whole batch; the writer thread runs them
+    // itself between batches instead (see `run`).
+    // The WAL restarts from its beginning after each full checkpoint; the
+    // size limit then trims what a burst left behind.
+    conn.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 16777216;")
+        .map_err(db)?;
+    Ok(conn)
+}
+
 fn stopped() -> StoreError {
     StoreError::Corrupt("the credit writer thread stopped".into())
 }
@@ -286,7 +297,7 @@ fn mismatch() -> StoreError {
     StoreError::Corrupt("the credit writer answered another kind of job".into())
 }
 
-fn db(e: rusqlite::Error) -> StoreError {
+pub(super) fn db(e: rusqlite::Error) -> StoreError {
     StoreError::Sqlite(e.to_string())
 }
 
@@ -294,6 +305,7 @@ fn run(shared: &Shared, rx: mpsc::Receiver<Option<Job>>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut results = Vec::with_capacity(MAX_BATCH);
     let mut undo = Vec::new();
+    let mut pending = Pending::default();
     while let Ok(first) = rx.recv() {
         // `None` is a checkpoint asked for by a caller that ran its job itself.
         let mut asked = first.is_none();
@@ -308,12 +320,13 @@ fn run(shared: &Shared, rx: mpsc::Receiver<Option<Job>>) {
             }
         }
         let conn = shared.lock();
-        if !batch.is_empty() && run_batch(&conn, shared, &batch, &mut results, &mut undo).is_err() {
+        if !batch.is_empty() && run_batch(&conn, shared, &batch, &mut results, &mut undo, &mut pending).is_err() {
             // One job broke the shared transaction (or the commit failed):
             // nothing of the batch happened. Run each job on its own, so only
             // the job at fault fails.
             let _ = exec(&conn, "ROLLBACK");
             shared.holds().undo(&mut undo);
+            pending.clear();
             results.clear();
             results.extend(batch.iter().map(|job| run_alone(&conn, shared, &job.op)));
         }
@@ -368,10 +381,11 @@ fn run_batch(
     batch: &[Job],
     results: &mut Vec<Result<Done>>,
     undo: &mut Vec<Undo>,
+    pending: &mut Pending,
 ) -> Result<()> {
     exec(conn, "BEGIN IMMEDIATE")?;
     for job in batch {
-        let result = apply(conn, shared, &job.op, undo);
+        let result = apply(conn, shared, &job.op, undo, pending);
         if let Err(e) = &result {
             if !is_clean(e) {
                 return Err(StoreError::Sqlite(e.to_string()));
@@ -379,6 +393,7 @@ fn run_batch(
         }
         results.push(result);
     }
+    pending.flush(conn)?;
     exec(conn, "COMMIT")
 }
 
@@ -402,11 +417,15 @@ fn begin(conn: &Connection, op: &Op) -> Result<()> {
 /// Runs `op` in the transaction [`begin`] started, then commits (or rolls back).
 fn finish_alone(conn: &Connection, shared: &Shared, op: &Op) -> Result<Done> {
     let mut undo = Vec::new();
-    let result = apply(conn, shared, op, &mut undo);
+    let mut pending = Pending::default();
+    let result = apply(conn, shared, op, &mut undo, &mut pending);
     if conn.is_autocommit() {
         return result;
     }
-    let committed = result.and_then(|done| exec(conn, "COMMIT").map(|()| done));
+    let committed = result.and_then(|done| {
+        pending.flush(conn)?;
+        exec(conn, "COMMIT").map(|()| done)
+    });
     if committed.is_err() {
         let _ = exec(conn, "ROLLBACK");
         shared.holds().undo(&mut undo);
@@ -414,21 +433,21 @@ fn finish_alone(conn: &Connection, shared: &Shared, op: &Op) -> Result<Done> {
     committed
 }
 
-fn apply(conn: &Connection, shared: &Shared, op: &Op, undo: &mut Vec<Undo>) -> Result<Done> {
+fn apply(conn: &Connection, shared: &Shared, op: &Op, undo: &mut Vec<Undo>, pending: &mut Pending) -> Result<Done> {
     match op {
         Op::Hold(hold) => {
-            let standing = standing(conn, hold)?;
+            let standing = standing(conn, hold, pending)?;
             shared.holds().place(hold, &standing, undo).map(Done::Hold)
         }
-        Op::Settle(usage) => settle_one(conn, shared, usage, undo).map(Done::Settle),
-        Op::Adjust(adjustment) => adjust_one(conn, shared, adjustment).map(Done::Adjusted),
+        Op::Settle(usage) => settle_one(conn, shared, usage, undo, pending).map(Done::Settle),
+        Op::Adjust(adjustment) => adjust_one(conn, shared, adjustment, pending).map(Done::Adjusted),
     }
 }
 
 /// Decides first (an unknown account or a refused amount writes nothing),
 /// then sets the balance and writes the ledger entry.
-fn adjust_one(conn: &Connection, shared: &Shared, a: &Adjustment) -> Result<i64> {
-    let balance = balance_of(conn, &a.account_id)?;
+fn adjust_one(conn: &Connection, shared: &Shared, a: &Adjustment, pending: &Pending) -> Result<i64> {
+    let balance = balance_of(conn, &a.account_id)? + pending.balance(&a.account_id);
     let held = shared.holds().held_by_account(&a.account_id);
     let Some(adjusted) = balance
         .checked_add(a.amount)
@@ -450,10 +469,10 @@ fn adjust_one(conn: &Connection, shared: &Shared, a: &Adjustment) -> Result<i64>
     Ok(adjusted - held)
 }
 
-/// Reads what a hold is decided on. The hold itself is placed in memory
-/// (`holds.rs`), under the connection's lock, so no write can come between
-/// this read and the decision.
-fn standing(conn: &Connection, hold: &HoldRequest) -> Result<Standing> {
+/// Reads what a hold is decided on (with what the transaction it runs in has
+/// yet to write). The hold itself is placed in memory (`holds.rs`), under the
+/// connection's lock, so no write can come between this read and the decision.
+fn standing(conn: &Connection, hold: &HoldRequest, pending: &Pending) -> Result<Standing> {
     conn.prepare_cached(
         "SELECT a.suspended, k.revoked_at IS NOT NULL, a.balance, k.credit_limit, k.spent \
          FROM accounts a JOIN api_keys k ON k.account_id = a.id WHERE a.id = ?1 AND k.id = ?2",
@@ -470,10 +489,15 @@ fn standing(conn: &Connection, hold: &HoldRequest) -> Result<Standing> {
     })
     .optional()
     .map_err(db)?
+    .map(|mut standing| {
+        standing.balance += pending.balance(&hold.account_id);
+        standing.spent += pending.spent(&hold.key_id);
+        standing
+    })
     .ok_or_else(|| StoreError::NotFound(format!("api key {} of account {}", hold.key_id, hold.account_id)))
 }
 
-fn add_to_balance(conn: &Connection, account_id: &str, amount: i64) -> Result<()> {
+pub(super) fn add_to_balance(conn: &Connection, account_id: &str, amount: i64) -> Result<()> {
     let done = conn
         .prepare_cached("UPDATE accounts SET balance = balance + ?2 WHERE id = ?1")
         .map_err(db)?
@@ -505,7 +529,7 @@ fn balance_of(conn: &Connection, account_id: &str) -> Result<i64> {
 }
 
 /// A "not found" once a job has written is no longer clean (see [`is_clean`]).
-fn after_write(e: StoreError) -> StoreError {
+pub(super) fn after_write(e: StoreError) -> StoreError {
     match e {
         StoreError::NotFound(what) => StoreError::Corrupt(format!("{what} vanished part-way through a job")),
         other => other,
@@ -515,10 +539,18 @@ fn after_write(e: StoreError) -> StoreError {
 /// See the crate docs: the usage record is the settlement's claim, so a
 /// second settle of the same request stops at the first statement. The hold
 /// leaves memory (undone should the transaction not commit); the balance
-/// only loses the charge, since it never lost the hold.
-fn settle_one(conn: &Connection, shared: &Shared, u: &UsageRecord, undo: &mut Vec<Undo>) -> Result<SettleOutcome> {
+/// only loses the charge, since it never lost the hold. The balances, the
+/// key's spend and the roll-up are added to in `pending`, written at the
+/// transaction's end.
+fn settle_one(
+    conn: &Connection,
+    shared: &Shared,
+    u: &UsageRecord,
+    undo: &mut Vec<Undo>,
+    pending: &mut Pending,
+) -> Result<SettleOutcome> {
     let reward = rules::payable_reward(u);
-    let balance = balance_of(conn, &u.account_id)?;
+    let balance = balance_of(conn, &u.account_id)? + pending.balance(&u.account_id);
     let inserted = conn
         .prepare_cached(
             "INSERT INTO usage_records (request_id, account_id, key_id, device_id, \
@@ -568,42 +600,136 @@ fn settle_one(conn: &Connection, shared: &Shared, u: &UsageRecord, undo: &mut Ve
             .map_err(db)?;
     }
     if charge > 0 {
-        add_to_balance(conn, &u.account_id, -charge).map_err(after_write)?;
         add_ledger(conn, u, &u.account_id, LedgerKind::Charge, -charge)?;
     }
-    conn.prepare_cached("UPDATE api_keys SET spent = spent + ?2, last_used_at = ?3 WHERE id = ?1")
-        .map_err(db)?
-        .execute(params![u.key_id, charge, u.created_at])
-        .map_err(db)?;
     if let (Some(provider), true) = (&u.provider_account_id, reward > 0) {
-        add_to_balance(conn, provider, reward).map_err(after_write)?;
         add_ledger(conn, u, provider, LedgerKind::Reward, reward)?;
     }
-    conn.prepare_cached(
-        "INSERT INTO daily_rollups (day, account_id, device_id, service, model, requests, \
-         errors, input_tokens, output_tokens, cost, reward) \
-         VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7, ?8, ?9, ?10) \
-         ON CONFLICT (day, account_id, device_id, service, model) DO UPDATE SET \
-         requests = daily_rollups.requests + 1, \
-         errors = daily_rollups.errors + excluded.errors, \
-         input_tokens = daily_rollups.input_tokens + excluded.input_tokens, \
-         output_tokens = daily_rollups.output_tokens + excluded.output_tokens, \
-         cost = daily_rollups.cost + excluded.cost, \
-         reward = daily_rollups.reward + excluded.reward",
-    )
-    .map_err(db)?
-    .execute(params![
-        day_of(u.created_at),
-        u.account_id,
-        u.device_id.as_deref().unwrap_or(""),
-        u.service.as_str(),
-        u.model,
-        rules::is_error(u.status),
-        u.input_tokens,
-        u.output_tokens,
-        charge,
-        reward
-    ])
-    .map_err(db)?;
+    pending.settled(u, charge, reward);
     Ok(SettleOutcome::Settled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::{account_with, hold_of, key_of, usage_of};
+    use crate::{SqliteStore, Store};
+
+    fn job(op: Op) -> Job {
+        let (reply, _) = oneshot::channel();
+        Job { op, reply }
+    }
+
+    fn settle(request_id: &str, key: &crate::ApiKey, cost: i64) -> Job {
+        job(Op::Settle(Box::new(usage_of(request_id, key, cost, 0, None))))
+    }
+
+    /// A store on a new file with an account of 1,000 credits, its key (with
+    /// `limit`), and a writer connection of its own that tests run jobs on.
+    async fn fixture(limit: Option<i64>) -> (tempfile::TempDir, SqliteStore, crate::ApiKey, Shared) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("credits.db");
+        let store = SqliteStore::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .expect("open");
+        let account = account_with(&store, "batch", 1_000).await;
+        let key = key_of(&store, &account, "batchkey", limit).await;
+        let shared = Shared::new(open(&path).expect("writer connection"));
+        (dir, store, key, shared)
+    }
+
+    /// Jobs in one transaction see what the jobs before them have yet to
+    /// write (the balance, the key's spend), and the commit writes it all.
+    #[tokio::test]
+    async fn jobs_in_one_batch_see_what_earlier_jobs_have_yet_to_write() {
+        let (_dir, store, key, shared) = fixture(Some(400)).await;
+        let account = store.account(&key.account_id).await.expect("read").expect("account");
+
+        let batch = vec![
+            // Charged directly (no hold): 300 of the 1,000.
+            settle("r1", &key, 300),
+            // 700 left, so 800 is refused; and the key's limit (400) has 100 left.
+            job(Op::Hold(hold_of("r2", &key, 800))),
+            job(Op::Hold(hold_of("r3", &key, 150))),
+            job(Op::Hold(hold_of("r4", &key, 100))),
+            // r4 holds 100 of the 700: a debit of 601 is refused, 600 passes.
+            job(Op::Adjust(Box::new(Adjustment {
+                account_id: account.id.clone(),
+                amount: -601,
+                note: "too much".into(),
+            }))),
+            job(Op::Adjust(Box::new(Adjustment {
+                account_id: account.id.clone(),
+                amount: -600,
+                note: "just enough".into(),
+            }))),
+            settle("r4", &key, 40),
+        ];
+        let (mut results, mut undo, mut pending) = (Vec::new(), Vec::new(), Pending::default());
+        run_batch(&shared.lock(), &shared, &batch, &mut results, &mut undo, &mut pending).expect("batch commits");
+
+        let outcomes: Vec<String> = results
+            .iter()
+            .map(|r| match r {
+                Ok(Done::Hold(h)) => format!("{h:?}"),
+                Ok(Done::Settle(s)) => format!("{s:?}"),
+                Ok(Done::Adjusted(balance)) => format!("balance {balance}"),
+                Err(e) => format!("error: {e}"),
+            })
+            .collect();
+        assert_eq!(outcomes[0], "Settled");
+        assert_eq!(outcomes[1], "InsufficientBalance");
+        assert_eq!(outcomes[2], "KeyLimitReached");
+        assert_eq!(outcomes[3], "Held");
+        assert!(outcomes[4].starts_with("error: "), "{outcomes:?}");
+        assert_eq!(outcomes[5], "balance 0");
+        assert_eq!(outcomes[6], "Settled");
+
+        // Committed: 1,000 - 300 - 600 - 40.
+        let stored = store.account(&account.id).await.expect("read").expect("account");
+        assert_eq!(stored.balance, 60);
+        let keys = store.api_keys(&account.id).await.expect("keys");
+        assert_eq!(keys[0].spent, 340);
+        let rollups = store
+            .rollups(&crate::day_of(crate::now_millis()))
+            .await
+            .expect("rollups");
+        let mine: Vec<_> = rollups.iter().filter(|r| r.account_id == account.id).collect();
+        assert_eq!(mine.len(), 1);
+        assert_eq!((mine[0].requests, mine[0].cost), (2, 340));
+        assert_eq!(
+            store
+                .ledger_sum(&account.id, crate::LedgerKind::Charge)
+                .await
+                .expect("sum"),
+            -340
+        );
+    }
+
+    /// A transaction that rolls back leaves nothing gathered for the next.
+    #[tokio::test]
+    async fn a_failed_batch_writes_nothing_it_gathered() {
+        let (_dir, store, key, shared) = fixture(None).await;
+        let account = store.account(&key.account_id).await.expect("read").expect("account");
+
+        // The second settlement names a provider account that does not
+        // exist: its ledger entry breaks the transaction after r1 wrote.
+        let mut ghost = usage_of("r2", &key, 10, 5, None);
+        ghost.provider_account_id = Some("no-such-account".into());
+        let batch = vec![settle("r1", &key, 100), job(Op::Settle(Box::new(ghost)))];
+        let (mut results, mut undo, mut pending) = (Vec::new(), Vec::new(), Pending::default());
+        let alone = {
+            let conn = shared.lock();
+            assert!(run_batch(&conn, &shared, &batch, &mut results, &mut undo, &mut pending).is_err());
+            exec(&conn, "ROLLBACK").expect("rollback");
+            pending.clear();
+            // The first job alone, as the writer reruns it.
+            run_alone(&conn, &shared, &batch[0].op)
+        };
+        assert!(matches!(alone, Ok(Done::Settle(SettleOutcome::Settled))));
+
+        let stored = store.account(&account.id).await.expect("read").expect("account");
+        assert_eq!(stored.balance, 900);
+        assert_eq!(store.api_keys(&account.id).await.expect("keys")[0].spent, 100);
+    }
 }
