@@ -5,7 +5,8 @@
 //! separate from the two HTTP hops around it.
 //!
 //! Reports requests/s, the latency of hold + settle, and the process's CPU
-//! time per request (and the SQLite credit writer thread's share). Every run
+//! time per request (and the SQLite credit writer thread's share; the kernel
+//! counts CPU time in 10 ms ticks, so runs should last seconds). Every run
 //! also checks its result: the account paid exactly what the ledger says.
 
 use std::path::PathBuf;
@@ -77,7 +78,9 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
     let tag = format!("{:x}", std::process::id());
     let provider = account_with(s, &format!("bench provider {tag}"), 0).await;
     let device = device_of(s, &provider, &format!("bench-device-{tag}")).await;
-    let start_balance = (args.requests as i64 + 1) * COST * 2;
+    // Enough for every request's charge, and for the holds of all tasks at once.
+    let warmup = args.concurrency.max(64);
+    let start_balance = ((args.requests + warmup) as i64) * COST + (args.concurrency as i64) * COST * 2;
     let mut keys = Vec::new();
     for i in 0..args.accounts {
         let account = account_with(s, &format!("bench user {tag} {i}"), start_balance).await;
@@ -87,7 +90,6 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
     let device = Arc::new(device);
 
     // Warm-up: caches, prepared statements, the WAL.
-    let warmup = args.concurrency.max(64);
     drive(
         &store,
         &keys,

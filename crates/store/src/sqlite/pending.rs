@@ -63,7 +63,7 @@ impl Pending {
         find(&self.keys, key_id).map_or(0, |&(_, (spent, _))| spent)
     }
 
-    pub(super) fn add_to_balance(&mut self, account_id: &str, amount: i64) {
+    fn add_to_balance(&mut self, account_id: &str, amount: i64) {
         match self.balances.iter_mut().find(|(id, _)| id == account_id) {
             Some((_, sum)) => *sum += amount,
             None => self.balances.push((account_id.to_string(), amount)),
