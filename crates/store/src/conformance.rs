@@ -44,6 +44,7 @@ macro_rules! conformance_tests {
             settle_is_idempotent,
             settle_without_hold,
             settle_to_own_account,
+            settle_to_missing_account,
             usage_history_and_rollups,
             expired_holds,
             holds_count_in_every_balance_shown,

@@ -256,6 +256,40 @@ pub async fn settle_to_own_account(s: Arc<dyn Store>) {
     assert_invariant(s, &both.id).await;
 }
 
+/// A settlement naming an account that does not exist fails and writes
+/// nothing: no record, no charge, the hold still there.
+pub async fn settle_to_missing_account(s: Arc<dyn Store>) {
+    let s = &*s;
+    let user = account_with(s, "user", 5_000).await;
+    let key = key_of(s, &user, "k", None).await;
+    let provider = account_with(s, "provider", 0).await;
+    let device = device_of(s, &provider, "dev_gone").await;
+
+    s.hold(hold_of("r1", &key, 2_000)).await.expect("hold");
+    let mut unpaid = usage_of("r1", &key, 1_000, 700, Some(&device));
+    unpaid.provider_account_id = Some("acct_nobody".to_string());
+    assert!(
+        s.settle(unpaid).await.is_err(),
+        "a reward to a missing account must fail"
+    );
+    let mut uncharged = usage_of("r1", &key, 1_000, 700, Some(&device));
+    uncharged.account_id = "acct_nobody".to_string();
+    assert!(
+        s.settle(uncharged).await.is_err(),
+        "a charge to a missing account must fail"
+    );
+
+    assert!(s.usage("r1").await.expect("usage").is_none());
+    assert_eq!(s.ledger_sum(&user.id, LedgerKind::Charge).await.expect("sum"), 0);
+    assert_eq!(balance(s, &provider.id).await, 0);
+    // The hold is untouched, so the real settlement still goes through.
+    let usage = usage_of("r1", &key, 1_000, 700, Some(&device));
+    assert_eq!(s.settle(usage).await.expect("settle"), SettleOutcome::Settled);
+    assert_eq!(balance(s, &user.id).await, 4_000);
+    assert_eq!(balance(s, &provider.id).await, 700);
+    assert_invariant(s, &user.id).await;
+}
+
 pub async fn usage_history_and_rollups(s: Arc<dyn Store>) {
     let s = &*s;
     let user = account_with(s, "user", 100_000).await;
