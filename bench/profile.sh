@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Profiles the gateway on the link path with perf: fake-upstream, a gateway on
-# SQLite and one linked node, loadgen at concurrency C for D seconds, and
+# SQLite (or the database DB_URL names) and one linked node, loadgen at concurrency C for D seconds, and
 # `perf record` on the gateway meanwhile. Prints requests/s, p50 latency, the
 # gateway's CPU per request, and perf's split by thread and by function.
 #
@@ -9,6 +9,8 @@
 #   GW_THREADS=1 PERF=0 bench/profile.sh    # the gateway's tokio runtime with one worker thread
 #   NODE_THREADS=1 PERF=0 bench/profile.sh  # the same for the node
 #   NODE_BIN=target/debug/cxmpute-provider bench/profile.sh   # a node binary from elsewhere
+#   DB_URL=postgres://postgres@127.0.0.1:5432/bench bench/profile.sh   # the gateway on PostgreSQL
+#                                           # (give it an empty database: it migrates it)
 #
 # Everything runs on 127.0.0.1 and stops on exit. Needs curl, jq, awk, and perf
 # unless PERF=0. The perf data and logs stay in the folder it prints.
@@ -49,7 +51,7 @@ url_in() { # file...: the first http://… address printed
 "$BIN/fake-upstream" --port 0 >"$TMP/up.out" 2>"$TMP/up.err" &
 UP=$(url_in "$TMP/up.out" "$TMP/up.err")
 env "${GW_ENV[@]}" CXMPUTE_ADMIN_TOKEN="$TOKEN" CXMPUTE_LOG=warn "$BIN/cxmpute-gateway" \
-    --database-url "sqlite://$TMP/gw.db" serve --listen 127.0.0.1:0 >"$TMP/gw.out" 2>"$TMP/gw.err" &
+    --database-url "${DB_URL:-sqlite://$TMP/gw.db}" serve --listen 127.0.0.1:0 >"$TMP/gw.out" 2>"$TMP/gw.err" &
 GW_PID=$!
 GW=$(url_in "$TMP/gw.out" "$TMP/gw.err")
 admin() {

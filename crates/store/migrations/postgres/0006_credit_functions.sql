@@ -1,9 +1,12 @@
 -- A hold and a settlement each run as one function call: one round trip, and
 -- the account row stays locked only while the server runs the function and
 -- commits, not across the eight or so round trips the gateway made before.
--- The rules are the ones crates/store/src/postgres/credits.rs documented:
--- a request's own rows first, then accounts in id order, then keys; every
--- check that guards a balance is part of the UPDATE that changes it.
+-- The rules are the ones crates/store/src/postgres/credits.rs documents:
+-- accounts in id order, then keys; every check that guards a balance is part
+-- of the UPDATE that changes it; a row that references an account or a key
+-- (hold, ledger entry) is written after that account or key was updated in
+-- the same transaction, so its foreign-key check finds a row version this
+-- transaction owns and adds no lock of its own.
 --
 -- Both return a word the store maps to its outcome. `p_reward` is the reward
 -- the store has already found payable (none without a provider account).
@@ -26,18 +29,11 @@ BEGIN
         RETURN 'refused';
     END IF;
 
-    INSERT INTO holds (request_id, account_id, key_id, amount, created_at, expires_at)
-    VALUES (p_request_id, p_account_id, p_key_id, p_amount, p_now, p_expires_at)
-    ON CONFLICT (request_id) DO NOTHING;
-    IF NOT FOUND THEN
-        RETURN 'conflict';
-    END IF;
-
-    -- A concurrent hold waits for this row and re-checks the balance it leaves.
+    -- The check and the debit are one statement: a concurrent hold waits for
+    -- this row and re-checks the balance it leaves.
     UPDATE accounts SET balance = balance - p_amount
     WHERE id = p_account_id AND balance >= p_amount;
     IF NOT FOUND THEN
-        DELETE FROM holds WHERE request_id = p_request_id;
         RETURN 'insufficient_balance';
     END IF;
 
@@ -46,8 +42,21 @@ BEGIN
     IF NOT FOUND THEN
         -- Undone in the same transaction, under the row lock taken above.
         UPDATE accounts SET balance = balance + p_amount WHERE id = p_account_id;
-        DELETE FROM holds WHERE request_id = p_request_id;
         RETURN 'key_limit_reached';
+    END IF;
+
+    -- The hold row comes last: its foreign keys then lock row versions this
+    -- transaction wrote itself. Inserted first, their KEY SHARE locks joined
+    -- the locks of whichever transaction was updating the account, making a
+    -- multixact of them on every hold, and one busy account managed about a
+    -- hundred requests per second through the gateway (decision 47).
+    INSERT INTO holds (request_id, account_id, key_id, amount, created_at, expires_at)
+    VALUES (p_request_id, p_account_id, p_key_id, p_amount, p_now, p_expires_at)
+    ON CONFLICT (request_id) DO NOTHING;
+    IF NOT FOUND THEN
+        UPDATE api_keys SET reserved = reserved - p_amount WHERE id = p_key_id;
+        UPDATE accounts SET balance = balance + p_amount WHERE id = p_account_id;
+        RETURN 'conflict';
     END IF;
     RETURN 'held';
 END

@@ -1,10 +1,14 @@
 //! Holds and settlement on PostgreSQL, where transactions of other requests
 //! (and other gateways) run concurrently.
 //!
-//! Lock order, to rule out deadlocks: a request's own rows (hold, usage record)
-//! first, then account rows in id order, then api key rows. Row locks are
-//! `FOR NO KEY UPDATE`, the lock an `UPDATE` takes anyway, so they do not
-//! collide with the key-share locks foreign-key checks take on parents.
+//! Lock order, to rule out deadlocks: account rows in id order, then api key
+//! rows. Row locks are `FOR NO KEY UPDATE`, the lock an `UPDATE` takes
+//! anyway, so they do not collide with the key-share locks foreign-key checks
+//! take on parents. A hold or ledger row is inserted only after its account
+//! (and key) were updated in the same transaction: its foreign-key check then
+//! locks a row version of this transaction's own. Inserted before, the check's
+//! lock joined the lock of the transaction updating the account, as a
+//! multixact, on every request of a busy account (decision 47).
 //!
 //! A hold and a settlement are functions in the database
 //! (`migrations/postgres/0006_credit_functions.sql`), each called in one
