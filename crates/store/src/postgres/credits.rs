@@ -51,7 +51,7 @@ impl PgStore {
     }
 
     /// Returns whether there was a hold to release. One statement: the hold's
-    /// row, then its account, then its key, as everywhere.
+    /// row, then its account, then its key.
     pub(super) async fn release_one(&self, request_id: &str) -> Result<bool> {
         // Each step reads the one before, which fixes the order the rows are
         // locked in; a data-modifying WITH runs to completion even unread.
