@@ -49,6 +49,8 @@ pub(crate) fn is_error(status: i32) -> i64 {
 
 /// The charge actually taken: the cost, but never more than the balance
 /// (only possible when the hold is gone), since balances may not go negative.
+/// PostgreSQL's `cx_settle` (migration 0006) applies the same rule in SQL, on
+/// the balance it reads under the row lock.
 pub(crate) fn clamp_charge(cost: i64, balance: i64) -> i64 {
     cost.min(balance.max(0))
 }

@@ -9,7 +9,10 @@
 -- transaction owns and adds no lock of its own.
 --
 -- Both return a word the store maps to its outcome. `p_reward` is the reward
--- the store has already found payable (none without a provider account).
+-- the store has already found payable (none without a provider account) and
+-- `p_error` whether the roll-up counts an error (`rules::is_error`). Only the
+-- clamp of the charge to the balance is restated here, since it needs the
+-- balance read under the row lock (`rules::clamp_charge`).
 
 CREATE FUNCTION cx_hold(
     p_request_id TEXT, p_account_id TEXT, p_key_id TEXT,
@@ -67,7 +70,7 @@ CREATE FUNCTION cx_settle(
     p_provider_account_id TEXT, p_provision_id TEXT, p_service TEXT, p_model TEXT,
     p_input_tokens BIGINT, p_output_tokens BIGINT, p_characters BIGINT, p_pages BIGINT,
     p_latency_ms BIGINT, p_ttfb_ms BIGINT, p_status INTEGER, p_cost BIGINT,
-    p_reward BIGINT, p_created_at BIGINT, p_day TEXT
+    p_reward BIGINT, p_created_at BIGINT, p_day TEXT, p_error BIGINT
 ) RETURNS TEXT LANGUAGE plpgsql AS $$
 DECLARE
     v_hold_account TEXT;
@@ -145,7 +148,7 @@ BEGIN
     INSERT INTO daily_rollups (day, account_id, device_id, service, model, requests,
         errors, input_tokens, output_tokens, cost, reward)
     VALUES (p_day, p_account_id, COALESCE(p_device_id, ''), p_service, p_model, 1,
-        CASE WHEN p_status >= 400 THEN 1 ELSE 0 END, p_input_tokens, p_output_tokens,
+        p_error, p_input_tokens, p_output_tokens,
         v_charge, p_reward)
     ON CONFLICT (day, account_id, device_id, service, model) DO UPDATE SET
         requests = daily_rollups.requests + 1,

@@ -88,7 +88,7 @@ impl PgStore {
     pub(super) async fn settle_once(&self, u: &UsageRecord) -> Result<SettleOutcome> {
         rules::check_usage(u)?;
         let outcome: String = sqlx::query_scalar(
-            "SELECT cx_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
+            "SELECT cx_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
         )
         .bind(&u.request_id)
         .bind(&u.account_id)
@@ -109,6 +109,7 @@ impl PgStore {
         .bind(rules::payable_reward(u))
         .bind(u.created_at)
         .bind(day_of(u.created_at))
+        .bind(rules::is_error(u.status))
         .fetch_one(&self.pool)
         .await
         .map_err(not_found_raised)?;
