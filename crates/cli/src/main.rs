@@ -15,6 +15,10 @@ use cxmpute_provider::NodeConfig;
 use cxmpute_store::Store;
 use tokio_util::sync::CancellationToken;
 
+// Allocation is on every request's path; see docs/benchmarks.md, "Allocator".
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "cxmpute", version, about = "cxmpute: pooled AI compute")]
 struct Cli {

@@ -21,6 +21,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ParseError> {
             param: None,
         });
     }
+    // Well-formed bodies (nearly all) take the plain parser; only a failure
+    // pays for parsing again with the path tracked, to name the field at fault.
+    if let Ok(v) = serde_json::from_slice::<T>(bytes) {
+        return Ok(v);
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     match serde_path_to_error::deserialize::<_, T>(de) {
         Ok(v) => Ok(v),

@@ -10,6 +10,10 @@ use clap::{Args, Parser, Subcommand};
 use cxmpute_provider::{credentials, NodeConfig};
 use tokio_util::sync::CancellationToken;
 
+// Allocation is on every request's path; see docs/benchmarks.md, "Allocator".
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "cxmpute-provider", version, about = "A cxmpute provider node")]
 struct Cli {
