@@ -11,6 +11,9 @@
 #   NODE_BIN=target/debug/cxmpute-provider bench/profile.sh   # a node binary from elsewhere
 #   DB_URL=postgres://postgres@127.0.0.1:5432/bench bench/profile.sh   # the gateway on PostgreSQL
 #                                           # (give it an empty database: it migrates it)
+#   CALLGRIND=1 N=3000 C=16 bench/profile.sh   # instructions the gateway runs per request, counted by
+#                                           # valgrind (steady on a busy machine; no perf)
+#   CALLGRIND=node N=3000 C=16 bench/profile.sh  # the same for the node
 #
 # Everything runs on 127.0.0.1 and stops on exit. Needs curl, jq, awk, and perf
 # unless PERF=0. The perf data and logs stay in the folder it prints.
@@ -30,10 +33,23 @@ if [[ ${BENCH_BUILD:-1} != 0 ]]; then
     (cd "$ROOT" && cargo build --release -p cxmpute-gateway -p cxmpute-provider -p cxmpute-bench) >&2
 fi
 for tool in curl jq awk; do command -v "$tool" >/dev/null || { echo "profile.sh: needs $tool" >&2; exit 1; }; done
+CALLGRIND=${CALLGRIND:-0}
+GW_WRAP=()
+NODE_WRAP=()
+if [[ $CALLGRIND != 0 ]]; then
+    PERF=0
+    command -v callgrind_control >/dev/null || { echo "profile.sh: needs valgrind for CALLGRIND=1" >&2; exit 1; }
+fi
 [[ $PERF == 0 ]] || command -v perf >/dev/null || { echo "profile.sh: needs perf (or PERF=0)" >&2; exit 1; }
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/cxmpute-profile.XXXXXX")
 TOKEN=profile-admin-token-$RANDOM$RANDOM
+GRIND=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$TMP/callgrind.out")
+case $CALLGRIND in
+0) ;;
+node) NODE_WRAP=("${GRIND[@]}") ;;
+*) GW_WRAP=("${GRIND[@]}") ;;
+esac
 cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
@@ -50,7 +66,7 @@ url_in() { # file...: the first http://… address printed
 
 "$BIN/fake-upstream" --port 0 >"$TMP/up.out" 2>"$TMP/up.err" &
 UP=$(url_in "$TMP/up.out" "$TMP/up.err")
-env "${GW_ENV[@]}" CXMPUTE_ADMIN_TOKEN="$TOKEN" CXMPUTE_LOG=warn "$BIN/cxmpute-gateway" \
+env "${GW_ENV[@]}" CXMPUTE_ADMIN_TOKEN="$TOKEN" CXMPUTE_LOG=warn "${GW_WRAP[@]}" "$BIN/cxmpute-gateway" \
     --database-url "${DB_URL:-sqlite://$TMP/gw.db}" serve --listen 127.0.0.1:0 >"$TMP/gw.out" 2>"$TMP/gw.err" &
 GW_PID=$!
 GW=$(url_in "$TMP/gw.out" "$TMP/gw.err")
@@ -64,10 +80,11 @@ admin POST "/admin/accounts/$user/deposit" '{"amount":9000000000000000000}' >/de
 KEY=$(admin POST "/admin/accounts/$user/keys" '{"name":"profile"}' | jq -r .key)
 provider=$(admin POST /admin/accounts '{"name":"profile-provider"}' | jq -r .id)
 CRED=$(admin POST "/admin/accounts/$provider/devices" '{"name":"profile-node"}' | jq -r .credential)
-env "${NODE_ENV[@]}" CXMPUTE_CREDENTIAL="$CRED" CXMPUTE_LOG=warn "$NODE_BIN" start --gateway "$GW" \
+env "${NODE_ENV[@]}" CXMPUTE_CREDENTIAL="$CRED" CXMPUTE_LOG=warn "${NODE_WRAP[@]}" "$NODE_BIN" start --gateway "$GW" \
     --upstream "$UP/v1" --no-embeddings --no-chat --no-speech --no-scrape --max-concurrency 1024 \
     >"$TMP/node.out" 2>"$TMP/node.err" &
-for ((i = 0; i < 100; i++)); do
+NODE_PID=$!
+for ((i = 0; i < 300; i++)); do
     curl -sS "$GW/v1/models" | jq -e '.data[] | select(.id == "fake-chat" and .providers == 1)' >/dev/null 2>&1 && break
     sleep 0.1
 done
@@ -75,19 +92,43 @@ echo '{"model":"fake-chat","max_tokens":4,"messages":[{"role":"user","content":"
 LG=("$BIN/loadgen" --url "$GW/v1/chat/completions" -H "Authorization: Bearer $KEY" --body-file "$TMP/body.json" -c "$C")
 "${LG[@]}" -n 3000 >/dev/null # warm-up
 
-ticks() { awk '{ print $14 + $15 }' "/proc/$GW_PID/stat"; }
+if [[ $CALLGRIND != 0 ]]; then
+    N=${N:-3000}
+    who=gateway
+    GRIND_PID=$GW_PID
+    [[ $CALLGRIND != node ]] || { who=node; GRIND_PID=$NODE_PID; }
+    callgrind_control -i on "$GRIND_PID" >/dev/null
+    "${LG[@]}" -n "$N" --json >"$TMP/loadgen.json"
+    callgrind_control -i off "$GRIND_PID" >/dev/null
+    callgrind_control -d "$GRIND_PID" >/dev/null
+    ok=$(jq '.ok' "$TMP/loadgen.json")
+    ir=
+    for _ in $(seq 300); do # the dump is written while the gateway runs on
+        sleep 0.2
+        ir=$(callgrind_annotate "$TMP/callgrind.out.1" 2>/dev/null | awk '/PROGRAM TOTALS/ && !t { gsub(",", "", $1); t = $1 } END { print t }')
+        [[ -z $ir ]] || break
+    done
+    [[ -n $ir ]] || { echo "profile.sh: callgrind wrote no profile" >&2; exit 1; }
+    echo "concurrency $C: $N requests ($ok answered 2xx), $who instructions $ir, $((ir / N)) per request"
+    echo "per function: callgrind_annotate $TMP/callgrind.out.1"
+    exit 0
+fi
+ticks() { awk '{ print $14 + $15 }' "/proc/${1:-$GW_PID}/stat"; }
 t0=$(ticks)
+n0=$(ticks "$NODE_PID")
 if [[ $PERF != 0 ]]; then
     perf record -F 2000 -g --call-graph dwarf,16384 -p "$GW_PID" -o "$TMP/perf.data" -- sleep "$D" >/dev/null 2>&1 &
     PERF_PID=$!
 fi
 "${LG[@]}" --json --duration-secs "$D" >"$TMP/loadgen.json"
 t1=$(ticks)
+n1=$(ticks "$NODE_PID")
 [[ $PERF == 0 ]] || wait "$PERF_PID" || true
 n=$(jq .requests "$TMP/loadgen.json")
 hz=$(getconf CLK_TCK)
 echo "concurrency $C: $n requests, $(jq -r '.rps | floor' "$TMP/loadgen.json") requests/s," \
-    "p50 $(jq .latency_us.p50 "$TMP/loadgen.json") us, gateway CPU $(((t1 - t0) * 1000000 / hz / (n > 0 ? n : 1))) us per request"
+    "p50 $(jq .latency_us.p50 "$TMP/loadgen.json") us, gateway CPU $(((t1 - t0) * 1000000 / hz / (n > 0 ? n : 1))) us per request," \
+    "node CPU $(((n1 - n0) * 1000000 / hz / (n > 0 ? n : 1))) us per request"
 if [[ $PERF != 0 ]]; then
     echo "-- gateway CPU by thread"
     perf report -i "$TMP/perf.data" --no-children --sort comm -g none --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -5
