@@ -15,7 +15,7 @@ use cxmpute_provider::NodeConfig;
 use cxmpute_store::Store;
 use tokio_util::sync::CancellationToken;
 
-// Allocation is on every request's path; see docs/benchmarks.md, "Allocator".
+// Allocation is on every request's path (decision 48, docs/decisions.md).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -9,10 +9,6 @@ use clap::{Args, Parser, Subcommand};
 use cxmpute_gateway::auth::{self, KeyOptions};
 use cxmpute_gateway::Config;
 
-// Allocation is on every request's path; see docs/benchmarks.md, "Allocator".
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(name = "cxmpute-gateway", version, about = "The cxmpute gateway")]
 struct Cli {

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use cxmpute_provider::{credentials, NodeConfig};
 use tokio_util::sync::CancellationToken;
 
-// Allocation is on every request's path; see docs/benchmarks.md, "Allocator".
+// Allocation is on every request's path (decision 48, docs/decisions.md).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
