@@ -27,8 +27,8 @@ pub struct Upstream {
     /// Requests to an `http://` upstream (the usual local server) go through a
     /// bare HTTP/1.1 client: reqwest parses the URL three times per request
     /// (its redirect layer included), about a sixth of the node's CPU under
-    /// load (docs/benchmarks.md, "The node's pass-through"). `https://` keeps
-    /// reqwest and its TLS.
+    /// load (docs/benchmarks.md, "Allocator and the node's pass-through";
+    /// decision 49). `https://` keeps reqwest and its TLS.
     plain: Option<Client<HttpConnector, Full<Bytes>>>,
     pub offers: Vec<Offer>,
 }
