@@ -52,6 +52,7 @@ macro_rules! conformance_tests {
             concurrent_holds_and_settles,
             crossed_settlements,
             concurrent_double_settle,
+            failures_among_concurrent_settlements,
             login_codes,
             concurrent_code_checks,
             sessions,

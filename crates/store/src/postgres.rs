@@ -8,6 +8,7 @@
 //! still fail with a serialization failure or deadlock, it is retried.
 
 mod admin;
+mod batch;
 mod credits;
 mod devices;
 mod referrals;
@@ -38,6 +39,8 @@ const ATTEMPTS: u32 = 5;
 
 pub struct PgStore {
     pool: PgPool,
+    /// Holds and settlements, sent to the server in batches (decision 50).
+    credits: batch::Batcher,
 }
 
 impl PgStore {
@@ -72,7 +75,8 @@ impl PgStore {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(PgStore { pool })
+        let credits = batch::Batcher::start(&pool);
+        Ok(PgStore { pool, credits })
     }
 }
 
@@ -392,7 +396,7 @@ impl Store for PgStore {
     }
 
     async fn hold(&self, hold: HoldRequest) -> Result<HoldOutcome> {
-        retrying(|| self.hold_once(&hold)).await
+        self.credits.hold(hold).await
     }
 
     async fn release(&self, request_id: &str) -> Result<()> {
@@ -400,7 +404,7 @@ impl Store for PgStore {
     }
 
     async fn settle(&self, usage: UsageRecord) -> Result<SettleOutcome> {
-        retrying(|| self.settle_once(&usage)).await
+        self.credits.settle(usage).await
     }
 
     async fn release_expired_holds(&self, now: Millis) -> Result<u64> {

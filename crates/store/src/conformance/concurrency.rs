@@ -126,3 +126,49 @@ pub async fn concurrent_double_settle(s: Arc<dyn Store>) {
     assert_invariant(&*s, &user.id).await;
     assert_invariant(&*s, &provider.id).await;
 }
+
+/// Settlements that fail (a reward to a missing account) arrive among many
+/// good ones at once: each bad one fails alone, every good one is settled,
+/// and nothing of the bad ones is written. A backend that commits jobs in
+/// groups must not let one job's failure spoil or duplicate the others.
+pub async fn failures_among_concurrent_settlements(s: Arc<dyn Store>) {
+    let user = account_with(&*s, "user", 100_000).await;
+    let provider = account_with(&*s, "provider", 0).await;
+    let key = key_of(&*s, &user, "k", None).await;
+    let device = device_of(&*s, &provider, "dev_1").await;
+    for i in 0..60 {
+        let held = s.hold(hold_of(&format!("r{i}"), &key, 1_000)).await.expect("hold");
+        assert_eq!(held, HoldOutcome::Held);
+    }
+
+    let tasks = (0..60)
+        .map(|i| {
+            let s = s.clone();
+            let mut usage = usage_of(&format!("r{i}"), &key, 600, 300, Some(&device));
+            if i % 20 == 7 {
+                usage.provider_account_id = Some("acct_nobody".to_string());
+            }
+            tokio::spawn(async move { (i, s.settle(usage).await) })
+        })
+        .collect::<Vec<_>>();
+    for task in tasks {
+        let (i, outcome) = task.await.expect("task panicked");
+        if i % 20 == 7 {
+            assert!(outcome.is_err(), "r{i}: a reward to a missing account must fail");
+            assert!(s.usage(&format!("r{i}")).await.expect("usage").is_none());
+        } else {
+            assert_eq!(outcome.expect("settle"), SettleOutcome::Settled, "r{i}");
+        }
+    }
+
+    // 57 settled at 600 each; the 3 failed holds are still held.
+    assert_eq!(s.held_amount(&user.id).await.expect("held"), 3 * 1_000);
+    assert_eq!(balance(&*s, &user.id).await, 100_000 - 57 * 600 - 3 * 1_000);
+    assert_eq!(balance(&*s, &provider.id).await, 57 * 300);
+    assert_eq!(
+        s.ledger_sum(&user.id, LedgerKind::Charge).await.expect("sum"),
+        -57 * 600
+    );
+    assert_invariant(&*s, &user.id).await;
+    assert_invariant(&*s, &provider.id).await;
+}

@@ -16,40 +16,12 @@
 //! locked until the commit, so the time between the lock and the commit is
 //! what bounds one account's requests per second across all gateways.
 
+use sqlx::PgPool;
+
 use super::{retrying, PgStore};
 use crate::{day_of, now_millis, rules, HoldOutcome, HoldRequest, Result, SettleOutcome, StoreError, UsageRecord};
 
 impl PgStore {
-    /// One call of `cx_hold` (migration 0006): one round trip and one short
-    /// transaction, so a busy account's row is locked for as little as possible.
-    pub(super) async fn hold_once(&self, hold: &HoldRequest) -> Result<HoldOutcome> {
-        rules::check_hold(hold)?;
-        let outcome: String = sqlx::query_scalar("SELECT cx_hold($1, $2, $3, $4, $5, $6)")
-            .bind(&hold.request_id)
-            .bind(&hold.account_id)
-            .bind(&hold.key_id)
-            .bind(hold.amount)
-            .bind(now_millis())
-            .bind(hold.expires_at)
-            .fetch_one(&self.pool)
-            .await?;
-        match outcome.as_str() {
-            "held" => Ok(HoldOutcome::Held),
-            "insufficient_balance" => Ok(HoldOutcome::InsufficientBalance),
-            "key_limit_reached" => Ok(HoldOutcome::KeyLimitReached),
-            "refused" => Ok(HoldOutcome::Refused),
-            "not_found" => Err(StoreError::NotFound(format!(
-                "api key {} of account {}",
-                hold.key_id, hold.account_id
-            ))),
-            "conflict" => Err(StoreError::Conflict(format!(
-                "request {} already holds credits",
-                hold.request_id
-            ))),
-            other => Err(unexpected("cx_hold", other)),
-        }
-    }
-
     /// Returns whether there was a hold to release. One statement: the hold's
     /// row, then its account, then its key.
     pub(super) async fn release_one(&self, request_id: &str) -> Result<bool> {
@@ -81,55 +53,94 @@ impl PgStore {
         }
         Ok(released)
     }
+}
 
-    /// One call of `cx_settle` (migration 0006): the usage record, the hold's
-    /// return, the charge, the key's spend, the reward, both ledger entries and
-    /// the roll-up in one round trip and one transaction.
-    pub(super) async fn settle_once(&self, u: &UsageRecord) -> Result<SettleOutcome> {
-        rules::check_usage(u)?;
-        let outcome: String = sqlx::query_scalar(
-            "SELECT cx_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
-        )
-        .bind(&u.request_id)
-        .bind(&u.account_id)
-        .bind(&u.key_id)
-        .bind(&u.device_id)
-        .bind(&u.provider_account_id)
-        .bind(&u.provision_id)
-        .bind(u.service.as_str())
-        .bind(&u.model)
-        .bind(u.input_tokens)
-        .bind(u.output_tokens)
-        .bind(u.characters)
-        .bind(u.pages)
-        .bind(u.latency_ms)
-        .bind(u.ttfb_ms)
-        .bind(u.status)
-        .bind(u.cost)
-        .bind(rules::payable_reward(u))
-        .bind(u.created_at)
-        .bind(day_of(u.created_at))
-        .bind(rules::is_error(u.status))
-        .fetch_one(&self.pool)
-        .await
-        .map_err(not_found_raised)?;
-        match outcome.as_str() {
-            "settled" => Ok(SettleOutcome::Settled),
-            "already_settled" => Ok(SettleOutcome::AlreadySettled),
-            other => Err(unexpected("cx_settle", other)),
-        }
+/// One call of `cx_hold` (migration 0006): one round trip and one short
+/// transaction. Used for a hold that is alone in its batch (`batch.rs`).
+pub(super) async fn hold_once(pool: &PgPool, hold: &HoldRequest) -> Result<HoldOutcome> {
+    let outcome: String = sqlx::query_scalar("SELECT cx_hold($1, $2, $3, $4, $5, $6)")
+        .bind(&hold.request_id)
+        .bind(&hold.account_id)
+        .bind(&hold.key_id)
+        .bind(hold.amount)
+        .bind(now_millis())
+        .bind(hold.expires_at)
+        .fetch_one(pool)
+        .await?;
+    hold_answer(hold, &outcome)
+}
+
+/// One call of `cx_settle` (migration 0006): the usage record, the hold's
+/// return, the charge, the key's spend, the reward, both ledger entries and
+/// the roll-up in one round trip and one transaction. Used for a settlement
+/// that is alone in its batch (`batch.rs`).
+pub(super) async fn settle_once(pool: &PgPool, u: &UsageRecord) -> Result<SettleOutcome> {
+    let outcome: String = sqlx::query_scalar(
+        "SELECT cx_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
+    )
+    .bind(&u.request_id)
+    .bind(&u.account_id)
+    .bind(&u.key_id)
+    .bind(&u.device_id)
+    .bind(&u.provider_account_id)
+    .bind(&u.provision_id)
+    .bind(u.service.as_str())
+    .bind(&u.model)
+    .bind(u.input_tokens)
+    .bind(u.output_tokens)
+    .bind(u.characters)
+    .bind(u.pages)
+    .bind(u.latency_ms)
+    .bind(u.ttfb_ms)
+    .bind(u.status)
+    .bind(u.cost)
+    .bind(rules::payable_reward(u))
+    .bind(u.created_at)
+    .bind(day_of(u.created_at))
+    .bind(rules::is_error(u.status))
+    .fetch_one(pool)
+    .await
+    .map_err(not_found_raised)?;
+    settle_answer(&outcome)
+}
+
+/// What a word of `cx_hold` means for `hold`.
+pub(super) fn hold_answer(hold: &HoldRequest, word: &str) -> Result<HoldOutcome> {
+    match word {
+        "held" => Ok(HoldOutcome::Held),
+        "insufficient_balance" => Ok(HoldOutcome::InsufficientBalance),
+        "key_limit_reached" => Ok(HoldOutcome::KeyLimitReached),
+        "refused" => Ok(HoldOutcome::Refused),
+        "not_found" => Err(StoreError::NotFound(format!(
+            "api key {} of account {}",
+            hold.key_id, hold.account_id
+        ))),
+        "conflict" => Err(StoreError::Conflict(format!(
+            "request {} already holds credits",
+            hold.request_id
+        ))),
+        other => Err(unexpected("cx_hold", other)),
+    }
+}
+
+/// What a word of `cx_settle` means.
+pub(super) fn settle_answer(word: &str) -> Result<SettleOutcome> {
+    match word {
+        "settled" => Ok(SettleOutcome::Settled),
+        "already_settled" => Ok(SettleOutcome::AlreadySettled),
+        other => Err(unexpected("cx_settle", other)),
     }
 }
 
 /// `cx_settle` raises `no_data_found` (P0002) with the missing row as message.
-fn not_found_raised(err: sqlx::Error) -> StoreError {
+pub(super) fn not_found_raised(err: sqlx::Error) -> StoreError {
     match err.as_database_error() {
         Some(db) if db.code().as_deref() == Some("P0002") => StoreError::NotFound(db.message().to_owned()),
         _ => err.into(),
     }
 }
 
-fn unexpected(function: &str, answer: &str) -> StoreError {
+pub(super) fn unexpected(function: &str, answer: &str) -> StoreError {
     StoreError::Database(sqlx::Error::Protocol(format!(
         "{function} answered {answer:?}, which this gateway does not know"
     )))
