@@ -80,11 +80,40 @@ struct Billing {
     provision: Option<Arc<Provision>>,
 }
 
+/// A settlement under way; resolves to whether it committed. It runs in the
+/// caller's task, where at low load it finishes on its first poll (SQLite runs
+/// the job right there), with no task to spawn and no wake-up between tasks.
+/// Dropped before it finished (the client left mid-settlement), it moves to a
+/// task of its own, so the transaction is never cancelled half-way.
+struct Settlement(Option<Pin<Box<dyn Future<Output = bool> + Send>>>);
+
+impl Future for Settlement {
+    type Output = bool;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
+        let Some(settling) = self.0.as_mut() else {
+            return Poll::Ready(false);
+        };
+        let committed = std::task::ready!(settling.as_mut().poll(cx));
+        self.0 = None;
+        Poll::Ready(committed)
+    }
+}
+
+impl Drop for Settlement {
+    fn drop(&mut self) {
+        if let Some(settling) = self.0.take() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(settling);
+            }
+        }
+    }
+}
+
 impl Billing {
-    /// Settles in a task of its own, so a client leaving mid-settlement cannot
-    /// cancel the transaction; resolves to whether it committed.
-    fn settle(self, seen: Observed, status: u16) -> tokio::task::JoinHandle<bool> {
-        tokio::spawn(async move {
+    /// The settlement of this request (see [`Settlement`]).
+    fn settle(self, seen: Observed, status: u16) -> Settlement {
+        Settlement(Some(Box::pin(async move {
             let pricing = &*self.pricing;
             let chargeable = (200..300).contains(&status) || status == 499;
             let units = billing::units(self.service, &self.bounds, &seen);
@@ -132,7 +161,7 @@ impl Billing {
                     false
                 }
             }
-        })
+        })))
     }
 }
 
@@ -368,7 +397,7 @@ enum Then {
 
 enum Phase {
     Streaming,
-    Settling(tokio::task::JoinHandle<bool>, Option<Then>),
+    Settling(Settlement, Option<Then>),
     Tail(Option<Bytes>),
     Failed,
     Done,
@@ -440,10 +469,10 @@ impl HttpBody for MeteredBody {
                         this.begin_settle(status, Then::Tail(tail));
                     }
                 },
-                Phase::Settling(handle, then) => {
-                    let committed = match Pin::new(handle).poll(cx) {
+                Phase::Settling(settlement, then) => {
+                    let committed = match Pin::new(settlement).poll(cx) {
                         Poll::Pending => return Poll::Pending,
-                        Poll::Ready(r) => r.unwrap_or(false),
+                        Poll::Ready(committed) => committed,
                     };
                     let then = then.take();
                     this.phase = match (committed, then) {
@@ -479,9 +508,53 @@ impl Drop for MeteredBody {
         // The client went away before the end: the node's stream is dropped with
         // us (which cancels it upstream); charge what was delivered so far.
         if let Some(bill) = self.bill.take() {
-            if tokio::runtime::Handle::try_current().is_ok() {
-                drop(bill.settle(self.seen, 499));
-            }
+            // Dropped unpolled, the settlement goes to a task of its own.
+            drop(bill.settle(self.seen, 499));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    /// A settlement waiting on `go`, which records that it ran to the end.
+    fn waiting_settlement(go: tokio::sync::oneshot::Receiver<()>, finished: Arc<AtomicBool>) -> Settlement {
+        Settlement(Some(Box::pin(async move {
+            let _ = go.await;
+            finished.store(true, Ordering::SeqCst);
+            true
+        })))
+    }
+
+    #[tokio::test]
+    async fn a_settlement_that_is_ready_completes_in_place() {
+        let finished = Arc::new(AtomicBool::new(false));
+        let (go, wait) = tokio::sync::oneshot::channel();
+        go.send(()).expect("send");
+        assert!(waiting_settlement(wait, finished.clone()).await);
+        assert!(finished.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_settlement_dropped_half_way_still_runs_to_the_end() {
+        let finished = Arc::new(AtomicBool::new(false));
+        let (go, wait) = tokio::sync::oneshot::channel();
+        let mut settlement = waiting_settlement(wait, finished.clone());
+        // Polled once and left pending, as when the client goes away while
+        // the store commits.
+        let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut settlement).poll(cx))).await;
+        assert!(first.is_pending());
+        drop(settlement);
+        go.send(()).expect("the settlement still waits");
+        for _ in 0..100 {
+            if finished.load(Ordering::SeqCst) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the dropped settlement was cancelled");
     }
 }
