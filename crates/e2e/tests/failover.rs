@@ -117,3 +117,36 @@ async fn a_killed_node_is_routed_around_and_rejoins() {
     let _a2 = Node::start(&gw, &cred_a, &args).await;
     gw.wait_providers("fake-chat", 2, Duration::from_secs(15)).await;
 }
+
+/// A node that stops answering without closing its connection (frozen here
+/// with SIGSTOP; a power cut or a lost network looks the same to the
+/// gateway, since the kernel keeps the socket open) is found by the link's
+/// pings and leaves the pool within a few seconds; woken up, it links again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_node_is_found_by_pings_and_rejoins_when_it_wakes() {
+    let db = Db::sqlite().await;
+    let upstream = FakeUpstream::start().await.unwrap();
+    let gw = Gateway::start(&db.url).await;
+    let (_, cred) = gw.device().await;
+    let node = Node::start(&gw, &cred, &["--upstream", upstream.base_url.as_str(), "--no-scrape"]).await;
+    gw.wait_providers("fake-chat", 1, Duration::from_secs(30)).await;
+    let pid = node.child.id().expect("node pid").to_string();
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill")
+            .args([name, pid.as_str()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {name} {pid}");
+    };
+
+    signal("-STOP");
+    // Default pings: every 1 s, dead after 2 s without an answer.
+    let gone = gw.wait_providers("fake-chat", 0, Duration::from_secs(8)).await;
+    signal("-CONT");
+    assert!(
+        gone >= Duration::from_millis(500),
+        "left after {gone:?}, before any ping could fail"
+    );
+    let back = gw.wait_providers("fake-chat", 1, Duration::from_secs(30)).await;
+    eprintln!("frozen node left the pool after {gone:?} and was back {back:?} after waking");
+}

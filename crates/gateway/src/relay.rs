@@ -21,8 +21,6 @@ use cxmpute_protocol::link::REQUEST_ID_HEADER;
 use cxmpute_protocol::ErrorBody;
 use cxmpute_store::{HoldOutcome, HoldRequest, KeyAuth, Service, UsageRecord};
 use http_body::{Body as HttpBody, Frame};
-use http_body_util::Full;
-use hyper::body::Incoming;
 
 use crate::billing::{self, Bounds};
 use crate::config::Pricing;
@@ -30,7 +28,7 @@ use crate::error::ApiError;
 use crate::meter::{Meter, Observed};
 use crate::pools::{InFlight, Provision};
 use crate::state::AppState;
-use crate::transport::ForwardError;
+use crate::transport::{ForwardError, NodeBody};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -230,7 +228,7 @@ pub async fn relay(state: &AppState, caller: Caller, fwd: Forward) -> Result<Res
         let req = hyper::Request::post("/")
             .header(header::CONTENT_TYPE, "application/json")
             .header(REQUEST_ID_HEADER, caller.request_id.as_str())
-            .body(Full::new(fwd.body.clone()))
+            .body(fwd.body.clone())
             .map_err(|_| ApiError::internal())?;
         let sent = Instant::now();
         match provision.transport.send(req, fwd.path, timeout).await {
@@ -289,15 +287,15 @@ const PREREAD_LIMIT: usize = 1 << 20;
 
 /// The node's answer: still arriving, or (partly) read ahead.
 enum Upstream {
-    Live(Incoming),
+    Live(NodeBody),
     Pre {
         buffered: Option<Bytes>,
-        rest: Option<Incoming>,
+        rest: Option<NodeBody>,
     },
 }
 
 impl Upstream {
-    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self {
             Upstream::Live(body) => Pin::new(body).poll_frame(cx),
             Upstream::Pre { buffered, rest } => {
@@ -315,7 +313,7 @@ impl Upstream {
 
 /// Reads up to [`PREREAD_LIMIT`] of an answer; `None` when the provider failed
 /// (or stalled past `timeout`) before the answer was complete.
-async fn preread(mut body: Incoming, timeout: Duration) -> Option<Upstream> {
+async fn preread(mut body: NodeBody, timeout: Duration) -> Option<Upstream> {
     use http_body_util::BodyExt;
     let mut buf = bytes::BytesMut::new();
     let deadline = tokio::time::Instant::now() + timeout;

@@ -8,8 +8,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use bytes::Bytes;
 use cxmpute_protocol::link::WEBSOCKET_GUID;
-use http_body_util::Full;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioIo;
 use sha1::{Digest, Sha1};
 
 use crate::auth;
@@ -71,24 +70,24 @@ async fn serve_link<T>(state: AppState, device: cxmpute_store::Device, io: T)
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let ping = Duration::from_millis(state.config.link.ping_interval_ms);
-    let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        // hyper needs a timer for keep-alive pings, or it panics.
-        .timer(TokioTimer::new())
-        .keep_alive_interval(ping)
-        .keep_alive_timeout(Duration::from_millis(state.config.link.ping_timeout_ms))
-        .keep_alive_while_idle(true)
-        .initial_stream_window_size(1 << 20)
+    let ping_every = Duration::from_millis(state.config.link.ping_interval_ms);
+    let ping_timeout = Duration::from_millis(state.config.link.ping_timeout_ms);
+    let handshake = h2::client::Builder::new()
+        .initial_window_size(1 << 20)
         .initial_connection_window_size(8 << 20)
         .max_concurrent_reset_streams(1024)
-        .handshake::<_, Full<Bytes>>(io)
+        .handshake::<_, Bytes>(TokioIo::new(io))
         .await;
-    let (sender, conn) = match handshake {
+    let (sender, mut conn) = match handshake {
         Ok(pair) => pair,
         Err(e) => {
             tracing::warn!(device = %device.id, error = %e, "link handshake failed");
             return;
         }
+    };
+    let Some(pings) = conn.ping_pong() else {
+        tracing::warn!(device = %device.id, "link handshake gave no ping handle");
+        return;
     };
     let session = state.new_session();
     state.metrics.link_opened();
@@ -114,6 +113,7 @@ where
     let close = state.links.open(session, &device.id);
     let result = tokio::select! {
         r = &mut conn_task => r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())),
+        e = keep_alive(pings, ping_every, ping_timeout) => Err(e),
         _ = shutdown.cancelled() => Ok(()),
         _ = close.cancelled() => Err("closed by an operator".to_string()),
     };
@@ -125,6 +125,24 @@ where
     match result {
         Ok(()) => tracing::info!(device = %device.id, session, "provider link closed"),
         Err(e) => tracing::info!(device = %device.id, session, error = %e, "provider link lost"),
+    }
+}
+
+/// Pings the node every `every`, idle or not, and returns why the link is
+/// dead once a ping goes unanswered for `timeout` (or cannot be sent). A
+/// link whose node vanished without closing it (power cut, network gone) is
+/// noticed this way within `every + timeout`.
+async fn keep_alive(mut pings: h2::PingPong, every: Duration, timeout: Duration) -> String {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match tokio::time::timeout(timeout, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(e)) => return format!("ping failed: {e}"),
+            Err(_) => return format!("no answer to a ping within {timeout:?}"),
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use cxmpute_protocol::link::{Hello, HELLO_PATH};
 use cxmpute_store::{Device, Service};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::Request;
 
 use crate::orchestrator::handler::admits;
@@ -18,7 +18,7 @@ use crate::transport::Transport;
 
 /// Asks the node for its [`Hello`].
 pub async fn hello(transport: &Transport) -> anyhow::Result<Hello> {
-    let req = Request::get("/").body(Full::new(Bytes::new()))?;
+    let req = Request::get("/").body(Bytes::new())?;
     let res = transport.send(req, HELLO_PATH, Duration::from_secs(10)).await?;
     anyhow::ensure!(res.status().is_success(), "hello answered {}", res.status());
     let body = Limited::new(res.into_body(), 1 << 20)
