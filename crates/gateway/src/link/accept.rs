@@ -73,6 +73,10 @@ where
     let ping_every = Duration::from_millis(state.config.link.ping_interval_ms);
     let ping_timeout = Duration::from_millis(state.config.link.ping_timeout_ms);
     let handshake = h2::client::Builder::new()
+        // As hyper's client had it: no server push (a node has nothing to
+        // push), and a node's answer headers bounded at 16 KiB.
+        .enable_push(false)
+        .max_header_list_size(16 << 10)
         .initial_window_size(1 << 20)
         .initial_connection_window_size(8 << 20)
         .max_concurrent_reset_streams(1024)
