@@ -2,7 +2,7 @@
 # Benchmark of the cxmpute gateway against its baseline, in one run, on
 # 127.0.0.1 only. See docs/benchmarks.md for what each figure means.
 #
-#   bench/run.sh                 # builds (release), then measures (about 3.5 minutes on 2 cores)
+#   bench/run.sh                 # builds (release), then measures (about 4.5 minutes on 2 cores)
 #   BENCH_BUILD=0 bench/run.sh   # measure with binaries already built
 #
 # Binaries come from ${CARGO_TARGET_DIR:-target}/release/. The script builds
@@ -11,6 +11,8 @@
 #
 # Phases, each on a fresh gateway with a fresh SQLite file:
 #   upstream  loadgen -> fake-upstream (the baseline, no gateway)
+#   bare      loadgen -> hop -> hop -> fake-upstream (two bare forwarding
+#             proxies in the gateway's and the node's places: the floor)
 #   link      loadgen -> gateway -> linked node (reversed HTTP/2) -> fake-upstream
 #   direct    loadgen -> gateway -> direct-mode node (HTTP URL) -> fake-upstream
 # Results: a table on stdout and bench/results/latest.json (BENCH_OUT=path to
@@ -51,7 +53,7 @@ if [[ ${BENCH_BUILD:-1} != 0 ]]; then
     (cd "$ROOT" && CARGO_TARGET_DIR=$TARGET_DIR nice -n "${BENCH_NICE:-0}" \
         cargo build --release -p cxmpute-gateway -p cxmpute-provider -p cxmpute-bench) >&2
 fi
-for b in cxmpute-gateway cxmpute-provider loadgen fake-upstream; do
+for b in cxmpute-gateway cxmpute-provider loadgen fake-upstream hop; do
     [[ -x $BIN/$b ]] || { echo "run.sh: $BIN/$b missing; build first" >&2; exit 1; }
 done
 
@@ -200,7 +202,7 @@ echo '{"model":"fake-chat","max_tokens":4,"messages":[{"role":"user","content":"
 echo '{"model":"fake-chat","max_tokens":4,"stream":true,"messages":[{"role":"user","content":"hello there"}]}' >"$STREAM_BODY"
 echo '{"model":"fake-chat","max_tokens":200,"stream":true,"messages":[{"role":"user","content":"__slow__ x"}]}' >"$SLOW_BODY"
 
-# Measures one target URL; phase is upstream | link | direct. Extra args
+# Measures one target URL; phase is upstream | bare | link | direct. Extra args
 # (headers) are passed to every loadgen run.
 measure() {
     local phase=$1 url=$2
@@ -296,6 +298,24 @@ echo "  fake-upstream at $UP (pid $UP_PID)" >&2
 PROCS="upstream:$UP_PID"
 measure upstream "$UP/v1/chat/completions"
 measure_cpu upstream "$UP/v1/chat/completions"
+
+# Floor phase: two bare HTTP/1.1 forwarding proxies (bench/src/bin/hop.rs)
+# where the gateway and the node go: what two hops cost on this machine with
+# no authentication, routing, metering or accounting. Their CPU is recorded
+# under the names of the processes whose places they take.
+spawn hop_node "$BIN/hop" --port 0 --to "${UP#http://}"
+HOP_NODE_PID=$LAST_PID
+HOP_NODE=$(wait_listening hop_node "$HOP_NODE_PID")
+spawn hop_gateway "$BIN/hop" --port 0 --to "${HOP_NODE#http://}"
+HOP_GATEWAY_PID=$LAST_PID
+HOP_GATEWAY=$(wait_listening hop_gateway "$HOP_GATEWAY_PID")
+echo "  two bare hops: $HOP_GATEWAY -> $HOP_NODE -> $UP" >&2
+PROCS="gateway:$HOP_GATEWAY_PID node:$HOP_NODE_PID upstream:$UP_PID"
+measure bare "$HOP_GATEWAY/v1/chat/completions"
+measure_cpu bare "$HOP_GATEWAY/v1/chat/completions"
+PROCS="upstream:$UP_PID"
+stop_pid "$HOP_GATEWAY_PID"
+stop_pid "$HOP_NODE_PID"
 
 # Link phase: gateway + one node linked over the reversed HTTP/2 connection.
 start_gateway gw_link

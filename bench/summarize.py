@@ -13,7 +13,10 @@ import os
 import platform
 from pathlib import Path
 
-PHASES = ("upstream", "link", "direct")
+# "bare" is two bare forwarding proxies (bench/src/bin/hop.rs) in the places
+# of the gateway and the node: the floor under the gateway's figures. Its CPU
+# figures are recorded under "gateway" and "node" (the places taken).
+PHASES = ("upstream", "bare", "link", "direct")
 
 # Targets from the issue (2-core machine).
 TARGET_ADDED_P50_US = 150
@@ -160,7 +163,7 @@ def main():
     values = load_values(a.values)
     phases = {p: summarize_phase(p, runs, values, a.clk_tck) for p in PHASES}
     up = phases["upstream"]
-    for p in ("link", "direct"):
+    for p in ("bare", "link", "direct"):
         s = phases[p]
         s["added_latency_p50_us"] = diff(s["c1_latency_p50_us"], up["c1_latency_p50_us"])
         s["added_latency_p99_us"] = diff(s["c1_latency_p99_us"], up["c1_latency_p99_us"])
@@ -169,6 +172,14 @@ def main():
         s["c16_rps_vs_upstream"] = ratio(s["c16_rps"], up["c16_rps"])
         s["c64_rps_vs_upstream"] = ratio(s["c64_rps"], up["c64_rps"])
         s["c1_p50_vs_upstream"] = ratio(s["c1_latency_p50_us"], up["c1_latency_p50_us"], 2)
+    bare = phases["bare"]
+    for p in ("link", "direct"):
+        s = phases[p]
+        # What the gateway and node add beyond two bare hops.
+        s["beyond_bare_p50_us"] = diff(s["c1_latency_p50_us"], bare["c1_latency_p50_us"])
+        s["beyond_bare_p99_us"] = diff(s["c1_latency_p99_us"], bare["c1_latency_p99_us"])
+        s["c64_rps_vs_bare"] = ratio(s["c64_rps"], bare["c64_rps"])
+        s["gateway_cpu_vs_bare"] = ratio(s.get("gateway_cpu_us_per_request"), bare.get("gateway_cpu_us_per_request"))
 
     streams = runs.get("link_streams") or {}
     memory = {
@@ -264,16 +275,19 @@ def fmt(v, unit=""):
 
 def print_table(res):
     s = res["summary"]
-    up, link, direct = s["upstream"], s["link"], s["direct"]
+    up, bare, link, direct = s["upstream"], s["bare"], s["link"], s["direct"]
     rows = [
         ("latency c1 p50 (us)", "c1_latency_p50_us"),
         ("latency c1 p99 (us)", "c1_latency_p99_us"),
         ("added latency c1 p50 (us)", "added_latency_p50_us"),
         ("added latency c1 p99 (us)", "added_latency_p99_us"),
+        ("  beyond bare hops p50 (us)", "beyond_bare_p50_us"),
+        ("  beyond bare hops p99 (us)", "beyond_bare_p99_us"),
         ("requests/s c1", "c1_rps"),
         ("requests/s c16", "c16_rps"),
         ("requests/s c64", "c64_rps"),
         ("  vs upstream (c64)", "c64_rps_vs_upstream"),
+        ("  vs bare hops (c64)", "c64_rps_vs_bare"),
         ("latency c64 p50 (us)", "c64_latency_p50_us"),
         ("latency c64 p99 (us)", "c64_latency_p99_us"),
         ("stream TTFB c1 p50 (us)", "stream_c1_ttfb_p50_us"),
@@ -281,6 +295,7 @@ def print_table(res):
         ("stream TTFB c16 p50 (us)", "stream_c16_ttfb_p50_us"),
         ("stream TTFB c16 p99 (us)", "stream_c16_ttfb_p99_us"),
         ("gateway CPU/request (us)", "gateway_cpu_us_per_request"),
+        ("  vs bare hop", "gateway_cpu_vs_bare"),
         ("node CPU/request (us)", "node_cpu_us_per_request"),
         ("upstream CPU/request (us)", "upstream_cpu_us_per_request"),
         ("loadgen CPU/request (us)", "loadgen_cpu_us_per_request"),
@@ -290,9 +305,12 @@ def print_table(res):
     w = max(len(r[0]) for r in rows)
     bg = res["background"]
     print(f"\nbackground before the run: {bg['busy_percent']}% CPU busy, load average {bg['loadavg_1m']}")
-    print(f"\n{'':<{w}}  {'upstream':>10}  {'link':>10}  {'direct':>10}")
+    print(f"\n{'':<{w}}  {'upstream':>10}  {'bare':>10}  {'link':>10}  {'direct':>10}")
     for label, key in rows:
-        print(f"{label:<{w}}  {fmt(up.get(key)):>10}  {fmt(link.get(key)):>10}  {fmt(direct.get(key)):>10}")
+        cells = "  ".join(f"{fmt(p.get(key)):>10}" for p in (up, bare, link, direct))
+        print(f"{label:<{w}}  {cells}")
+    print("(bare: two bare forwarding proxies in the gateway's and the node's places; its")
+    print(" 'gateway' and 'node' CPU rows are those proxies)")
     print("(CPU figures: the fixed-count run at concurrency 64; 'other' is CPU the machine spent")
     print(" outside these processes and loadgen. Gateway CPU/request by run, link / direct:")
     for run in ("c1", "c16", "c64", "stream_c1", "stream_c16", "cpu"):
@@ -310,6 +328,11 @@ def print_table(res):
     for t in res["targets"]:
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
         print(f"  {verdict:<4}  {t['name']}: {fmt(t['value'])} (target {t['target']})")
+    print(
+        f"  floor (two bare hops, same run): added p50 {fmt(bare.get('added_latency_p50_us'))} us, "
+        f"p99 {fmt(bare.get('added_latency_p99_us'))} us; {fmt(bare.get('c64_rps'))} requests/s at c64; "
+        f"first hop's CPU {fmt(bare.get('gateway_cpu_us_per_request'))} us/request"
+    )
     if res["errors"]:
         print("\nruns with errors:")
         for name, e in res["errors"].items():
