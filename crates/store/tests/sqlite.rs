@@ -142,3 +142,45 @@ async fn two_processes_migrating_one_new_file_both_succeed() {
         assert!(b.account(&account.id).await.expect("read").is_some());
     }
 }
+
+async fn page_size(url: &str) -> i64 {
+    let pool = sqlx::SqlitePool::connect(url).await.expect("raw connect");
+    let size: i64 = sqlx::query_scalar("PRAGMA page_size")
+        .fetch_one(&pool)
+        .await
+        .expect("page size");
+    pool.close().await;
+    size
+}
+
+/// A new file gets the store's small pages (decision 52); a file made
+/// earlier with SQLite's default pages keeps them and works as before.
+#[tokio::test]
+async fn new_files_get_small_pages_and_older_files_keep_theirs() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let new = format!("sqlite://{}", dir.path().join("new.db").display());
+    let store = cxmpute_store::connect(&new).await.expect("connect");
+    let account = store.create_account("a", None).await.expect("create");
+    store.deposit(&account.id, 5, None).await.expect("deposit");
+    drop(store);
+    assert_eq!(page_size(&new).await, i64::from(SqliteStore::NEW_FILE_PAGE_SIZE));
+
+    // An older gateway's file: SQLite's default 4 KiB pages, in WAL mode.
+    let old = format!("sqlite://{}?mode=rwc", dir.path().join("old.db").display());
+    let pool = sqlx::SqlitePool::connect(&old).await.expect("raw connect");
+    for sql in [
+        "PRAGMA page_size = 4096",
+        "PRAGMA journal_mode = WAL",
+        "CREATE TABLE earlier (x INTEGER)",
+    ] {
+        sqlx::query(sql).execute(&pool).await.expect(sql);
+    }
+    pool.close().await;
+    let store = cxmpute_store::connect(&old).await.expect("migrate the older file");
+    let account = store.create_account("b", None).await.expect("create");
+    store.deposit(&account.id, 7, None).await.expect("deposit");
+    let read = store.account(&account.id).await.expect("read").expect("exists");
+    assert_eq!(read.balance, 7);
+    drop(store);
+    assert_eq!(page_size(&old).await, 4096);
+}
