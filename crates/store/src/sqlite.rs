@@ -153,15 +153,25 @@ async fn open_once(options: &SqliteConnectOptions) -> Result<(SqlitePool, Sqlite
 
 /// Whether opening failed because another process was opening the same file.
 fn lost_a_race(e: &StoreError) -> bool {
-    let busy = |e: &sqlx::Error| {
+    let code = |e: &sqlx::Error| {
         e.as_database_error()
             .and_then(|db| db.code())
             .and_then(|code| code.parse::<i32>().ok())
-            .is_some_and(|code| code & 0xff == 5) // SQLITE_BUSY and its extended codes
+            .map(|code| code & 0xff)
+    };
+    // SQLITE_BUSY and its extended codes.
+    let busy = |e: &sqlx::Error| code(e) == Some(5);
+    // The other process recorded the same migration first: one whose SQL
+    // can run twice (say, an UPDATE) then fails only on its version row.
+    let recorded_twice = |e: &sqlx::Error| {
+        code(e) == Some(19) // SQLITE_CONSTRAINT and its extended codes
+            && e.as_database_error()
+                .is_some_and(|db| db.message().contains("_sqlx_migrations"))
     };
     match e {
         StoreError::Migrate(sqlx::migrate::MigrateError::ExecuteMigration(..)) => true,
-        StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)) | StoreError::Database(e) => busy(e),
+        StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => busy(e) || recorded_twice(e),
+        StoreError::Database(e) => busy(e),
         _ => false,
     }
 }
