@@ -233,6 +233,15 @@ measure_cpu() {
     lg "${phase}_cpu" --url "$url" "$@" --body-file "$BODY" -c 64 -n "$count" --duration-secs 30
 }
 
+# Both of the above for one phase, with the processes whose CPU it records.
+measure_phase() { # phase url procs [loadgen args...]
+    local phase=$1 url=$2
+    PROCS=$3
+    shift 3
+    measure "$phase" "$url" "$@"
+    measure_cpu "$phase" "$url" "$@"
+}
+
 # --- gateway set-up -----------------------------------------------------------
 
 GW= GW_PID= API_KEY= CREDENTIAL=
@@ -295,9 +304,7 @@ UP_PID=$LAST_PID
 UP=$(wait_listening upstream "$UP_PID")
 echo "  fake-upstream at $UP (pid $UP_PID)" >&2
 
-PROCS="upstream:$UP_PID"
-measure upstream "$UP/v1/chat/completions"
-measure_cpu upstream "$UP/v1/chat/completions"
+measure_phase upstream "$UP/v1/chat/completions" "upstream:$UP_PID"
 
 # Floor phase: two bare HTTP/1.1 forwarding proxies (bench/src/bin/hop.rs)
 # where the gateway and the node go: what two hops cost on this machine with
@@ -310,9 +317,7 @@ spawn hop_gateway "$BIN/hop" --port 0 --to "${HOP_NODE#http://}"
 HOP_GATEWAY_PID=$LAST_PID
 HOP_GATEWAY=$(wait_listening hop_gateway "$HOP_GATEWAY_PID")
 echo "  two bare hops: $HOP_GATEWAY -> $HOP_NODE -> $UP" >&2
-PROCS="gateway:$HOP_GATEWAY_PID node:$HOP_NODE_PID upstream:$UP_PID"
-measure bare "$HOP_GATEWAY/v1/chat/completions"
-measure_cpu bare "$HOP_GATEWAY/v1/chat/completions"
+measure_phase bare "$HOP_GATEWAY/v1/chat/completions" "gateway:$HOP_GATEWAY_PID node:$HOP_NODE_PID upstream:$UP_PID"
 PROCS="upstream:$UP_PID"
 stop_pid "$HOP_GATEWAY_PID"
 stop_pid "$HOP_NODE_PID"
@@ -325,9 +330,7 @@ NODE_PID=$LAST_PID
 wait_model node_link "$NODE_PID"
 check_answer
 AUTH="Authorization: Bearer $API_KEY"
-PROCS="gateway:$GW_PID node:$NODE_PID upstream:$UP_PID"
-measure link "$GW/v1/chat/completions" -H "$AUTH"
-measure_cpu link "$GW/v1/chat/completions" -H "$AUTH"
+measure_phase link "$GW/v1/chat/completions" "gateway:$GW_PID node:$NODE_PID upstream:$UP_PID" -H "$AUTH"
 
 # Gateway memory with $STREAMS slow streams open (50 ms per token, 200 tokens).
 echo "== link: gateway memory with $STREAMS open streams" >&2
@@ -380,9 +383,7 @@ NODE_PID=$LAST_PID
 wait_model node_direct "$NODE_PID"
 check_answer
 AUTH="Authorization: Bearer $API_KEY"
-PROCS="gateway:$GW_PID node:$NODE_PID upstream:$UP_PID"
-measure direct "$GW/v1/chat/completions" -H "$AUTH"
-measure_cpu direct "$GW/v1/chat/completions" -H "$AUTH"
+measure_phase direct "$GW/v1/chat/completions" "gateway:$GW_PID node:$NODE_PID upstream:$UP_PID" -H "$AUTH"
 
 # --- summary ------------------------------------------------------------------
 

@@ -159,13 +159,13 @@ impl CreditWriter {
     /// migrated already) and starts the thread.
     pub(super) fn start(path: &Path) -> Result<Self> {
         let shared = Arc::new(Shared::new(open(path)?));
+        let copier_conn = open(path)?;
         let (jobs, rx) = mpsc::channel();
         let thread_shared = shared.clone();
         std::thread::Builder::new()
             .name("cxmpute-credits".into())
             .spawn(move || run(&thread_shared, rx))
             .map_err(|e| StoreError::Corrupt(format!("cannot start the credit writer thread: {e}")))?;
-        let copier_conn = open(path)?;
         let (copier, stop) = mpsc::channel();
         std::thread::Builder::new()
             .name("cxmpute-wal-copy".into())
