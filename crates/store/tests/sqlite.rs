@@ -129,6 +129,72 @@ async fn holds_an_older_gateway_left_are_returned_by_the_migration() {
     assert_eq!(store.held_amount(&account.id).await.expect("held"), 0);
 }
 
+/// The ledger lost AUTOINCREMENT (migration 8): a file of the older version
+/// keeps every entry with its id, and new entries go on after the largest.
+#[tokio::test]
+async fn the_ledger_keeps_its_entries_and_ids_without_autoincrement() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
+    let store = cxmpute_store::connect(&url).await.expect("connect");
+    let account = store.create_account("a", None).await.expect("create");
+    drop(store);
+
+    // The ledger as migration 1 made it, with entries whose ids have a gap
+    // (AUTOINCREMENT never reuses 3, whose entry is gone).
+    let pool = sqlx::SqlitePool::connect(&url).await.expect("raw connect");
+    for sql in [
+        "DROP TABLE ledger",
+        "CREATE TABLE ledger (id INTEGER PRIMARY KEY AUTOINCREMENT, account_id TEXT NOT NULL \
+         REFERENCES accounts (id), kind TEXT NOT NULL, amount INTEGER NOT NULL, request_id TEXT, \
+         note TEXT, created_at INTEGER NOT NULL, UNIQUE (request_id, kind, account_id)) STRICT",
+        "CREATE INDEX ledger_account ON ledger (account_id, created_at)",
+        "DELETE FROM _sqlx_migrations WHERE version = 8",
+    ] {
+        sqlx::query(sql).execute(&pool).await.expect(sql);
+    }
+    for (id, amount) in [(1, 500), (2, -20), (4, 7)] {
+        sqlx::query("INSERT INTO ledger VALUES ($1, $2, 'deposit', $3, NULL, 'old', $1)")
+            .bind(id)
+            .bind(&account.id)
+            .bind(amount)
+            .execute(&pool)
+            .await
+            .expect("old entry");
+    }
+    let seq: i64 = sqlx::query_scalar("SELECT seq FROM sqlite_sequence WHERE name = 'ledger'")
+        .fetch_one(&pool)
+        .await
+        .expect("sequence");
+    assert_eq!(seq, 4, "the older table counts in sqlite_sequence");
+    pool.close().await;
+
+    let store = cxmpute_store::connect(&url).await.expect("migrate");
+    let entries = store.ledger(&account.id, 10).await.expect("ledger");
+    let mut old: Vec<(i64, i64)> = entries.iter().map(|e| (e.id, e.amount)).collect();
+    old.sort_unstable();
+    assert_eq!(old, [(1, 500), (2, -20), (4, 7)]);
+    store.deposit(&account.id, 3, None).await.expect("deposit");
+    let newest = store.ledger(&account.id, 10).await.expect("ledger");
+    assert_eq!(
+        newest.iter().map(|e| e.id).max(),
+        Some(5),
+        "new ids go on after the largest"
+    );
+    drop(store);
+
+    let pool = sqlx::SqlitePool::connect(&url).await.expect("raw connect");
+    let sql: String = sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE name = 'ledger'")
+        .fetch_one(&pool)
+        .await
+        .expect("schema");
+    assert!(!sql.contains("AUTOINCREMENT"), "{sql}");
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sqlite_sequence WHERE name = 'ledger'")
+        .fetch_one(&pool)
+        .await
+        .expect("sequence");
+    assert_eq!(left, 0, "the ledger no longer counts in sqlite_sequence");
+}
+
 /// The admin commands and a starting gateway may open a new file at the same
 /// moment: both run the migrations, and both must end up with a usable store.
 #[tokio::test]
