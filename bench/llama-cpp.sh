@@ -87,9 +87,11 @@ GGUF=$(find "$models" -maxdepth 2 -name '*.gguf' | head -n 1)
 
 echo "== machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 echo "== llama-batched-bench: $THREADS threads, 8-token prompts, $TOKENS new tokens per sequence" >&2
-# -c: room for 4 sequences of 8 + TOKENS tokens each; -fa off as in the node.
+# -c: room for 4 sequences of 8 + TOKENS tokens each. Flash attention is left to
+# llama.cpp to decide (auto), as the node leaves it (its context parameters keep
+# llama.cpp's default).
 raw=$("$TOOL" -m "$GGUF" -t "$THREADS" -tb "$THREADS" -c 4096 -b 512 -ub 512 \
-    -npp 8 -ntg "$TOKENS" -npl 1,2,4 -fa off --output-format jsonl 2>"$BUILD/last-run.err") \
+    -npp 8 -ntg "$TOKENS" -npl 1,2,4 -fa auto --output-format jsonl 2>"$BUILD/last-run.err") \
     || { tail -n 20 "$BUILD/last-run.err" >&2; exit 1; }
 grep -v '^{' <<<"$raw" >&2 || true
 mkdir -p "$(dirname "$OUT")"
