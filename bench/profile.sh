@@ -14,6 +14,8 @@
 #   CALLGRIND=1 N=3000 C=16 bench/profile.sh   # instructions the gateway runs per request, counted by
 #                                           # valgrind (steady on a busy machine; no perf)
 #   CALLGRIND=node N=3000 C=16 bench/profile.sh  # the same for the node
+#   STRACE=1 N=2000 C=1 bench/profile.sh    # system calls the gateway makes per request, by kind
+#   STRACE=node N=2000 C=1 bench/profile.sh # the same for the node
 #
 # Everything runs on 127.0.0.1 and stops on exit. Needs curl, jq, awk, and perf
 # unless PERF=0. The perf data and logs stay in the folder it prints.
@@ -111,6 +113,25 @@ if [[ $CALLGRIND != 0 ]]; then
     [[ -n $ir ]] || { echo "profile.sh: callgrind wrote no profile" >&2; exit 1; }
     echo "concurrency $C: $N requests ($ok answered 2xx), $who instructions $ir, $((ir / N)) per request"
     echo "per function: callgrind_annotate $TMP/callgrind.out.1"
+    exit 0
+fi
+if [[ ${STRACE:-0} != 0 ]]; then
+    command -v strace >/dev/null || { echo "profile.sh: needs strace for STRACE=1" >&2; exit 1; }
+    N=${N:-2000}
+    who=gateway
+    TRACE_PID=$GW_PID
+    [[ $STRACE != node ]] || { who=node; TRACE_PID=$NODE_PID; }
+    strace -f -c -o "$TMP/strace.txt" -p "$TRACE_PID" 2>/dev/null &
+    STRACE_PID=$!
+    sleep 1 # strace attaches to every thread
+    "${LG[@]}" -n "$N" --json >"$TMP/loadgen.json"
+    kill -INT "$STRACE_PID"
+    wait "$STRACE_PID" 2>/dev/null || true
+    echo "concurrency $C: $N requests ($(jq .ok "$TMP/loadgen.json") answered 2xx); $who system calls per request:"
+    # strace -c rows: % time, seconds, usecs/call, calls, [errors,] name
+    awk -v n="$N" '$1 ~ /^[0-9.]+$/ && NF >= 5 && $NF != "total" {
+        printf "%8.2f  %s\n", $4 / n, $NF; total += $4 }
+        END { printf "%8.2f  in all\n", total / n }' "$TMP/strace.txt" | sort -rn
     exit 0
 fi
 ticks() { awk '{ print $14 + $15 }' "/proc/${1:-$GW_PID}/stat"; }

@@ -19,6 +19,7 @@ mod devices;
 mod holds;
 mod pending;
 mod referrals;
+mod walbuf;
 mod web;
 
 use std::path::{Path, PathBuf};

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::oneshot;
 
 use super::holds::{Holds, Standing, Undo};
@@ -158,8 +158,8 @@ impl CreditWriter {
     /// Opens its own connection to `path` (which the sqlx pools opened and
     /// migrated already) and starts the thread.
     pub(super) fn start(path: &Path) -> Result<Self> {
-        let shared = Arc::new(Shared::new(open(path)?));
-        let copier_conn = open(path)?;
+        let shared = Arc::new(Shared::new(open(path, Role::Writer)?));
+        let copier_conn = open(path, Role::Copier)?;
         let (jobs, rx) = mpsc::channel();
         let thread_shared = shared.clone();
         std::thread::Builder::new()
@@ -282,14 +282,36 @@ impl Drop for Active<'_> {
     }
 }
 
+/// Which of the two connections [`open`] makes.
+#[derive(Clone, Copy, PartialEq)]
+enum Role {
+    /// Commits: opened through the VFS that writes a commit's WAL frames at
+    /// once (`walbuf.rs`), with the sync that VFS sends them at.
+    Writer,
+    /// Only copies the WAL into the database file: SQLite's default VFS.
+    Copier,
+}
+
 /// The writer's own connection to `path` (which the sqlx pools opened and
-/// migrated already).
-fn open(path: &Path) -> Result<Connection> {
-    let conn = Connection::open(path).map_err(db)?;
+/// migrated already), or the WAL copier's.
+fn open(path: &Path, role: Role) -> Result<Connection> {
+    let conn = match role {
+        Role::Writer => {
+            super::walbuf::register().map_err(StoreError::Sqlite)?;
+            Connection::open_with_flags_and_vfs(path, OpenFlags::default(), super::walbuf::NAME)
+        }
+        Role::Copier => Connection::open(path),
+    }
+    .map_err(db)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
     // temp_store: statement journals stay in memory, not in a temp file.
-    conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY;")
-        .map_err(db)?;
+    // synchronous: NORMAL's durability in both (see `walbuf.rs`: the
+    // writer's FULL only marks where a commit's frames end).
+    let synchronous = if role == Role::Writer { "FULL" } else { "NORMAL" };
+    conn.execute_batch(&format!(
+        "PRAGMA foreign_keys = ON; PRAGMA synchronous = {synchronous}; PRAGMA temp_store = MEMORY;"
+    ))
+    .map_err(db)?;
     conn.set_prepared_statement_cache_capacity(32);
     // Checkpoints (copying the WAL back into the database file) would run
     // inside a commit, stalling the whole batch; the writer thread runs them
@@ -664,7 +686,7 @@ mod tests {
             .expect("open");
         let account = account_with(&store, "batch", 1_000).await;
         let key = key_of(&store, &account, "batchkey", limit).await;
-        let shared = Shared::new(open(&path).expect("writer connection"));
+        let shared = Shared::new(open(&path, Role::Writer).expect("writer connection"));
         (dir, store, key, shared)
     }
 
@@ -759,7 +781,7 @@ mod tests {
         );
 
         let (stop_tx, stop_rx) = mpsc::channel();
-        let conn = open(&path).expect("copier connection");
+        let conn = open(&path, Role::Copier).expect("copier connection");
         let copier = std::thread::spawn(move || copy_wal(&conn, &stop_rx));
         let deadline = Instant::now() + Duration::from_secs(5);
         while file_len() < 200_000 && Instant::now() < deadline {
