@@ -9,6 +9,7 @@
 #   GW_THREADS=1 PERF=0 bench/profile.sh    # the gateway's tokio runtime with one worker thread
 #   NODE_THREADS=1 PERF=0 bench/profile.sh  # the same for the node
 #   NODE_BIN=target/debug/cxmpute-provider bench/profile.sh   # a node binary from elsewhere
+#   GW_BIN=/tmp/gw-a bench/profile.sh       # the same for the gateway (A/B runs of two builds)
 #   DB_URL=postgres://postgres@127.0.0.1:5432/bench bench/profile.sh   # the gateway on PostgreSQL
 #                                           # (give it an empty database: it migrates it)
 #   CALLGRIND=1 N=3000 C=16 bench/profile.sh   # instructions the gateway runs per request, counted by
@@ -27,6 +28,7 @@ C=${C:-64}
 D=${D:-8}
 PERF=${PERF:-1}
 NODE_BIN=${NODE_BIN:-$BIN/cxmpute-provider}
+GW_BIN=${GW_BIN:-$BIN/cxmpute-gateway}
 GW_ENV=()
 [[ -n ${GW_THREADS:-} ]] && GW_ENV+=(TOKIO_WORKER_THREADS="$GW_THREADS")
 NODE_ENV=()
@@ -68,7 +70,7 @@ url_in() { # file...: the first http://… address printed
 
 "$BIN/fake-upstream" --port 0 >"$TMP/up.out" 2>"$TMP/up.err" &
 UP=$(url_in "$TMP/up.out" "$TMP/up.err")
-env "${GW_ENV[@]}" CXMPUTE_ADMIN_TOKEN="$TOKEN" CXMPUTE_LOG=warn "${GW_WRAP[@]}" "$BIN/cxmpute-gateway" \
+env "${GW_ENV[@]}" CXMPUTE_ADMIN_TOKEN="$TOKEN" CXMPUTE_LOG=warn "${GW_WRAP[@]}" "$GW_BIN" \
     --database-url "${DB_URL:-sqlite://$TMP/gw.db}" serve --listen 127.0.0.1:0 >"$TMP/gw.out" 2>"$TMP/gw.err" &
 GW_PID=$!
 GW=$(url_in "$TMP/gw.out" "$TMP/gw.err")
