@@ -305,13 +305,12 @@ fn open(path: &Path, role: Role) -> Result<Connection> {
     .map_err(db)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
     // temp_store: statement journals stay in memory, not in a temp file.
-    // synchronous: NORMAL's durability in both (see `walbuf.rs`: the
-    // writer's FULL only marks where a commit's frames end).
-    let synchronous = if role == Role::Writer { "FULL" } else { "NORMAL" };
-    conn.execute_batch(&format!(
-        "PRAGMA foreign_keys = ON; PRAGMA synchronous = {synchronous}; PRAGMA temp_store = MEMORY;"
-    ))
-    .map_err(db)?;
+    conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY;")
+        .map_err(db)?;
+    if role == Role::Writer {
+        // NORMAL's durability still (see `walbuf.rs`).
+        super::walbuf::configure(&conn)?;
+    }
     conn.set_prepared_statement_cache_capacity(32);
     // Checkpoints (copying the WAL back into the database file) would run
     // inside a commit, stalling the whole batch; the writer thread runs them

@@ -9,7 +9,7 @@
 //! the file as one write when SQLite syncs the WAL at the end of the commit
 //! (the connection runs `synchronous = FULL` for that), or earlier when
 //! SQLite reads the file, asks its size, truncates it, writes elsewhere in it
-//! or closes it, or when 1 MiB has gathered.
+//! or closes it, or when the next write would not fit in one (128 KiB).
 //!
 //! What a sync means is kept as it was under `synchronous = NORMAL`, which
 //! the store used before: the commit's sync only hands the frames to the
@@ -20,6 +20,13 @@
 //! always finds frames gathered, a checkpoint's finds none (the commits
 //! before it sent theirs), and a rewritten header is the only write at
 //! offset 0.
+//!
+//! The connection must not spill its page cache into the WAL before the
+//! commit ([`configure`] turns that off): SQLite would write such frames
+//! without a sync after them, and if the transaction then rolled back,
+//! frames gathered from it could reach the file after the write lock was
+//! released, over another connection's commit. With spilling off, SQLite
+//! writes frames only in a commit, which always ends with the sync.
 //!
 //! Locks, the shared-memory index and every other file go straight to the
 //! `unix` VFS, whose files these are: other connections of the process, on
@@ -37,9 +44,10 @@ use rusqlite::ffi;
 pub(super) const NAME: &str = "cxmpute-walbuf";
 const NAME_C: &CStr = c"cxmpute-walbuf";
 
-/// Gathered bytes beyond which they are written at once (a large
-/// transaction's frames go out in pieces of about this size).
-const MAX_GATHERED: usize = 1 << 20;
+/// The most bytes sent in one write: the `unix` VFS's own limit (it masks a
+/// write's length to 17 bits). A large commit's frames go out in pieces of
+/// up to this size.
+const MAX_WRITE: usize = 0x1ffff;
 
 /// The `unix` VFS and the file methods it gives WAL files, found at
 /// registration; ours wrap the latter.
@@ -69,6 +77,26 @@ static REGISTERED: OnceLock<Result<Registered, String>> = OnceLock::new();
 struct Gathered {
     bytes: Vec<u8>,
     offset: i64,
+}
+
+/// Sets what this VFS needs of a connection opened through it: a sync at the
+/// end of each commit (`synchronous = FULL`; see the module docs for what it
+/// then does) and no cache spills before the commit.
+pub(super) fn configure(conn: &rusqlite::Connection) -> crate::Result<()> {
+    let sqlite = |e: rusqlite::Error| crate::StoreError::Sqlite(e.to_string());
+    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA cache_spill = OFF;")
+        .map_err(sqlite)?;
+    let spill: i64 = conn.query_row("PRAGMA cache_spill", [], |r| r.get(0)).map_err(sqlite)?;
+    if spill != 0 {
+        return Err(crate::StoreError::Sqlite("SQLite kept cache_spill on".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Bytes this thread's writes gathered, in all (tests only).
+    static GATHERED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// Registers the VFS (once per process). Connections then open it by [`NAME`].
@@ -218,24 +246,30 @@ unsafe extern "C" fn write(file: *mut ffi::sqlite3_file, data: *const c_void, am
     let Ok(len) = usize::try_from(amount) else {
         return ffi::SQLITE_IOERR_WRITE;
     };
-    // Only a write that continues the gathered bytes joins them; anything
-    // else (SQLite rewriting a frame of this transaction in place) sends
-    // them first, so the file sees every write in SQLite's order.
+    // Only a write that continues the gathered bytes, and keeps them within
+    // one write's limit, joins them; anything else sends them first, so the
+    // file sees every write in SQLite's order.
     let continues = i64::try_from(g.bytes.len()).is_ok_and(|n| g.offset.checked_add(n) == Some(offset));
-    if !g.bytes.is_empty() && !continues {
+    if !g.bytes.is_empty() && (!continues || g.bytes.len() + len > MAX_WRITE) {
         let rc = flush(file, g, m);
         if rc != ffi::SQLITE_OK {
             return rc;
         }
+    }
+    if len > MAX_WRITE {
+        // Larger than SQLite ever writes at once: straight through.
+        return match (*m.inner).xWrite {
+            Some(inner_write) => inner_write(file, data, amount, offset),
+            None => ffi::SQLITE_IOERR_WRITE,
+        };
     }
     if g.bytes.is_empty() {
         g.offset = offset;
     }
     g.bytes
         .extend_from_slice(std::slice::from_raw_parts(data.cast::<u8>(), len));
-    if g.bytes.len() >= MAX_GATHERED {
-        return flush(file, g, m);
-    }
+    #[cfg(test)]
+    GATHERED.with(|n| n.set(n.get() + len as u64));
     ffi::SQLITE_OK
 }
 
@@ -318,8 +352,8 @@ mod tests {
     fn writer(path: &Path) -> Connection {
         register().expect("register");
         let conn = Connection::open_with_flags_and_vfs(path, OpenFlags::default(), NAME).expect("open");
-        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA wal_autocheckpoint = 0;")
-            .expect("pragmas");
+        configure(&conn).expect("configure");
+        conn.execute_batch("PRAGMA wal_autocheckpoint = 0;").expect("pragmas");
         conn
     }
 
@@ -381,9 +415,8 @@ mod tests {
         assert_eq!(check, "ok");
     }
 
-    /// A transaction larger than the page cache spills pages into the WAL
-    /// before it commits and rewrites some of them in place: the writes go
-    /// to the file in SQLite's order, and what it reads back is what it wrote.
+    /// A transaction larger than the page cache, whose commit takes many
+    /// writes of the most that one write takes, commits whole.
     #[test]
     fn a_transaction_larger_than_the_cache_commits_whole() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -422,6 +455,54 @@ mod tests {
             (rows, last_round),
             (1_500, 1_500),
             "every row holds the last round's values"
+        );
+    }
+
+    /// A transaction larger than the page cache writes nothing to the WAL
+    /// before its commit, so one that rolls back leaves nothing gathered to
+    /// reach the file later, over another connection's commit.
+    #[test]
+    fn a_rolled_back_transaction_gathers_nothing_and_later_commits_survive() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = database(dir.path());
+        let spill = |conn: &Connection| {
+            conn.execute_batch("PRAGMA cache_size = 8; BEGIN IMMEDIATE")
+                .expect("begin");
+            let before = GATHERED.with(std::cell::Cell::get);
+            for i in 0..1_000_i64 {
+                conn.execute(
+                    "INSERT INTO t (k, v) VALUES (?1, ?2)",
+                    (format!("gone-{i:06}"), format!("{i:0300}")),
+                )
+                .expect("insert");
+            }
+            let gathered = GATHERED.with(std::cell::Cell::get) - before;
+            conn.execute_batch("ROLLBACK").expect("rollback");
+            gathered
+        };
+        // Without `configure`, SQLite spills into the WAL mid-transaction.
+        register().expect("register");
+        let unconfigured = Connection::open_with_flags_and_vfs(&path, OpenFlags::default(), NAME).expect("open");
+        assert!(spill(&unconfigured) > 0, "an unconfigured connection spills");
+        drop(unconfigured);
+
+        let conn = writer(&path);
+        assert_eq!(spill(&conn), 0, "nothing reaches the WAL before a commit");
+        let other = Connection::open(&path).expect("other connection");
+        insert(&other, 10_000, 50);
+        drop(other);
+        insert(&conn, 20_000, 5);
+        drop(conn);
+
+        let reader = Connection::open(&path).expect("reader");
+        let check: String = reader
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .expect("check");
+        assert_eq!(check, "ok");
+        assert_eq!(
+            count(&path),
+            55,
+            "both later commits are there, nothing of the rolled-back ones"
         );
     }
 
