@@ -6,8 +6,9 @@
 //! providers and spent as users, per UTC day. [`Store::pay_referrals`](crate::Store::pay_referrals)
 //! computes one day from the usage records — never on the request path —
 //! and writes one ledger entry per (referrer, referred, day, level, kind).
-//! The entry's `request_id` is that key ([`payout_key`]) and the ledger is
-//! unique on (request_id, kind, account_id), so a day paid twice pays once.
+//! The entry's `request_id` is that key ([`payout_key`]) and the ledger's
+//! referral entries are unique on (request_id, kind, account_id), so a day
+//! paid twice pays once.
 //! A one-off bonus for the first paid usage has a key without the day.
 
 use std::collections::HashMap;
@@ -241,7 +242,7 @@ pub(crate) const DAY_REWARDS: &str = "SELECT provider_account_id, CAST(SUM(rewar
 pub(crate) const DAY_SPEND: &str = "SELECT account_id, CAST(SUM(cost) AS BIGINT) FROM usage_records \
      WHERE created_at >= $1 AND created_at < $2 AND cost > 0 GROUP BY account_id";
 pub(crate) const INSERT_PAYOUT: &str = "INSERT INTO ledger (account_id, kind, amount, request_id, note, created_at) \
-     VALUES ($1, 'referral', $2, $3, $4, $5) ON CONFLICT (request_id, kind, account_id) DO NOTHING RETURNING id";
+     VALUES ($1, 'referral', $2, $3, $4, $5) ON CONFLICT (request_id, kind, account_id) WHERE kind = 'referral' DO NOTHING RETURNING id";
 pub(crate) const CREDIT: &str = "UPDATE accounts SET balance = balance + $2 WHERE id = $1 AND balance <= $3 - $2";
 
 /// Implements [`crate::ReferralStore`] for a backend (see `impl_admin_store`).

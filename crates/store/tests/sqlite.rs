@@ -129,10 +129,12 @@ async fn holds_an_older_gateway_left_are_returned_by_the_migration() {
     assert_eq!(store.held_amount(&account.id).await.expect("held"), 0);
 }
 
-/// The ledger lost AUTOINCREMENT (migration 8): a file of the older version
-/// keeps every entry with its id, and new entries go on after the largest.
+/// The ledger lost AUTOINCREMENT (migration 8) and its unique constraint on
+/// settlement entries (migration 9): a file of the oldest version keeps every
+/// entry with its id through both table rebuilds, and new entries go on
+/// after the largest.
 #[tokio::test]
-async fn the_ledger_keeps_its_entries_and_ids_without_autoincrement() {
+async fn the_ledger_keeps_its_entries_and_ids_through_its_rebuilds() {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
     let store = cxmpute_store::connect(&url).await.expect("connect");
@@ -148,7 +150,7 @@ async fn the_ledger_keeps_its_entries_and_ids_without_autoincrement() {
          REFERENCES accounts (id), kind TEXT NOT NULL, amount INTEGER NOT NULL, request_id TEXT, \
          note TEXT, created_at INTEGER NOT NULL, UNIQUE (request_id, kind, account_id)) STRICT",
         "CREATE INDEX ledger_account ON ledger (account_id, created_at)",
-        "DELETE FROM _sqlx_migrations WHERE version = 8",
+        "DELETE FROM _sqlx_migrations WHERE version >= 8",
     ] {
         sqlx::query(sql).execute(&pool).await.expect(sql);
     }
@@ -188,6 +190,19 @@ async fn the_ledger_keeps_its_entries_and_ids_without_autoincrement() {
         .await
         .expect("schema");
     assert!(!sql.contains("AUTOINCREMENT"), "{sql}");
+    assert!(!sql.contains("UNIQUE"), "only referral entries are unique (an index): {sql}");
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name IN ('ledger', 'usage_records') \
+         AND sql IS NOT NULL ORDER BY name",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("indexes");
+    assert_eq!(
+        indexes,
+        ["ledger_account", "ledger_referral_once", "usage_account_time", "usage_time"],
+        "what settlements write besides the tables (migration 9)"
+    );
     let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sqlite_sequence WHERE name = 'ledger'")
         .fetch_one(&pool)
         .await
