@@ -190,7 +190,10 @@ async fn the_ledger_keeps_its_entries_and_ids_through_its_rebuilds() {
         .await
         .expect("schema");
     assert!(!sql.contains("AUTOINCREMENT"), "{sql}");
-    assert!(!sql.contains("UNIQUE"), "only referral entries are unique (an index): {sql}");
+    assert!(
+        !sql.contains("UNIQUE"),
+        "only referral entries are unique (an index): {sql}"
+    );
     let indexes: Vec<String> = sqlx::query_scalar(
         "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name IN ('ledger', 'usage_records') \
          AND sql IS NOT NULL ORDER BY name",
@@ -200,7 +203,12 @@ async fn the_ledger_keeps_its_entries_and_ids_through_its_rebuilds() {
     .expect("indexes");
     assert_eq!(
         indexes,
-        ["ledger_account", "ledger_referral_once", "usage_account_time", "usage_time"],
+        [
+            "ledger_account",
+            "ledger_referral_once",
+            "usage_account_time",
+            "usage_time"
+        ],
         "what settlements write besides the tables (migration 9)"
     );
     let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sqlite_sequence WHERE name = 'ledger'")
