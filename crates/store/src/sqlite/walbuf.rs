@@ -328,6 +328,7 @@ mod tests {
     use super::*;
 
     /// Write system calls this thread has made (Linux counts them per thread).
+    #[cfg(target_os = "linux")]
     fn writes_so_far() -> u64 {
         let io = std::fs::read_to_string("/proc/thread-self/io").expect("/proc/thread-self/io");
         io.lines()
@@ -381,6 +382,7 @@ mod tests {
             .expect("count")
     }
 
+    #[cfg(target_os = "linux")]
     #[test]
     fn a_commit_reaches_the_wal_in_one_write_and_other_connections_see_it_at_once() {
         let dir = tempfile::tempdir().expect("temp dir");
