@@ -55,13 +55,46 @@ struct Registered {
     inner: *mut ffi::sqlite3_vfs,
     /// Offset of [`Gathered`] within our `sqlite3_file` allocation.
     extra_offset: usize,
-    /// Set by the first WAL file opened: the methods it came with, and ours.
-    methods: OnceLock<Methods>,
+    /// Set by the first WAL file opened: the methods it came with, and ours
+    /// (`None`: it lacked one, and WAL files are left as they come).
+    methods: OnceLock<Option<Methods>>,
 }
 
+/// The `unix` VFS's WAL file methods that ours call on, resolved once.
 struct Methods {
-    inner: *const ffi::sqlite3_io_methods,
+    given: *const ffi::sqlite3_io_methods,
     ours: ffi::sqlite3_io_methods,
+    close: unsafe extern "C" fn(*mut ffi::sqlite3_file) -> c_int,
+    read: unsafe extern "C" fn(*mut ffi::sqlite3_file, *mut c_void, c_int, i64) -> c_int,
+    write: unsafe extern "C" fn(*mut ffi::sqlite3_file, *const c_void, c_int, i64) -> c_int,
+    truncate: unsafe extern "C" fn(*mut ffi::sqlite3_file, i64) -> c_int,
+    sync: unsafe extern "C" fn(*mut ffi::sqlite3_file, c_int) -> c_int,
+    file_size: unsafe extern "C" fn(*mut ffi::sqlite3_file, *mut i64) -> c_int,
+}
+
+impl Methods {
+    /// `None` when the given table lacks one of the methods ours wrap.
+    unsafe fn wrapping(given: *const ffi::sqlite3_io_methods) -> Option<Methods> {
+        let g = &*given;
+        Some(Methods {
+            given,
+            ours: ffi::sqlite3_io_methods {
+                xClose: Some(close),
+                xRead: Some(read),
+                xWrite: Some(write),
+                xTruncate: Some(truncate),
+                xSync: Some(sync),
+                xFileSize: Some(file_size),
+                ..*g
+            },
+            close: g.xClose?,
+            read: g.xRead?,
+            write: g.xWrite?,
+            truncate: g.xTruncate?,
+            sync: g.xSync?,
+            file_size: g.xFileSize?,
+        })
+    }
 }
 
 // The pointers are to SQLite's static VFS and method tables, never freed.
@@ -143,7 +176,7 @@ fn registered() -> Option<&'static Registered> {
 
 unsafe fn gathered<'a>(file: *mut ffi::sqlite3_file) -> Option<(&'a mut Gathered, &'static Methods)> {
     let r = registered()?;
-    let methods = r.methods.get()?;
+    let methods = r.methods.get()?.as_ref()?;
     let extra = file.cast::<u8>().add(r.extra_offset).cast::<Gathered>();
     Some((&mut *extra, methods))
 }
@@ -166,20 +199,11 @@ unsafe extern "C" fn open(
         return rc;
     }
     let given = (*file).pMethods;
-    let methods = r.methods.get_or_init(|| Methods {
-        inner: given,
-        ours: ffi::sqlite3_io_methods {
-            xClose: Some(close),
-            xRead: Some(read),
-            xWrite: Some(write),
-            xTruncate: Some(truncate),
-            xSync: Some(sync),
-            xFileSize: Some(file_size),
-            ..*given
-        },
-    });
+    let Some(methods) = r.methods.get_or_init(|| Methods::wrapping(given)) else {
+        return rc;
+    };
     // Another kind of file than the first WAL file: left as it came.
-    if !ptr::eq(methods.inner, given) {
+    if !ptr::eq(methods.given, given) {
         return rc;
     }
     let extra = file.cast::<u8>().add(r.extra_offset).cast::<Gathered>();
@@ -196,15 +220,21 @@ unsafe fn flush(file: *mut ffi::sqlite3_file, g: &mut Gathered, m: &Methods) -> 
     if g.bytes.is_empty() {
         return ffi::SQLITE_OK;
     }
-    let Some(inner_write) = (*m.inner).xWrite else {
-        return ffi::SQLITE_IOERR_WRITE;
-    };
     let Ok(len) = c_int::try_from(g.bytes.len()) else {
         return ffi::SQLITE_IOERR_WRITE;
     };
-    let rc = inner_write(file, g.bytes.as_ptr().cast::<c_void>(), len, g.offset);
+    let rc = (m.write)(file, g.bytes.as_ptr().cast::<c_void>(), len, g.offset);
     g.bytes.clear();
     rc
+}
+
+/// Sends what `file` has gathered; then the inner methods may run on it.
+unsafe fn flushed(file: *mut ffi::sqlite3_file, missing: c_int) -> Result<&'static Methods, c_int> {
+    let (g, m) = gathered(file).ok_or(missing)?;
+    match flush(file, g, m) {
+        ffi::SQLITE_OK => Ok(m),
+        rc => Err(rc),
+    }
 }
 
 unsafe extern "C" fn close(file: *mut ffi::sqlite3_file) -> c_int {
@@ -213,10 +243,7 @@ unsafe extern "C" fn close(file: *mut ffi::sqlite3_file) -> c_int {
     };
     let flushed = flush(file, g, m);
     let extra: *mut Gathered = g;
-    let closed = match (*m.inner).xClose {
-        Some(inner_close) => inner_close(file),
-        None => ffi::SQLITE_OK,
-    };
+    let closed = (m.close)(file);
     extra.drop_in_place();
     if flushed != ffi::SQLITE_OK {
         flushed
@@ -226,17 +253,7 @@ unsafe extern "C" fn close(file: *mut ffi::sqlite3_file) -> c_int {
 }
 
 unsafe extern "C" fn read(file: *mut ffi::sqlite3_file, buf: *mut c_void, amount: c_int, offset: i64) -> c_int {
-    let Some((g, m)) = gathered(file) else {
-        return ffi::SQLITE_IOERR_READ;
-    };
-    let rc = flush(file, g, m);
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    match (*m.inner).xRead {
-        Some(inner_read) => inner_read(file, buf, amount, offset),
-        None => ffi::SQLITE_IOERR_READ,
-    }
+    flushed(file, ffi::SQLITE_IOERR_READ).map_or_else(|rc| rc, |m| (m.read)(file, buf, amount, offset))
 }
 
 unsafe extern "C" fn write(file: *mut ffi::sqlite3_file, data: *const c_void, amount: c_int, offset: i64) -> c_int {
@@ -258,10 +275,7 @@ unsafe extern "C" fn write(file: *mut ffi::sqlite3_file, data: *const c_void, am
     }
     if len > MAX_WRITE {
         // Larger than SQLite ever writes at once: straight through.
-        return match (*m.inner).xWrite {
-            Some(inner_write) => inner_write(file, data, amount, offset),
-            None => ffi::SQLITE_IOERR_WRITE,
-        };
+        return (m.write)(file, data, amount, offset);
     }
     if g.bytes.is_empty() {
         g.offset = offset;
@@ -274,17 +288,7 @@ unsafe extern "C" fn write(file: *mut ffi::sqlite3_file, data: *const c_void, am
 }
 
 unsafe extern "C" fn truncate(file: *mut ffi::sqlite3_file, size: i64) -> c_int {
-    let Some((g, m)) = gathered(file) else {
-        return ffi::SQLITE_IOERR_TRUNCATE;
-    };
-    let rc = flush(file, g, m);
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    match (*m.inner).xTruncate {
-        Some(inner_truncate) => inner_truncate(file, size),
-        None => ffi::SQLITE_IOERR_TRUNCATE,
-    }
+    flushed(file, ffi::SQLITE_IOERR_TRUNCATE).map_or_else(|rc| rc, |m| (m.truncate)(file, size))
 }
 
 /// A commit's sync (frames gathered, not the WAL's header) only sends them
@@ -298,24 +302,11 @@ unsafe extern "C" fn sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
     if rc != ffi::SQLITE_OK || commit {
         return rc;
     }
-    match (*m.inner).xSync {
-        Some(inner_sync) => inner_sync(file, flags),
-        None => ffi::SQLITE_IOERR_FSYNC,
-    }
+    (m.sync)(file, flags)
 }
 
 unsafe extern "C" fn file_size(file: *mut ffi::sqlite3_file, size: *mut i64) -> c_int {
-    let Some((g, m)) = gathered(file) else {
-        return ffi::SQLITE_IOERR_FSTAT;
-    };
-    let rc = flush(file, g, m);
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    match (*m.inner).xFileSize {
-        Some(inner_size) => inner_size(file, size),
-        None => ffi::SQLITE_IOERR_FSTAT,
-    }
+    flushed(file, ffi::SQLITE_IOERR_FSTAT).map_or_else(|rc| rc, |m| (m.file_size)(file, size))
 }
 
 #[cfg(test)]
