@@ -9,11 +9,12 @@
 //! at once; through another replica it takes effect within the TTL.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use cxmpute_store::ids::{hash_secret, new_id, random_secret};
 use cxmpute_store::{ApiKey, KeyAuth, KeySettings, NewApiKey, Service, Store};
+use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
 
@@ -44,28 +45,45 @@ pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
 
 /// Compares two hex digests without an early exit.
 pub fn same_digest(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    same_bytes(a.as_bytes(), b.as_bytes())
 }
+
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Whether `secret`'s SHA-256, in lower-case hex (as
+/// [`cxmpute_store::ids::hash_secret`] stores it), is `stored`. Runs on every
+/// request, so the hex digest is written on the stack, not allocated.
+fn secret_matches(secret: &str, stored: &str) -> bool {
+    let mut hex_digest = [0u8; 64];
+    hex::encode_to_slice(Sha256::digest(secret.as_bytes()), &mut hex_digest).is_ok()
+        && same_bytes(&hex_digest, stored.as_bytes())
+}
+
+/// A cached lookup: the key's row (shared, so a hit copies nothing), or
+/// `None` for an id that does not exist.
+type Cached = Option<Arc<KeyAuth>>;
 
 #[derive(Default)]
 pub struct KeyCache {
-    entries: RwLock<HashMap<String, (Instant, Option<KeyAuth>)>>,
+    entries: RwLock<HashMap<String, (Instant, Cached)>>,
 }
 
 impl KeyCache {
     /// Finds and verifies a presented key. Errors are the client-facing ones.
-    pub async fn authenticate(&self, store: &dyn Store, raw: &str) -> Result<KeyAuth, ApiError> {
+    pub async fn authenticate(&self, store: &dyn Store, raw: &str) -> Result<Arc<KeyAuth>, ApiError> {
         let presented = parse_key(raw).ok_or_else(ApiError::invalid_key)?;
         let auth = match self.cached(presented.id) {
             Some(hit) => hit,
             None => {
-                let fresh = store.key_auth(presented.id).await?;
+                let fresh = store.key_auth(presented.id).await?.map(Arc::new);
                 self.put(presented.id, fresh.clone());
                 fresh
             }
         };
         let auth = auth.ok_or_else(ApiError::invalid_key)?;
-        if !same_digest(&hash_secret(presented.secret), &auth.key.secret_hash) {
+        if !secret_matches(presented.secret, &auth.key.secret_hash) {
             return Err(ApiError::invalid_key());
         }
         if auth.key.revoked_at.is_some() {
@@ -77,14 +95,14 @@ impl KeyCache {
         Ok(auth)
     }
 
-    fn cached(&self, id: &str) -> Option<Option<KeyAuth>> {
+    fn cached(&self, id: &str) -> Option<Cached> {
         let map = self.entries.read().unwrap_or_else(|p| p.into_inner());
         map.get(id)
             .filter(|(at, _)| at.elapsed() < KEY_CACHE_TTL)
             .map(|(_, a)| a.clone())
     }
 
-    fn put(&self, id: &str, auth: Option<KeyAuth>) {
+    fn put(&self, id: &str, auth: Cached) {
         let mut map = self.entries.write().unwrap_or_else(|p| p.into_inner());
         // Unknown ids are cached too (as None) so a flood of made-up keys
         // cannot turn into a flood of queries; the map is bounded for that reason.
@@ -203,7 +221,7 @@ pub async fn create_device(store: &dyn Store, account_id: &str, name: &str) -> R
 pub async fn verify_device_secret(store: &dyn Store, token: &str) -> Result<cxmpute_store::Device, ApiError> {
     let (id, secret) = token.split_once('.').ok_or_else(ApiError::invalid_key)?;
     let device = store.device(id).await?.ok_or_else(ApiError::invalid_key)?;
-    if !same_digest(&hash_secret(secret), &device.access_key_hash) {
+    if !secret_matches(secret, &device.access_key_hash) {
         return Err(ApiError::invalid_key());
     }
     Ok(device)
@@ -259,5 +277,15 @@ mod tests {
         assert!(same_digest("abcd", "abcd"));
         assert!(!same_digest("abcd", "abce"));
         assert!(!same_digest("abcd", "abc"));
+    }
+
+    /// The check on the request path agrees with the hash the store keeps.
+    #[test]
+    fn a_secret_matches_only_its_own_stored_hash() {
+        let stored = cxmpute_store::ids::hash_secret("s3cret");
+        assert!(secret_matches("s3cret", &stored));
+        assert!(!secret_matches("s3cres", &stored));
+        assert!(!secret_matches("s3cret", &stored[..63]));
+        assert!(!secret_matches("s3cret", &stored.to_uppercase()));
     }
 }

@@ -35,7 +35,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Who is asking.
 pub struct Caller {
     pub request_id: String,
-    pub auth: KeyAuth,
+    pub auth: Arc<KeyAuth>,
 }
 
 /// How to read the answer.
