@@ -366,6 +366,14 @@ mod tests {
         conn.execute_batch("COMMIT").expect("commit");
     }
 
+    /// SQLite's own check of the whole file, through `conn`.
+    fn assert_intact(conn: &Connection) {
+        let check: String = conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .expect("check");
+        assert_eq!(check, "ok");
+    }
+
     fn count(path: &Path) -> i64 {
         let reader = Connection::open(path).expect("reader");
         reader
@@ -402,10 +410,7 @@ mod tests {
             "one write for the commit ({gathered_writes} writes)"
         );
         assert_eq!(count(&path), 2_024, "another connection sees the commit at once");
-        let check: String = conn
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .expect("check");
-        assert_eq!(check, "ok");
+        assert_intact(&conn);
     }
 
     /// A transaction larger than the page cache, whose commit takes many
@@ -435,10 +440,7 @@ mod tests {
         drop(conn);
 
         let reader = Connection::open(&path).expect("reader");
-        let check: String = reader
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .expect("check");
-        assert_eq!(check, "ok");
+        assert_intact(&reader);
         let (rows, last_round): (i64, i64) = reader
             .query_row("SELECT count(*), sum(k LIKE '2-%') FROM t", [], |r| {
                 Ok((r.get(0)?, r.get(1)?))
@@ -488,10 +490,7 @@ mod tests {
         drop(conn);
 
         let reader = Connection::open(&path).expect("reader");
-        let check: String = reader
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .expect("check");
-        assert_eq!(check, "ok");
+        assert_intact(&reader);
         assert_eq!(
             count(&path),
             55,
