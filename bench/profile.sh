@@ -69,6 +69,7 @@ url_in() { # file...: the first http://… address printed
 }
 
 "$BIN/fake-upstream" --port 0 >"$TMP/up.out" 2>"$TMP/up.err" &
+UP_PID=$!
 UP=$(url_in "$TMP/up.out" "$TMP/up.err")
 env "${GW_ENV[@]}" CXMPUTE_ADMIN_TOKEN="$TOKEN" CXMPUTE_LOG=warn "${GW_WRAP[@]}" "$GW_BIN" \
     --database-url "${DB_URL:-sqlite://$TMP/gw.db}" serve --listen 127.0.0.1:0 >"$TMP/gw.out" 2>"$TMP/gw.err" &
@@ -134,6 +135,23 @@ if [[ ${STRACE:-0} != 0 ]]; then
     awk -v n="$N" '$1 ~ /^[0-9.]+$/ && NF >= 5 && $NF != "total" {
         printf "%8.2f  %s\n", $4 / n, $NF; total += $4 }
         END { printf "%8.2f  in all\n", total / n }' "$TMP/strace.txt" | sort -rn
+    exit 0
+fi
+if [[ ${SCHED:-0} != 0 ]]; then
+    # A timeline of every system call and context switch of the four processes
+    # while requests run; `bench/timeline.py` turns it into the median time of
+    # each step of one request's path (which process, which call, when).
+    "${LG[@]}" --duration-secs 3 >/dev/null &
+    LG_PID=$!
+    sleep 1
+    perf record -q -e raw_syscalls:sys_enter -e raw_syscalls:sys_exit -e sched:sched_switch \
+        -e sched:sched_wakeup -p "$LG_PID,$GW_PID,$NODE_PID,$UP_PID" -o "$TMP/sched.data" \
+        -- sleep "${SCHED_SECS:-0.3}" >/dev/null 2>&1
+    wait "$LG_PID" || true
+    perf script -i "$TMP/sched.data" -F comm,pid,tid,cpu,time,event,trace >"$TMP/sched.txt" 2>/dev/null
+    python3 "$ROOT/bench/timeline.py" "$TMP/sched.txt" loadgen="$LG_PID" gateway="$GW_PID" node="$NODE_PID" \
+        upstream="$UP_PID"
+    echo "raw timeline: $TMP/sched.txt"
     exit 0
 fi
 ticks() { awk '{ print $14 + $15 }' "/proc/${1:-$GW_PID}/stat"; }

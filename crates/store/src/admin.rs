@@ -286,7 +286,7 @@ macro_rules! impl_admin_store {
                     .bind(query.trim())
                     .bind(like_pattern(query))
                     .bind(limit.max(0))
-                    .fetch_all(&self.$r)
+                    .fetch_all(self.$r().await)
                     .await?;
                 Ok(rows.into_iter().map(|row| self.shown(row.into())).collect())
             }
@@ -306,7 +306,7 @@ macro_rules! impl_admin_store {
                     .bind(account_id)
                     .bind(before_id.unwrap_or(i64::MAX))
                     .bind(limit.max(0))
-                    .fetch_all(&self.$r)
+                    .fetch_all(self.$r().await)
                     .await?;
                 $crate::rows::convert_all(rows)
             }
@@ -333,14 +333,14 @@ macro_rules! impl_admin_store {
 
             async fn latest_pricing_version(&self) -> $crate::Result<Option<$crate::PricingVersion>> {
                 Ok(::sqlx::query_as($crate::admin::LATEST_PRICING)
-                    .fetch_optional(&self.$r)
+                    .fetch_optional(self.$r().await)
                     .await?)
             }
 
             async fn pricing_versions(&self, limit: i64) -> $crate::Result<Vec<$crate::PricingVersion>> {
                 Ok(::sqlx::query_as($crate::admin::PRICING_HISTORY)
                     .bind(limit.max(0))
-                    .fetch_all(&self.$r)
+                    .fetch_all(self.$r().await)
                     .await?)
             }
 
@@ -362,7 +362,7 @@ macro_rules! impl_admin_store {
             async fn banners_from(&self, now: $crate::Millis) -> $crate::Result<Vec<$crate::Banner>> {
                 let rows: Vec<$crate::admin::BannerRow> = ::sqlx::query_as($crate::admin::BANNERS_FROM)
                     .bind(now)
-                    .fetch_all(&self.$r)
+                    .fetch_all(self.$r().await)
                     .await?;
                 $crate::rows::convert_all(rows)
             }
@@ -379,7 +379,7 @@ macro_rules! impl_admin_store {
                 let rows: Vec<$crate::admin::UsageDayRow> = ::sqlx::query_as($crate::admin::USAGE_DAYS)
                     .bind(account_id)
                     .bind(since_day)
-                    .fetch_all(&self.$r)
+                    .fetch_all(self.$r().await)
                     .await?;
                 $crate::rows::convert_all(rows)
             }
@@ -392,14 +392,14 @@ macro_rules! impl_admin_store {
                 Ok(::sqlx::query_as($crate::admin::PROVIDER_DAYS)
                     .bind(account_id)
                     .bind(since_day)
-                    .fetch_all(&self.$r)
+                    .fetch_all(self.$r().await)
                     .await?)
             }
 
             async fn provider_totals(&self, account_id: &str) -> $crate::Result<(i64, i64)> {
                 Ok(::sqlx::query_as($crate::admin::PROVIDER_TOTAL)
                     .bind(account_id)
-                    .fetch_one(&self.$r)
+                    .fetch_one(self.$r().await)
                     .await?)
             }
 
@@ -407,7 +407,7 @@ macro_rules! impl_admin_store {
                 let (requests, errors, latency_ms, chat_output_tokens, chat_latency_ms): (i64, i64, i64, i64, i64) =
                     ::sqlx::query_as($crate::admin::NETWORK_USAGE)
                         .bind(since)
-                        .fetch_one(&self.$r)
+                        .fetch_one(self.$r().await)
                         .await?;
                 Ok($crate::NetworkUsage {
                     requests,

@@ -281,7 +281,7 @@ pub enum HoldOutcome {
 }
 
 /// Everything recorded when a request ends, successful or not.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
     pub request_id: String,
     pub account_id: String,

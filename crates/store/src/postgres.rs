@@ -44,6 +44,11 @@ pub struct PgStore {
 }
 
 impl PgStore {
+    /// The pool reads go to (the admin and referral stores' `read`).
+    pub(crate) async fn reads(&self) -> &PgPool {
+        &self.pool
+    }
+
     /// Holds are rows here, already taken off the balance: accounts show as read.
     pub(crate) fn shown(&self, account: Account) -> Account {
         account

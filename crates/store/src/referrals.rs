@@ -256,7 +256,7 @@ macro_rules! impl_referral_store {
                 use $crate::referrals::*;
                 let found: Option<String> = ::sqlx::query_scalar(CODE_OF)
                     .bind(account_id)
-                    .fetch_optional(&self.$r)
+                    .fetch_optional(self.$r().await)
                     .await?;
                 if let Some(code) = found {
                     return Ok(code);
@@ -287,14 +287,14 @@ macro_rules! impl_referral_store {
             async fn account_of_referral_code(&self, code: &str) -> $crate::Result<Option<String>> {
                 Ok(::sqlx::query_scalar($crate::referrals::ACCOUNT_OF_CODE)
                     .bind(code)
-                    .fetch_optional(&self.$r)
+                    .fetch_optional(self.$r().await)
                     .await?)
             }
 
             async fn referrer_of(&self, account_id: &str) -> $crate::Result<Option<String>> {
                 let found: Option<Option<String>> = ::sqlx::query_scalar($crate::referrals::REFERRER_OF)
                     .bind(account_id)
-                    .fetch_optional(&self.$r)
+                    .fetch_optional(self.$r().await)
                     .await?;
                 Ok(found.flatten())
             }
@@ -356,7 +356,7 @@ macro_rules! impl_referral_store {
             async fn referred_by(&self, referrer_id: &str) -> $crate::Result<Vec<$crate::Referred>> {
                 Ok(::sqlx::query_as($crate::referrals::REFERRED_BY)
                     .bind(referrer_id)
-                    .fetch_all(&self.$r)
+                    .fetch_all(self.$r().await)
                     .await?)
             }
 
@@ -364,16 +364,16 @@ macro_rules! impl_referral_store {
                 use $crate::referrals::*;
                 plan.validate()?;
                 let (start, end) = day_bounds(day)?;
-                let edges: Vec<(String, String)> = ::sqlx::query_as(EDGES).fetch_all(&self.$r).await?;
+                let edges: Vec<(String, String)> = ::sqlx::query_as(EDGES).fetch_all(self.$r().await).await?;
                 let rewards: Vec<(String, i64)> = ::sqlx::query_as(DAY_REWARDS)
                     .bind(start)
                     .bind(end)
-                    .fetch_all(&self.$r)
+                    .fetch_all(self.$r().await)
                     .await?;
                 let spend: Vec<(String, i64)> = ::sqlx::query_as(DAY_SPEND)
                     .bind(start)
                     .bind(end)
-                    .fetch_all(&self.$r)
+                    .fetch_all(self.$r().await)
                     .await?;
                 let payouts = plan_payouts(day, plan, &edges.into_iter().collect(), &rewards, &spend);
                 let mut run = $crate::PayoutRun {

@@ -17,6 +17,7 @@ mod admin;
 mod credits;
 mod devices;
 mod holds;
+mod journal;
 mod pending;
 mod referrals;
 mod walbuf;
@@ -59,7 +60,7 @@ struct ScratchFile(PathBuf);
 
 impl Drop for ScratchFile {
     fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm", ".serving"] {
+        for suffix in ["", "-wal", "-shm", ".serving", "-settling-0", "-settling-1"] {
             let mut path = self.0.clone().into_os_string();
             path.push(suffix);
             let _ = std::fs::remove_file(path);
@@ -189,6 +190,47 @@ impl SqliteStore {
         account
     }
 
+    /// Takes the serving claim (see `claim_for_serving`); the database's
+    /// canonical path when it was taken now, `None` when this store held it.
+    fn claim(&self) -> Result<Option<PathBuf>> {
+        let mut claim = self.claim.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if claim.is_some() {
+            return Ok(None);
+        }
+        // One lock file per database, however its path was spelled.
+        let database = std::fs::canonicalize(&self.path).unwrap_or_else(|_| self.path.clone());
+        let mut lock_path = database.clone().into_os_string();
+        lock_path.push(".serving");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| StoreError::InUse(format!("cannot open {}: {e}", Path::new(&lock_path).display())))?;
+        match file.try_lock() {
+            Ok(()) => {
+                *claim = Some(file);
+                Ok(Some(database))
+            }
+            Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse(format!(
+                "another gateway is serving {} (a SQLite database serves one gateway; use PostgreSQL for several)",
+                self.path.display()
+            ))),
+            Err(std::fs::TryLockError::Error(e)) => Err(StoreError::InUse(format!(
+                "cannot lock {}: {e}",
+                Path::new(&lock_path).display()
+            ))),
+        }
+    }
+
+    /// The pool reads go to, once the settlements journaled so far are in
+    /// the database (`sqlite/journal.rs`): a read sees every request that
+    /// has ended.
+    pub(crate) async fn reads(&self) -> &SqlitePool {
+        self.credits.caught_up().await;
+        &self.reader
+    }
+
     /// What the running requests of an account hold; 0 on other backends,
     /// whose balances no longer contain their holds.
     pub(crate) fn held_now(&self, account_id: &str) -> i64 {
@@ -220,14 +262,14 @@ impl Store for SqliteStore {
     async fn account(&self, id: &str) -> Result<Option<Account>> {
         let row: Option<AccountRow> = sqlx::query_as("SELECT * FROM accounts WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.reader)
+            .fetch_optional(self.reads().await)
             .await?;
         Ok(row.map(|row| self.shown(row.into())))
     }
 
     async fn list_accounts(&self) -> Result<Vec<Account>> {
         let rows: Vec<AccountRow> = sqlx::query_as("SELECT * FROM accounts ORDER BY created_at, id")
-            .fetch_all(&self.reader)
+            .fetch_all(self.reads().await)
             .await?;
         Ok(rows.into_iter().map(|row| self.shown(row.into())).collect())
     }
@@ -290,7 +332,7 @@ impl Store for SqliteStore {
         )
         .bind(account_id)
         .bind(rules::limit(limit))
-        .fetch_all(&self.reader)
+        .fetch_all(self.reads().await)
         .await?;
         convert_all(rows)
     }
@@ -326,7 +368,7 @@ impl Store for SqliteStore {
         let rows: Vec<ApiKeyRow> =
             sqlx::query_as("SELECT * FROM api_keys WHERE account_id = $1 ORDER BY created_at, id")
                 .bind(account_id)
-                .fetch_all(&self.reader)
+                .fetch_all(self.reads().await)
                 .await?;
         convert_all(rows)
     }
@@ -337,7 +379,7 @@ impl Store for SqliteStore {
              FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.id = $1",
         )
         .bind(key_id)
-        .fetch_optional(&self.reader)
+        .fetch_optional(self.reads().await)
         .await?;
         row.map(KeyAuth::try_from).transpose()
     }
@@ -383,7 +425,7 @@ impl Store for SqliteStore {
     async fn device(&self, id: &str) -> Result<Option<Device>> {
         let row: Option<DeviceRow> = sqlx::query_as("SELECT * FROM devices WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.reader)
+            .fetch_optional(self.reads().await)
             .await?;
         Ok(row.map(Device::from))
     }
@@ -392,7 +434,7 @@ impl Store for SqliteStore {
         let rows: Vec<DeviceRow> =
             sqlx::query_as("SELECT * FROM devices WHERE account_id = $1 ORDER BY created_at, id")
                 .bind(account_id)
-                .fetch_all(&self.reader)
+                .fetch_all(self.reads().await)
                 .await?;
         Ok(rows.into_iter().map(Device::from).collect())
     }
@@ -463,7 +505,7 @@ impl Store for SqliteStore {
 
     async fn provisions(&self) -> Result<Vec<ProvisionRecord>> {
         let rows: Vec<ProvisionRow> = sqlx::query_as("SELECT * FROM provisions ORDER BY device_id, service, model")
-            .fetch_all(&self.reader)
+            .fetch_all(self.reads().await)
             .await?;
         convert_all(rows)
     }
@@ -471,7 +513,7 @@ impl Store for SqliteStore {
     async fn known_models(&self) -> Result<Vec<(Service, String)>> {
         let rows: Vec<(String, String)> =
             sqlx::query_as("SELECT DISTINCT service, model FROM provisions ORDER BY service, model")
-                .fetch_all(&self.reader)
+                .fetch_all(self.reads().await)
                 .await?;
         parse_models(rows)
     }
@@ -500,7 +542,7 @@ impl Store for SqliteStore {
     async fn usage(&self, request_id: &str) -> Result<Option<UsageRecord>> {
         let row: Option<UsageRow> = sqlx::query_as("SELECT * FROM usage_records WHERE request_id = $1")
             .bind(request_id)
-            .fetch_optional(&self.reader)
+            .fetch_optional(self.reads().await)
             .await?;
         row.map(UsageRecord::try_from).transpose()
     }
@@ -512,7 +554,7 @@ impl Store for SqliteStore {
         )
         .bind(account_id)
         .bind(rules::limit(limit))
-        .fetch_all(&self.reader)
+        .fetch_all(self.reads().await)
         .await?;
         convert_all(rows)
     }
@@ -523,7 +565,7 @@ impl Store for SqliteStore {
              ORDER BY account_id, device_id, service, model",
         )
         .bind(day)
-        .fetch_all(&self.reader)
+        .fetch_all(self.reads().await)
         .await?;
         convert_all(rows)
     }
@@ -535,7 +577,7 @@ impl Store for SqliteStore {
         )
         .bind(account_id)
         .bind(kind.as_str())
-        .fetch_one(&self.reader)
+        .fetch_one(self.reads().await)
         .await?)
     }
 
@@ -544,7 +586,7 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        sqlx::query("SELECT 1").execute(self.reads().await).await?;
         Ok(())
     }
 
@@ -552,35 +594,11 @@ impl Store for SqliteStore {
     /// drops with the process however it ends. Two gateways on one file would
     /// not see each other's holds; the admin commands take no claim.
     async fn claim_for_serving(&self) -> Result<()> {
-        let mut claim = self.claim.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if claim.is_some() {
-            return Ok(());
+        if let Some(database) = self.claim()? {
+            // Only the claim's holder uses the settlement journal.
+            self.credits.serve_journal(&database).await?;
         }
-        // One lock file per database, however its path was spelled.
-        let mut lock_path = std::fs::canonicalize(&self.path)
-            .unwrap_or_else(|_| self.path.clone())
-            .into_os_string();
-        lock_path.push(".serving");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| StoreError::InUse(format!("cannot open {}: {e}", Path::new(&lock_path).display())))?;
-        match file.try_lock() {
-            Ok(()) => {
-                *claim = Some(file);
-                Ok(())
-            }
-            Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse(format!(
-                "another gateway is serving {} (a SQLite database serves one gateway; use PostgreSQL for several)",
-                self.path.display()
-            ))),
-            Err(std::fs::TryLockError::Error(e)) => Err(StoreError::InUse(format!(
-                "cannot lock {}: {e}",
-                Path::new(&lock_path).display()
-            ))),
-        }
+        Ok(())
     }
 
     async fn account_by_email(&self, email: &str) -> Result<Option<Account>> {

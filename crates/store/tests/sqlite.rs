@@ -26,11 +26,31 @@ where
     test(Arc::new(store)).await;
 }
 
+/// A file that the store serves, as a gateway's does: settlements then go
+/// through the settlement journal and reach the database on the credit
+/// writer's thread, after `settle` has returned.
+async fn serving<F, Fut>(test: F)
+where
+    F: FnOnce(Arc<dyn Store>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    let store = SqliteStore::connect(&url).await.expect("connect");
+    store.claim_for_serving().await.expect("claim");
+    test(Arc::new(store)).await;
+}
+
 conformance_tests!(on_temp_file);
 
 mod memory {
     use super::in_memory;
     cxmpute_store::conformance_tests!(in_memory);
+}
+
+mod journaled {
+    use super::serving;
+    cxmpute_store::conformance_tests!(serving);
 }
 
 #[tokio::test]

@@ -38,4 +38,4 @@ impl PgStore {
     }
 }
 
-crate::impl_admin_store!(PgStore, read = pool, write = pool, begin = begin_tx);
+crate::impl_admin_store!(PgStore, read = reads, write = pool, begin = begin_tx);

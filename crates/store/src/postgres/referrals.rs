@@ -3,4 +3,4 @@
 //! insert of a ledger key waits on the first's uncommitted one and then
 //! does nothing, so each payout still happens once.
 
-crate::impl_referral_store!(super::PgStore, read = pool, write = pool, begin = begin_tx);
+crate::impl_referral_store!(super::PgStore, read = reads, write = pool, begin = begin_tx);

@@ -1,7 +1,7 @@
 //! Operator tools and dashboard aggregates on SQLite: the shared SQL of
 //! `crate::admin`, writes through the single writer connection.
 
-crate::impl_admin_store!(super::SqliteStore, read = reader, write = writer, begin = begin_write);
+crate::impl_admin_store!(super::SqliteStore, read = reads, write = writer, begin = begin_write);
 
 impl super::SqliteStore {
     /// Through the credit writer, which checks a debit against the holds in

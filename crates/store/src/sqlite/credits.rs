@@ -25,7 +25,14 @@
 //! saves two thread wake-ups per job. Otherwise jobs queue and share commits
 //! as before (running them on the callers' async threads under load was
 //! measured to cost throughput: every job then pays its own commit).
+//!
+//! Once the store serves (it holds the file's serving claim), a settlement
+//! whose request holds credits here does not wait for any of this: it goes
+//! to the settlement journal (`journal.rs`, decision 57) and to the thread's
+//! queue, and its caller goes on; the thread applies it in its next batch.
+//! Reads wait for what is journaled ([`CreditWriter::caught_up`]).
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError, TryLockError};
@@ -34,7 +41,8 @@ use std::time::{Duration, Instant};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::oneshot;
 
-use super::holds::{Holds, Standing, Undo};
+use super::holds::{Holds, Settling, Standing, Undo};
+use super::journal::{Journal, Ticket};
 use super::pending::Pending;
 use crate::{rules, HoldOutcome, HoldRequest, LedgerKind, Millis, Result, SettleOutcome, StoreError, UsageRecord};
 
@@ -54,7 +62,11 @@ const QUIET_STREAK: usize = 32;
 enum Op {
     Hold(HoldRequest),
     Settle(Box<UsageRecord>),
+    /// A settlement already in the journal, whose caller has gone on.
+    Journaled(Box<UsageRecord>, Ticket),
     Adjust(Box<Adjustment>),
+    /// Answered once every job queued before it is done.
+    Barrier,
 }
 
 enum Done {
@@ -62,6 +74,7 @@ enum Done {
     Settle(SettleOutcome),
     /// The balance shown after an adjustment.
     Adjusted(i64),
+    Barrier,
 }
 
 /// An operator's change to a balance. It runs here, under the connection's
@@ -75,7 +88,8 @@ struct Adjustment {
 
 struct Job {
     op: Op,
-    reply: oneshot::Sender<Result<Done>>,
+    /// `None` for a journaled settlement: nobody waits for it.
+    reply: Option<oneshot::Sender<Result<Done>>>,
 }
 
 /// Handle to the writer thread. Dropping the last handle ends the thread
@@ -86,6 +100,20 @@ pub(super) struct CreditWriter {
     shared: Arc<Shared>,
     /// Dropped with the writer, which ends the WAL copier thread.
     _copier: mpsc::Sender<()>,
+    /// Joined on drop, so that the settlements still queued (journaled ones
+    /// included) are in the database when the store is gone.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for CreditWriter {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread once it has run what is queued.
+        let (closed, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.jobs, closed));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// What callers and the writer thread share.
@@ -103,6 +131,15 @@ struct Shared {
     /// A checkpoint request is on its way to the thread.
     checkpoint_asked: AtomicBool,
     epoch: Instant,
+    /// Set once the store serves (`serve_journal`); taken before `holds`.
+    journal: Mutex<Option<Journal>>,
+    /// Journaled settlements queued, and those the thread has finished.
+    journaled: AtomicU64,
+    finished: AtomicU64,
+    /// Provider accounts a settlement has paid a reward to. Only rewards to
+    /// these are journaled: a reward to an account that does not exist must
+    /// fail before the client sees the end of the answer.
+    paid: Mutex<HashSet<String>>,
 }
 
 impl Shared {
@@ -144,6 +181,10 @@ impl Shared {
             checkpointed_ms: AtomicU64::new(0),
             checkpoint_asked: AtomicBool::new(false),
             epoch: Instant::now(),
+            journal: Mutex::new(None),
+            journaled: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+            paid: Mutex::new(HashSet::new()),
         }
     }
 
@@ -162,7 +203,7 @@ impl CreditWriter {
         let copier_conn = open(path, Role::Copier)?;
         let (jobs, rx) = mpsc::channel();
         let thread_shared = shared.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("cxmpute-credits".into())
             .spawn(move || run(&thread_shared, rx))
             .map_err(|e| StoreError::Corrupt(format!("cannot start the credit writer thread: {e}")))?;
@@ -175,6 +216,7 @@ impl CreditWriter {
             jobs,
             shared,
             _copier: copier,
+            thread: Some(thread),
         })
     }
 
@@ -207,9 +249,100 @@ impl CreditWriter {
                 return result;
             }
         }
+        self.queue(op).await
+    }
+
+    /// Queues a job for the thread and waits for its answer.
+    async fn queue(&self, op: Op) -> Result<Done> {
         let (reply, answer) = oneshot::channel();
-        self.jobs.send(Some(Job { op, reply })).map_err(|_| stopped())?;
+        self.jobs
+            .send(Some(Job { op, reply: Some(reply) }))
+            .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
+    }
+
+    /// Applies the settlements a previous gateway left in the journal beside
+    /// `database`, then settles through the journal from now on. Called when
+    /// this store starts serving (it holds the file's serving claim, so no
+    /// other process uses the journal).
+    pub(super) async fn serve_journal(&self, database: &Path) -> Result<()> {
+        let journal_error = |e: std::io::Error| StoreError::Corrupt(format!("settlement journal: {e}"));
+        let (mut journal, left) = Journal::open(database).map_err(journal_error)?;
+        if !left.is_empty() {
+            let (mut settled, mut failed) = (0u64, 0u64);
+            for usage in left {
+                match self.queue(Op::Settle(Box::new(usage))).await {
+                    Ok(_) => settled += 1,
+                    Err(e) => {
+                        failed += 1;
+                        tracing::error!(error = %e, "a settlement from the journal could not be applied");
+                    }
+                }
+            }
+            tracing::info!(
+                settled,
+                failed,
+                "applied the settlements the previous gateway left in its journal"
+            );
+        }
+        journal.start().map_err(journal_error)?;
+        *self.shared.journal.lock().unwrap_or_else(PoisonError::into_inner) = Some(journal);
+        Ok(())
+    }
+
+    /// Waits until the settlements journaled so far are in the database, so
+    /// that a read sees every settlement whose request has ended.
+    pub(super) async fn caught_up(&self) {
+        if self.shared.finished.load(Ordering::Acquire) >= self.shared.journaled.load(Ordering::Acquire) {
+            return;
+        }
+        let _ = self.queue(Op::Barrier).await;
+    }
+
+    /// Settles through the journal when this store serves and the request
+    /// holds credits here; `None` sends the settlement the synchronous way.
+    fn settle_journaled(&self, usage: UsageRecord) -> std::result::Result<SettleOutcome, UsageRecord> {
+        let mut journal = self.shared.journal.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(journal) = journal.as_mut() else {
+            return Err(usage);
+        };
+        if let (Some(provider), true) = (&usage.provider_account_id, rules::payable_reward(&usage) > 0) {
+            if !self
+                .shared
+                .paid
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(provider)
+            {
+                return Err(usage);
+            }
+        }
+        let before = match self.shared.holds().begin_settling(&usage) {
+            Settling::Absent => return Err(usage),
+            Settling::Already => return Ok(SettleOutcome::AlreadySettled),
+            Settling::Started(before) => before,
+        };
+        let ticket = match journal.append(&usage) {
+            Ok(Some(ticket)) => ticket,
+            refused => {
+                if let Err(e) = refused {
+                    tracing::warn!(error = %e, "cannot write the settlement journal; settling synchronously");
+                }
+                self.shared.holds().cancel_settling(&usage.request_id, before);
+                return Err(usage);
+            }
+        };
+        self.shared.journaled.fetch_add(1, Ordering::AcqRel);
+        let job = Job {
+            op: Op::Journaled(Box::new(usage), ticket),
+            reply: None,
+        };
+        if self.jobs.send(Some(job)).is_err() {
+            // The thread is gone (the store is closing): the record stays in
+            // the journal for the next start.
+            tracing::warn!("the credit writer stopped; a settlement waits in the journal");
+        }
+        Ok(SettleOutcome::Settled)
     }
 
     pub(super) async fn hold(&self, hold: HoldRequest) -> Result<HoldOutcome> {
@@ -254,8 +387,25 @@ impl CreditWriter {
 
     pub(super) async fn settle(&self, usage: UsageRecord) -> Result<SettleOutcome> {
         rules::check_usage(&usage)?;
+        let usage = match self.settle_journaled(usage) {
+            Ok(outcome) => return Ok(outcome),
+            Err(usage) => usage,
+        };
+        let paid = usage
+            .provider_account_id
+            .clone()
+            .filter(|_| rules::payable_reward(&usage) > 0);
         match self.submit(Op::Settle(Box::new(usage))).await? {
-            Done::Settle(outcome) => Ok(outcome),
+            Done::Settle(outcome) => {
+                if let (Some(provider), SettleOutcome::Settled) = (paid, outcome) {
+                    self.shared
+                        .paid
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(provider);
+                }
+                Ok(outcome)
+            }
             _ => Err(mismatch()),
         }
     }
@@ -363,14 +513,41 @@ fn run(shared: &Shared, rx: mpsc::Receiver<Option<Job>>) {
             results.extend(batch.iter().map(|job| run_alone(&conn, shared, &job.op)));
         }
         undo.clear();
+        count_journaled(shared, &batch, &results);
         for (job, result) in batch.drain(..).zip(results.drain(..)) {
-            let _ = job.reply.send(result);
+            if let Some(reply) = job.reply {
+                let _ = reply.send(result);
+            }
         }
         if asked || shared.checkpoint_due() {
             shared.checkpoint(&conn);
         }
     }
     shared.checkpoint(&shared.lock());
+}
+
+/// Tells the journal which of its records are now in the database (or failed
+/// for good), before any job of the batch is answered.
+fn count_journaled(shared: &Shared, batch: &[Job], results: &[Result<Done>]) {
+    let mut journal = None;
+    let mut finished = 0;
+    for (job, result) in batch.iter().zip(results) {
+        let Op::Journaled(usage, ticket) = &job.op else {
+            continue;
+        };
+        if let Err(e) = result {
+            tracing::error!(request_id = %usage.request_id, error = %e,
+                "a journaled settlement could not be applied; it stays in the journal for the next start");
+        }
+        let journal = journal.get_or_insert_with(|| shared.journal.lock().unwrap_or_else(PoisonError::into_inner));
+        if let Some(journal) = journal.as_mut() {
+            journal.applied(*ticket, result.is_ok());
+        }
+        finished += 1;
+    }
+    if finished > 0 {
+        shared.finished.fetch_add(finished, Ordering::AcqRel);
+    }
 }
 
 /// How often, at most, the WAL is copied back into the database file. Rows
@@ -460,8 +637,8 @@ fn begin(conn: &Connection, op: &Op) -> Result<()> {
         let _ = exec(conn, "ROLLBACK");
     }
     match op {
-        Op::Hold(_) => Ok(()),
-        Op::Settle(_) | Op::Adjust(_) => exec(conn, "BEGIN IMMEDIATE"),
+        Op::Hold(_) | Op::Barrier => Ok(()),
+        Op::Settle(_) | Op::Journaled(..) | Op::Adjust(_) => exec(conn, "BEGIN IMMEDIATE"),
     }
 }
 
@@ -490,7 +667,8 @@ fn apply(conn: &Connection, shared: &Shared, op: &Op, undo: &mut Vec<Undo>, pend
             let standing = standing(conn, hold, pending)?;
             shared.holds().place(hold, &standing, undo).map(Done::Hold)
         }
-        Op::Settle(usage) => settle_one(conn, shared, usage, undo, pending).map(Done::Settle),
+        Op::Settle(usage) | Op::Journaled(usage, _) => settle_one(conn, shared, usage, undo, pending).map(Done::Settle),
+        Op::Barrier => Ok(Done::Barrier),
         Op::Adjust(adjustment) => adjust_one(conn, shared, adjustment, pending).map(Done::Adjusted),
     }
 }
@@ -668,7 +846,7 @@ mod tests {
 
     fn job(op: Op) -> Job {
         let (reply, _) = oneshot::channel();
-        Job { op, reply }
+        Job { op, reply: Some(reply) }
     }
 
     fn settle(request_id: &str, key: &crate::ApiKey, cost: i64) -> Job {
@@ -725,6 +903,7 @@ mod tests {
                 Ok(Done::Hold(h)) => format!("{h:?}"),
                 Ok(Done::Settle(s)) => format!("{s:?}"),
                 Ok(Done::Adjusted(balance)) => format!("balance {balance}"),
+                Ok(Done::Barrier) => "barrier".into(),
                 Err(e) => format!("error: {e}"),
             })
             .collect();
@@ -822,5 +1001,88 @@ mod tests {
         let stored = store.account(&account.id).await.expect("read").expect("account");
         assert_eq!(stored.balance, 900);
         assert_eq!(store.api_keys(&account.id).await.expect("keys")[0].spent, 100);
+    }
+
+    /// A gateway killed after a settlement reached the journal but before
+    /// the credit writer applied it: the next gateway on the file applies it
+    /// before it serves, once, and starts with an empty journal.
+    #[tokio::test]
+    async fn the_next_gateway_applies_what_the_journal_holds() {
+        let (dir, store, key, _shared) = fixture(None).await;
+        let path = dir.path().join("credits.db");
+        let database = std::fs::canonicalize(&path).expect("canonical path");
+        drop(store);
+        {
+            let (mut journal, left) = Journal::open(&database).expect("journal");
+            assert!(left.is_empty());
+            journal.start().expect("start");
+            for request_id in ["r1", "r2", "r1"] {
+                journal
+                    .append(&usage_of(request_id, &key, 100, 0, None))
+                    .expect("append");
+            }
+        }
+        let url = format!("sqlite://{}", path.display());
+        let store = SqliteStore::connect(&url).await.expect("reopen");
+        assert!(
+            store.usage("r1").await.expect("read").is_none(),
+            "only a serving store replays"
+        );
+        store.claim_for_serving().await.expect("claim");
+        assert!(store.usage("r1").await.expect("read").is_some());
+        assert!(store.usage("r2").await.expect("read").is_some());
+        let account = store.account(&key.account_id).await.expect("read").expect("account");
+        assert_eq!(account.balance, 800, "each request charged once");
+        for file in super::super::journal::paths(&database) {
+            assert_eq!(std::fs::metadata(file).expect("journal file").len(), 0);
+        }
+    }
+
+    /// Through the journal, `settle` returns before the database has the
+    /// settlement, and reads wait for it.
+    #[tokio::test]
+    async fn reads_after_a_journaled_settlement_see_it() {
+        let (_dir, store, key, _shared) = fixture(None).await;
+        store.claim_for_serving().await.expect("claim");
+        let mut settled = Vec::new();
+        for n in 0..50 {
+            let request_id = format!("j{n}");
+            assert_eq!(
+                store.hold(hold_of(&request_id, &key, 20)).await.expect("hold"),
+                HoldOutcome::Held
+            );
+            settled.push(
+                store
+                    .settle(usage_of(&request_id, &key, 10, 0, None))
+                    .await
+                    .expect("settle"),
+            );
+            assert_eq!(
+                store
+                    .settle(usage_of(&request_id, &key, 10, 0, None))
+                    .await
+                    .expect("settle twice"),
+                SettleOutcome::AlreadySettled
+            );
+        }
+        assert!(settled.iter().all(|s| *s == SettleOutcome::Settled));
+        assert_eq!(
+            store
+                .usage_for_account(&key.account_id, 100)
+                .await
+                .expect("usage")
+                .len(),
+            50
+        );
+        assert_eq!(
+            store
+                .ledger_sum(&key.account_id, LedgerKind::Charge)
+                .await
+                .expect("sum"),
+            -500
+        );
+        let account = store.account(&key.account_id).await.expect("read").expect("account");
+        assert_eq!(account.balance, 500);
+        assert_eq!(store.held_amount(&key.account_id).await.expect("held"), 0);
     }
 }

@@ -35,7 +35,7 @@ impl SqliteStore {
         let row: Option<(String, String, i64)> =
             sqlx::query_as("SELECT device_name, status, expires_at FROM device_codes WHERE user_code_hash = $1")
                 .bind(user_code_hash)
-                .fetch_optional(&self.reader)
+                .fetch_optional(self.reads().await)
                 .await?;
         Ok(row.map(|(device_name, status, expires_at)| DeviceCodeInfo {
             device_name,
@@ -211,7 +211,7 @@ impl SqliteStore {
         let report: Option<(String, i64)> =
             sqlx::query_as("SELECT hardware, assigned_at FROM device_reports WHERE device_id = $1")
                 .bind(device_id)
-                .fetch_optional(&self.reader)
+                .fetch_optional(self.reads().await)
                 .await?;
         let Some((hardware, assigned_at)) = report else {
             return Ok(None);
@@ -220,7 +220,7 @@ impl SqliteStore {
             "SELECT service, model FROM device_assignments WHERE device_id = $1 ORDER BY service, model",
         )
         .bind(device_id)
-        .fetch_all(&self.reader)
+        .fetch_all(self.reads().await)
         .await?;
         Ok(Some(StoredAssignment {
             models: parse_models(rows)?,

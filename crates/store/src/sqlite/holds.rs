@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 
-use crate::{HoldOutcome, HoldRequest, Millis, Result, StoreError};
+use crate::{HoldOutcome, HoldRequest, Millis, Result, StoreError, UsageRecord};
 
 /// One request's hold.
 #[derive(Debug, Clone)]
@@ -29,6 +29,19 @@ pub(super) struct Held {
     pub key_id: String,
     pub amount: i64,
     pub expires_at: Millis,
+    /// Its settlement is in the journal, waiting for the credit writer
+    /// (`journal.rs`); the amount is then the charge, no longer the hold.
+    pub settling: bool,
+}
+
+/// What [`Holds::begin_settling`] found.
+pub(super) enum Settling {
+    /// No hold: the settlement takes the synchronous path.
+    Absent,
+    /// The request's settlement is already in the journal.
+    Already,
+    /// Marked; the amount held before, should the journal refuse the record.
+    Started(i64),
 }
 
 /// A change to [`Holds`] that a rollback must undo.
@@ -93,6 +106,7 @@ impl Holds {
                 key_id: hold.key_id.clone(),
                 amount: hold.amount,
                 expires_at: hold.expires_at,
+                settling: false,
             },
         );
         undo.push(Undo::Placed(hold.request_id.clone()));
@@ -104,6 +118,42 @@ impl Holds {
     pub fn take(&mut self, request_id: &str, undo: &mut Vec<Undo>) {
         if let Some((request_id, held)) = self.remove(request_id) {
             undo.push(Undo::Taken(request_id, held));
+        }
+    }
+
+    /// Marks a request's hold as settling and lowers it to the charge: until
+    /// the credit writer applies the settlement, the account's other requests
+    /// are decided on the balance the charge will leave. Neither a release nor
+    /// expiry removes a settling hold; its settlement does.
+    /// A settlement for another account or key than the hold's is left to
+    /// the synchronous path, which checks it against the database.
+    pub fn begin_settling(&mut self, usage: &UsageRecord) -> Settling {
+        let Some(held) = self
+            .by_request
+            .get_mut(&usage.request_id)
+            .filter(|held| held.account_id == usage.account_id && held.key_id == usage.key_id)
+        else {
+            return Settling::Absent;
+        };
+        let charge = usage.cost;
+        if held.settling {
+            return Settling::Already;
+        }
+        let before = held.amount;
+        let lower = before - charge.clamp(0, before);
+        held.settling = true;
+        held.amount -= lower;
+        subtract(&mut self.by_account, &held.account_id, lower);
+        subtract(&mut self.by_key, &held.key_id, lower);
+        Settling::Started(before)
+    }
+
+    /// Undoes [`Holds::begin_settling`] (the journal could not take the record).
+    pub fn cancel_settling(&mut self, request_id: &str, amount: i64) {
+        if let Some((request_id, mut held)) = self.remove(request_id) {
+            held.settling = false;
+            held.amount = amount;
+            self.insert(request_id, held);
         }
     }
 
@@ -119,16 +169,20 @@ impl Holds {
         }
     }
 
-    /// Returns holds in full (no write: the balance never lost them).
+    /// Returns holds in full (no write: the balance never lost them); not
+    /// those whose settlement is under way.
     pub fn release<'a>(&mut self, request_ids: impl IntoIterator<Item = &'a str>) -> u64 {
-        request_ids.into_iter().filter(|id| self.remove(id).is_some()).count() as u64
+        request_ids
+            .into_iter()
+            .filter(|id| self.by_request.get(*id).is_some_and(|held| !held.settling) && self.remove(id).is_some())
+            .count() as u64
     }
 
     pub fn release_expired(&mut self, now: Millis) -> u64 {
         let expired: Vec<String> = self
             .by_request
             .iter()
-            .filter(|(_, held)| held.expires_at < now)
+            .filter(|(_, held)| held.expires_at < now && !held.settling)
             .map(|(id, _)| id.clone())
             .collect();
         self.release(expired.iter().map(String::as_str))
@@ -189,6 +243,29 @@ mod tests {
         }
     }
 
+    fn usage(id: &str, cost: i64) -> UsageRecord {
+        UsageRecord {
+            request_id: id.into(),
+            account_id: "acc".into(),
+            key_id: "key".into(),
+            device_id: None,
+            provider_account_id: None,
+            provision_id: None,
+            service: crate::Service::Chat,
+            model: "m".into(),
+            input_tokens: 0,
+            output_tokens: 0,
+            characters: 0,
+            pages: 0,
+            latency_ms: 0,
+            ttfb_ms: 0,
+            status: 200,
+            cost,
+            reward: 0,
+            created_at: 0,
+        }
+    }
+
     fn standing(balance: i64) -> Standing {
         Standing {
             suspended: false,
@@ -216,6 +293,40 @@ mod tests {
             "the restored hold counts again"
         );
         assert_eq!(holds.release(["a"]), 1);
+        assert!(holds.by_account.is_empty() && holds.by_key.is_empty());
+    }
+
+    #[test]
+    fn a_settling_hold_counts_its_charge_until_settled() {
+        let mut holds = Holds::default();
+        let mut log = Vec::new();
+        holds.place(&request("a", 60), &standing(100), &mut log).expect("place");
+        let mut other_key = usage("a", 10);
+        other_key.key_id = "other".into();
+        assert!(matches!(holds.begin_settling(&other_key), Settling::Absent));
+        assert!(matches!(holds.begin_settling(&usage("a", 10)), Settling::Started(60)));
+        assert!(matches!(holds.begin_settling(&usage("a", 10)), Settling::Already));
+        assert!(matches!(holds.begin_settling(&usage("b", 10)), Settling::Absent));
+        assert_eq!(holds.held_by_account("acc"), 10);
+        assert_eq!(holds.held_by_key("key"), 10);
+        assert_eq!(holds.release(["a"]), 0, "a settling hold is not released");
+        assert_eq!(holds.release_expired(1_000), 0, "nor expired");
+        assert_eq!(
+            holds.place(&request("c", 90), &standing(100), &mut log).expect("place"),
+            HoldOutcome::Held,
+            "the charge, not the hold, is what the next request must leave"
+        );
+        holds.take("a", &mut log);
+        assert_eq!(holds.held_by_account("acc"), 90);
+        holds.cancel_settling("c", 90);
+        assert!(matches!(holds.begin_settling(&usage("c", 200)), Settling::Started(90)));
+        assert_eq!(
+            holds.held_by_account("acc"),
+            90,
+            "a charge above the hold keeps the hold"
+        );
+        holds.cancel_settling("c", 90);
+        assert_eq!(holds.release(["c"]), 1);
         assert!(holds.by_account.is_empty() && holds.by_key.is_empty());
     }
 

@@ -11,7 +11,7 @@ impl SqliteStore {
     pub(super) async fn account_by_email_impl(&self, email: &str) -> Result<Option<Account>> {
         let row: Option<AccountRow> = sqlx::query_as("SELECT * FROM accounts WHERE lower(email) = lower($1)")
             .bind(email)
-            .fetch_optional(&self.reader)
+            .fetch_optional(self.reads().await)
             .await?;
         Ok(row.map(|row| self.shown(row.into())))
     }
@@ -104,7 +104,7 @@ impl SqliteStore {
         )
         .bind(token_hash)
         .bind(now)
-        .fetch_optional(&self.reader)
+        .fetch_optional(self.reads().await)
         .await?;
         Ok(row.map(|row| {
             let mut session = Session::from(row);
