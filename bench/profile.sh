@@ -17,6 +17,9 @@
 #   CALLGRIND=node N=3000 C=16 bench/profile.sh  # the same for the node
 #   STRACE=1 N=2000 C=1 bench/profile.sh    # system calls the gateway makes per request, by kind
 #   STRACE=node N=2000 C=1 bench/profile.sh # the same for the node
+#   SCHED=1 C=1 bench/profile.sh            # one request's path, step by step (perf tracepoints over all four
+#                                           # processes; bench/timeline.py reads them; needs perf and root or
+#                                           # perf_event_paranoid <= -1)
 #
 # Everything runs on 127.0.0.1 and stops on exit. Needs curl, jq, awk, and perf
 # unless PERF=0. The perf data and logs stay in the folder it prints.

@@ -83,7 +83,7 @@ def main():
             for e in window:
                 who = by_tid.get(e[3], e[2])
                 dur = (e[1] - e[0]) * 1e6
-                print(f'{(e[0] - t0) * 1e6:9.1f} {dur:7.1f}  {who:32s} {e[4]:12s} {e[5]}')
+                print(f'{(e[0] - t0) * 1e6:9.1f} {dur:7.1f}  {who + " " + str(e[3]):38s} {e[4]:12s} {e[5]}')
     total = sum(len(v) for v in groups.values())
     key, runs = max(groups.items(), key=lambda kv: len(kv[1]))
     print(f'{total} requests; the commonest path ({len(runs)} of them), median time at the end of each step:')

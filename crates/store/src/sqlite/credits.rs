@@ -301,7 +301,7 @@ impl CreditWriter {
 
     /// Settles through the journal when this store serves and the request
     /// holds credits here; `None` sends the settlement the synchronous way.
-    fn settle_journaled(&self, usage: UsageRecord) -> std::result::Result<SettleOutcome, UsageRecord> {
+    fn settle_journaled(&self, usage: Box<UsageRecord>) -> std::result::Result<SettleOutcome, Box<UsageRecord>> {
         let mut journal = self.shared.journal.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(journal) = journal.as_mut() else {
             return Err(usage);
@@ -334,7 +334,7 @@ impl CreditWriter {
         };
         self.shared.journaled.fetch_add(1, Ordering::AcqRel);
         let job = Job {
-            op: Op::Journaled(Box::new(usage), ticket),
+            op: Op::Journaled(usage, ticket),
             reply: None,
         };
         if self.jobs.send(Some(job)).is_err() {
@@ -387,7 +387,7 @@ impl CreditWriter {
 
     pub(super) async fn settle(&self, usage: UsageRecord) -> Result<SettleOutcome> {
         rules::check_usage(&usage)?;
-        let usage = match self.settle_journaled(usage) {
+        let usage = match self.settle_journaled(Box::new(usage)) {
             Ok(outcome) => return Ok(outcome),
             Err(usage) => usage,
         };
@@ -395,7 +395,7 @@ impl CreditWriter {
             .provider_account_id
             .clone()
             .filter(|_| rules::payable_reward(&usage) > 0);
-        match self.submit(Op::Settle(Box::new(usage))).await? {
+        match self.submit(Op::Settle(usage)).await? {
             Done::Settle(outcome) => {
                 if let (Some(provider), SettleOutcome::Settled) = (paid, outcome) {
                     self.shared
