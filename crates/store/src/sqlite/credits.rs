@@ -268,21 +268,25 @@ impl CreditWriter {
     pub(super) async fn serve_journal(&self, database: &Path) -> Result<()> {
         let journal_error = |e: std::io::Error| StoreError::Corrupt(format!("settlement journal: {e}"));
         let (mut journal, left) = Journal::open(database).map_err(journal_error)?;
-        if !left.is_empty() {
-            let (mut settled, mut failed) = (0u64, 0u64);
-            for usage in left {
-                match self.queue(Op::Settle(Box::new(usage))).await {
-                    Ok(_) => settled += 1,
-                    Err(e) => {
-                        failed += 1;
-                        tracing::error!(error = %e, "a settlement from the journal could not be applied");
-                    }
+        // Most records were applied before the previous gateway stopped (a
+        // file is emptied only when it takes over); those stop at the usage
+        // record's key.
+        let (mut settled, mut failed) = (0u64, 0u64);
+        for usage in left {
+            match self.queue(Op::Settle(Box::new(usage))).await {
+                Ok(Done::Settle(SettleOutcome::AlreadySettled)) => {}
+                Ok(_) => settled += 1,
+                Err(e) => {
+                    failed += 1;
+                    tracing::error!(error = %e, "a settlement from the journal could not be applied");
                 }
             }
+        }
+        if settled + failed > 0 {
             tracing::info!(
                 settled,
                 failed,
-                "applied the settlements the previous gateway left in its journal"
+                "applied the settlements a previous gateway left in its journal"
             );
         }
         journal.start().map_err(journal_error)?;
@@ -1084,5 +1088,35 @@ mod tests {
         let account = store.account(&key.account_id).await.expect("read").expect("account");
         assert_eq!(account.balance, 500);
         assert_eq!(store.held_amount(&key.account_id).await.expect("held"), 0);
+    }
+
+    /// A store dropped right after journaled settlements (a gateway that
+    /// stops) leaves them in the database, for a process that reads the file
+    /// without serving it (the admin commands).
+    #[tokio::test]
+    async fn dropping_the_store_applies_what_is_journaled() {
+        let (dir, store, key, _shared) = fixture(None).await;
+        store.claim_for_serving().await.expect("claim");
+        for n in 0..20 {
+            let request_id = format!("d{n}");
+            store.hold(hold_of(&request_id, &key, 20)).await.expect("hold");
+            store
+                .settle(usage_of(&request_id, &key, 10, 0, None))
+                .await
+                .expect("settle");
+        }
+        drop(store);
+        let url = format!("sqlite://{}", dir.path().join("credits.db").display());
+        let reader = SqliteStore::connect(&url).await.expect("reopen");
+        assert_eq!(
+            reader
+                .usage_for_account(&key.account_id, 100)
+                .await
+                .expect("usage")
+                .len(),
+            20
+        );
+        let account = reader.account(&key.account_id).await.expect("read").expect("account");
+        assert_eq!(account.balance, 800);
     }
 }
