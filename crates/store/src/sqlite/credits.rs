@@ -1042,6 +1042,13 @@ mod tests {
         }
     }
 
+    /// How many usage records an account has, and its balance, as `store` reads them.
+    async fn usage_and_balance(store: &SqliteStore, account_id: &str) -> (usize, i64) {
+        let records = store.usage_for_account(account_id, 100).await.expect("usage").len();
+        let account = store.account(account_id).await.expect("read").expect("account");
+        (records, account.balance)
+    }
+
     /// Through the journal, `settle` returns before the database has the
     /// settlement, and reads wait for it.
     #[tokio::test]
@@ -1070,14 +1077,7 @@ mod tests {
             );
         }
         assert!(settled.iter().all(|s| *s == SettleOutcome::Settled));
-        assert_eq!(
-            store
-                .usage_for_account(&key.account_id, 100)
-                .await
-                .expect("usage")
-                .len(),
-            50
-        );
+        assert_eq!(usage_and_balance(&store, &key.account_id).await, (50, 500));
         assert_eq!(
             store
                 .ledger_sum(&key.account_id, LedgerKind::Charge)
@@ -1085,8 +1085,6 @@ mod tests {
                 .expect("sum"),
             -500
         );
-        let account = store.account(&key.account_id).await.expect("read").expect("account");
-        assert_eq!(account.balance, 500);
         assert_eq!(store.held_amount(&key.account_id).await.expect("held"), 0);
     }
 
@@ -1108,15 +1106,6 @@ mod tests {
         drop(store);
         let url = format!("sqlite://{}", dir.path().join("credits.db").display());
         let reader = SqliteStore::connect(&url).await.expect("reopen");
-        assert_eq!(
-            reader
-                .usage_for_account(&key.account_id, 100)
-                .await
-                .expect("usage")
-                .len(),
-            20
-        );
-        let account = reader.account(&key.account_id).await.expect("read").expect("account");
-        assert_eq!(account.balance, 800);
+        assert_eq!(usage_and_balance(&reader, &key.account_id).await, (20, 800));
     }
 }
