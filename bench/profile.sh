@@ -7,6 +7,7 @@
 #   BENCH_BUILD=0 bench/profile.sh          # binaries from ${CARGO_TARGET_DIR:-target}/release
 #   C=1 D=6 PERF=0 bench/profile.sh         # concurrency 1, no perf (cleaner CPU figure)
 #   GW_THREADS=1 PERF=0 bench/profile.sh    # the gateway's tokio runtime with one worker thread
+#   DIRECT=1 bench/profile.sh               # the node registered by URL (direct mode) instead of linked
 #   NODE_THREADS=1 PERF=0 bench/profile.sh  # the same for the node
 #   NODE_BIN=target/debug/cxmpute-provider bench/profile.sh   # a node binary from elsewhere
 #   GW_BIN=/tmp/gw-a bench/profile.sh       # the same for the gateway (A/B runs of two builds)
@@ -74,7 +75,7 @@ url_in() { # file...: the first http://… address printed
 "$BIN/fake-upstream" --port 0 >"$TMP/up.out" 2>"$TMP/up.err" &
 UP_PID=$!
 UP=$(url_in "$TMP/up.out" "$TMP/up.err")
-env "${GW_ENV[@]}" CXMPUTE_ADMIN_TOKEN="$TOKEN" CXMPUTE_LOG=warn "${GW_WRAP[@]}" "$GW_BIN" \
+env "${GW_ENV[@]}" CXMPUTE_ADMIN_TOKEN="$TOKEN" CXMPUTE_ALLOW_PRIVATE_DIRECT_URLS=1 CXMPUTE_LOG=warn "${GW_WRAP[@]}" "$GW_BIN" \
     --database-url "${DB_URL:-sqlite://$TMP/gw.db}" serve --listen 127.0.0.1:0 >"$TMP/gw.out" 2>"$TMP/gw.err" &
 GW_PID=$!
 GW=$(url_in "$TMP/gw.out" "$TMP/gw.err")
@@ -88,8 +89,13 @@ admin POST "/admin/accounts/$user/deposit" '{"amount":9000000000000000000}' >/de
 KEY=$(admin POST "/admin/accounts/$user/keys" '{"name":"profile"}' | jq -r .key)
 provider=$(admin POST /admin/accounts '{"name":"profile-provider"}' | jq -r .id)
 CRED=$(admin POST "/admin/accounts/$provider/devices" '{"name":"profile-node"}' | jq -r .credential)
+NODE_ARGS=()
+if [[ ${DIRECT:-0} != 0 ]]; then # the node registered by URL instead of linked
+    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    NODE_ARGS=(--listen "127.0.0.1:$port" --direct-url "http://127.0.0.1:$port")
+fi
 env "${NODE_ENV[@]}" CXMPUTE_CREDENTIAL="$CRED" CXMPUTE_LOG=warn "${NODE_WRAP[@]}" "$NODE_BIN" start --gateway "$GW" \
-    --upstream "$UP/v1" --no-embeddings --no-chat --no-speech --no-scrape --max-concurrency 1024 \
+    --upstream "$UP/v1" --no-embeddings --no-chat --no-speech --no-scrape --max-concurrency 1024 "${NODE_ARGS[@]}" \
     >"$TMP/node.out" 2>"$TMP/node.err" &
 NODE_PID=$!
 for ((i = 0; i < 300; i++)); do
