@@ -273,12 +273,13 @@ impl CreditWriter {
         // record's key.
         let (mut settled, mut failed) = (0u64, 0u64);
         for usage in left {
+            let request_id = usage.request_id.clone();
             match self.queue(Op::Settle(Box::new(usage))).await {
                 Ok(Done::Settle(SettleOutcome::AlreadySettled)) => {}
                 Ok(_) => settled += 1,
                 Err(e) => {
                     failed += 1;
-                    tracing::error!(error = %e, "a settlement from the journal could not be applied");
+                    tracing::error!(%request_id, error = %e, "a settlement from the journal could not be applied");
                 }
             }
         }
@@ -304,7 +305,7 @@ impl CreditWriter {
     }
 
     /// Settles through the journal when this store serves and the request
-    /// holds credits here; `None` sends the settlement the synchronous way.
+    /// holds credits here; `Err` gives the record back for the synchronous way.
     fn settle_journaled(&self, usage: Box<UsageRecord>) -> std::result::Result<SettleOutcome, Box<UsageRecord>> {
         let mut journal = self.shared.journal.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(journal) = journal.as_mut() else {
