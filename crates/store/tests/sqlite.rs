@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use cxmpute_store::{conformance_tests, SqliteStore, Store, StoreError};
 
-async fn on_temp_file<F, Fut>(test: F)
+/// A store on a fresh file; `serve` also takes the file's serving claim.
+async fn on_file<F, Fut>(serve: bool, test: F)
 where
     F: FnOnce(Arc<dyn Store>) -> Fut,
     Fut: Future<Output = ()>,
@@ -14,7 +15,18 @@ where
     let dir = tempfile::tempdir().expect("temp dir");
     let url = format!("sqlite://{}", dir.path().join("store.db").display());
     let store = SqliteStore::connect(&url).await.expect("connect");
+    if serve {
+        store.claim_for_serving().await.expect("claim");
+    }
     test(Arc::new(store)).await;
+}
+
+async fn on_temp_file<F, Fut>(test: F)
+where
+    F: FnOnce(Arc<dyn Store>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    on_file(false, test).await;
 }
 
 async fn in_memory<F, Fut>(test: F)
@@ -34,11 +46,7 @@ where
     F: FnOnce(Arc<dyn Store>) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let url = format!("sqlite://{}", dir.path().join("store.db").display());
-    let store = SqliteStore::connect(&url).await.expect("connect");
-    store.claim_for_serving().await.expect("claim");
-    test(Arc::new(store)).await;
+    on_file(true, test).await;
 }
 
 conformance_tests!(on_temp_file);

@@ -225,6 +225,15 @@ mod tests {
         }
     }
 
+    /// A journal on empty files in a temporary folder.
+    fn started() -> (tempfile::TempDir, Journal) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut journal, found) = Journal::open(&dir.path().join("gw.db")).expect("open");
+        assert!(found.is_empty());
+        journal.start().expect("start");
+        (dir, journal)
+    }
+
     #[test]
     fn records_come_back_after_a_restart_and_a_damaged_tail_is_ignored() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -265,10 +274,7 @@ mod tests {
 
     #[test]
     fn files_take_turns_only_once_the_other_is_applied() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = dir.path().join("gw.db");
-        let (mut journal, _) = Journal::open(&db).expect("open");
-        journal.start().expect("start");
+        let (_dir, mut journal) = started();
         let mut tickets = Vec::new();
         while journal.segments[0].len < SWITCH_AT {
             tickets.push(journal.append(&record("x")).expect("append").expect("room"));
@@ -289,10 +295,7 @@ mod tests {
 
     #[test]
     fn a_record_that_failed_keeps_its_file_from_being_emptied() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = dir.path().join("gw.db");
-        let (mut journal, _) = Journal::open(&db).expect("open");
-        journal.start().expect("start");
+        let (_dir, mut journal) = started();
         let ticket = journal.append(&record("a")).expect("append").expect("room");
         journal.applied(ticket, false);
         assert_eq!(journal.append(&record("b")).expect("append"), Some(1));
