@@ -1,7 +1,8 @@
 //! Holds and settlement on SQLite, with group commit.
 //!
-//! A hold writes nothing: it reads the account and key here and is kept in
-//! memory (`holds.rs`); a settlement is the one write transaction per request.
+//! A hold writes nothing: it reads the account and key on a connection of
+//! its own, beside the writer, and is kept in memory (`holds.rs`, decision
+//! 58); a settlement is the one write transaction per request.
 //!
 //! These are the writes made on every API request, so they take the shortest
 //! path SQLite offers: one OS thread owns one connection (`rusqlite`, cached
@@ -51,6 +52,14 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Most jobs in one transaction: bounds the time the first of them waits.
 const MAX_BATCH: usize = 256;
+
+/// Connections that decide holds beside the writer: one per worker thread of
+/// the gateway's runtime (two on a two-core machine) rarely has to wait.
+const READERS: usize = 2;
+
+/// Times a hold decided beside the writer is read again when the writer's
+/// transaction ended during the read, before it queues for the writer.
+const READ_AGAIN: usize = 2;
 
 /// Jobs in a row that must have found no other in progress before callers
 /// run theirs themselves. Measured on 2 cores: with 4, throughput at
@@ -119,6 +128,8 @@ impl Drop for CreditWriter {
 /// What callers and the writer thread share.
 struct Shared {
     conn: Mutex<Connection>,
+    /// Read committed rows for holds decided beside the writer.
+    readers: Vec<Mutex<Connection>>,
     /// Taken after `conn` when both are needed (see `holds.rs`).
     holds: Mutex<Holds>,
     /// Callers waiting for a job (a caller whose future is dropped stops
@@ -172,9 +183,10 @@ impl Shared {
             >= CHECKPOINT_EVERY.as_millis() as u64
     }
 
-    fn new(conn: Connection) -> Self {
+    fn new(conn: Connection, readers: Vec<Connection>) -> Self {
         Shared {
             conn: Mutex::new(conn),
+            readers: readers.into_iter().map(Mutex::new).collect(),
             holds: Mutex::new(Holds::default()),
             active: AtomicUsize::new(0),
             alone_streak: AtomicUsize::new(0),
@@ -199,7 +211,10 @@ impl CreditWriter {
     /// Opens its own connection to `path` (which the sqlx pools opened and
     /// migrated already) and starts the thread.
     pub(super) fn start(path: &Path) -> Result<Self> {
-        let shared = Arc::new(Shared::new(open(path, Role::Writer)?));
+        let readers = (0..READERS)
+            .map(|_| open(path, Role::Reader))
+            .collect::<Result<Vec<_>>>()?;
+        let shared = Arc::new(Shared::new(open(path, Role::Writer)?, readers));
         let copier_conn = open(path, Role::Copier)?;
         let (jobs, rx) = mpsc::channel();
         let thread_shared = shared.clone();
@@ -235,7 +250,7 @@ impl CreditWriter {
             // when the database is busy, the job queues for the thread.
             let began = free.filter(|conn| {
                 let _ = conn.busy_timeout(Duration::ZERO);
-                let began = begin(conn, &op).is_ok();
+                let began = begin(conn, &self.shared, &op).is_ok();
                 let _ = conn.busy_timeout(BUSY_TIMEOUT);
                 began
             });
@@ -352,10 +367,24 @@ impl CreditWriter {
 
     pub(super) async fn hold(&self, hold: HoldRequest) -> Result<HoldOutcome> {
         rules::check_hold(&hold)?;
+        if let Some(outcome) = self.hold_beside(&hold)? {
+            return Ok(outcome);
+        }
         match self.submit(Op::Hold(hold)).await? {
             Done::Hold(outcome) => Ok(outcome),
             _ => Err(mismatch()),
         }
+    }
+
+    /// Decides a hold on a reader connection, from committed rows and what
+    /// the writer's open transaction owes (`holds.rs`), without waiting for
+    /// the writer. `None` leaves the hold to the writer: every reader is busy,
+    /// the writer's transaction kept ending during the read, the read failed,
+    /// or the answer is a refusal (which the writer's exact view confirms:
+    /// between its commit and the end of its transaction, a charge counts
+    /// twice here, never less than once).
+    fn hold_beside(&self, hold: &HoldRequest) -> Result<Option<HoldOutcome>> {
+        Ok(decide_beside(&self.shared, hold)?.filter(|outcome| *outcome == HoldOutcome::Held))
     }
 
     /// See [`crate::AdminStore::adjust_balance`]: refused when a debit would
@@ -416,6 +445,28 @@ impl CreditWriter {
     }
 }
 
+/// Decides a hold on a free reader connection (see
+/// [`CreditWriter::hold_beside`]); `None` when none is free, the read fails,
+/// or the writer's transaction ended during each read.
+fn decide_beside(shared: &Shared, hold: &HoldRequest) -> Result<Option<HoldOutcome>> {
+    let Some(reader) = shared.readers.iter().find_map(|reader| reader.try_lock().ok()) else {
+        return Ok(None);
+    };
+    for _ in 0..READ_AGAIN {
+        // The read's snapshot begins after this load, so a transaction that
+        // ends after it changes the generation seen below.
+        let generation = shared.holds().generation();
+        let Ok(standing) = standing(&reader, hold, &Pending::default()) else {
+            return Ok(None);
+        };
+        let mut holds = shared.holds();
+        if holds.generation() == generation {
+            return holds.place_committed(hold, &standing).map(Some);
+        }
+    }
+    Ok(None)
+}
+
 /// Counts a job as in progress until dropped (also when its caller's future
 /// is dropped while it waits).
 struct Active<'a> {
@@ -445,6 +496,8 @@ enum Role {
     Writer,
     /// Only copies the WAL into the database file: SQLite's default VFS.
     Copier,
+    /// Only reads, for holds decided beside the writer: SQLite's default VFS.
+    Reader,
 }
 
 /// The writer's own connection to `path` (which the sqlx pools opened and
@@ -455,9 +508,17 @@ fn open(path: &Path, role: Role) -> Result<Connection> {
             super::walbuf::register().map_err(StoreError::Sqlite)?;
             Connection::open_with_flags_and_vfs(path, OpenFlags::default(), super::walbuf::NAME)
         }
-        Role::Copier => Connection::open(path),
+        Role::Copier | Role::Reader => Connection::open(path),
     }
     .map_err(db)?;
+    if role == Role::Reader {
+        // It reads on an async thread: never wait there (a busy read leaves
+        // the hold to the writer), never write.
+        conn.execute_batch("PRAGMA query_only = ON;").map_err(db)?;
+        conn.busy_timeout(Duration::ZERO).map_err(db)?;
+        conn.set_prepared_statement_cache_capacity(4);
+        return Ok(conn);
+    }
     conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
     // temp_store: statement journals stay in memory, not in a temp file.
     conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY;")
@@ -513,9 +574,15 @@ fn run(shared: &Shared, rx: mpsc::Receiver<Option<Job>>) {
             // nothing of the batch happened. Run each job on its own, so only
             // the job at fault fails.
             let _ = exec(&conn, "ROLLBACK");
-            shared.holds().undo(&mut undo);
+            {
+                let mut holds = shared.holds();
+                holds.undo(&mut undo);
+                holds.end_transaction();
+            }
             results.clear();
             results.extend(batch.iter().map(|job| run_alone(&conn, shared, &job.op)));
+        } else {
+            shared.holds().end_transaction();
         }
         undo.clear();
         count_journaled(shared, &batch, &results);
@@ -631,15 +698,16 @@ fn run_batch(
 }
 
 fn run_alone(conn: &Connection, shared: &Shared, op: &Op) -> Result<Done> {
-    begin(conn, op)?;
+    begin(conn, shared, op)?;
     finish_alone(conn, shared, op)
 }
 
 /// Starts a write transaction for a job that writes, first ending one that a
 /// panic left open. A hold only reads, in autocommit mode.
-fn begin(conn: &Connection, op: &Op) -> Result<()> {
+fn begin(conn: &Connection, shared: &Shared, op: &Op) -> Result<()> {
     if !conn.is_autocommit() {
         let _ = exec(conn, "ROLLBACK");
+        shared.holds().end_transaction();
     }
     match op {
         Op::Hold(_) | Op::Barrier => Ok(()),
@@ -661,7 +729,11 @@ fn finish_alone(conn: &Connection, shared: &Shared, op: &Op) -> Result<Done> {
     });
     if committed.is_err() {
         let _ = exec(conn, "ROLLBACK");
-        shared.holds().undo(&mut undo);
+        let mut holds = shared.holds();
+        holds.undo(&mut undo);
+        holds.end_transaction();
+    } else {
+        shared.holds().end_transaction();
     }
     committed
 }
@@ -682,13 +754,20 @@ fn apply(conn: &Connection, shared: &Shared, op: &Op, undo: &mut Vec<Undo>, pend
 /// then sets the balance and writes the ledger entry.
 fn adjust_one(conn: &Connection, shared: &Shared, a: &Adjustment, pending: &Pending) -> Result<i64> {
     let balance = balance_of(conn, &a.account_id)? + pending.balance(&a.account_id);
-    let held = shared.holds().held_by_account(&a.account_id);
-    let Some(adjusted) = balance
-        .checked_add(a.amount)
-        .filter(|&adjusted| a.amount > 0 || adjusted - held >= 0)
-    else {
-        return Err(StoreError::InvalidInput(crate::admin::ADJUST_REFUSED.into()));
+    let held = {
+        let mut holds = shared.holds();
+        let held = holds.held_by_account(&a.account_id);
+        let allowed = balance
+            .checked_add(a.amount)
+            .is_some_and(|adjusted| a.amount > 0 || adjusted - held >= 0);
+        if !allowed {
+            return Err(StoreError::InvalidInput(crate::admin::ADJUST_REFUSED.into()));
+        }
+        // A debit counts against holds decided beside the writer until it commits.
+        holds.owe(&a.account_id, None, -a.amount);
+        held
     };
+    let adjusted = balance + a.amount;
     add_to_balance(conn, &a.account_id, a.amount).map_err(after_write)?;
     conn.prepare_cached(crate::admin::INSERT_LEDGER)
         .map_err(db)?
@@ -820,13 +899,15 @@ fn settle_one(
     }
 
     // What the account may pay: its balance less what its other running
-    // requests hold (this request's own hold has just left the map).
-    let available = {
+    // requests hold (this request's own hold has just left the map). The
+    // charge counts for holds decided beside the writer until it commits.
+    let charge = {
         let mut holds = shared.holds();
         holds.take(&u.request_id, undo);
-        balance - holds.held_by_account(&u.account_id)
+        let charge = rules::clamp_charge(u.cost, balance - holds.held_by_account(&u.account_id));
+        holds.owe(&u.account_id, Some(&u.key_id), charge);
+        charge
     };
-    let charge = rules::clamp_charge(u.cost, available);
     if charge != u.cost {
         conn.prepare_cached("UPDATE usage_records SET cost = ?2 WHERE request_id = ?1")
             .map_err(db)?
@@ -868,7 +949,7 @@ mod tests {
             .expect("open");
         let account = account_with(&store, "batch", 1_000).await;
         let key = key_of(&store, &account, "batchkey", limit).await;
-        let shared = Shared::new(open(&path, Role::Writer).expect("writer connection"));
+        let shared = Shared::new(open(&path, Role::Writer).expect("writer connection"), Vec::new());
         (dir, store, key, shared)
     }
 
@@ -938,6 +1019,70 @@ mod tests {
                 .await
                 .expect("sum"),
             -340
+        );
+    }
+
+    /// A hold decided beside the writer, from committed rows, counts what the
+    /// writer's open transaction has charged and debited (it is not in the
+    /// rows yet) and stops counting it once the transaction has ended.
+    #[tokio::test]
+    async fn holds_beside_the_writer_count_what_its_open_transaction_owes() {
+        let (dir, store, key, writer) = fixture(Some(400)).await;
+        let path = dir.path().join("credits.db");
+        let shared = Shared::new(
+            writer.conn.into_inner().expect("writer connection"),
+            vec![open(&path, Role::Reader).expect("reader connection")],
+        );
+        let account = key.account_id.clone();
+        let beside = |id: &str, amount: i64| {
+            decide_beside(&shared, &hold_of(id, &key, amount))
+                .expect("decided")
+                .expect("a reader is free")
+        };
+
+        // The writer charges 300 (no hold) and debits 600, not yet committed.
+        let open_generation = {
+            let conn = shared.lock();
+            exec(&conn, "BEGIN IMMEDIATE").expect("begin");
+            let (mut undo, mut pending) = (Vec::new(), Pending::default());
+            for job in [
+                settle("r1", &key, 300),
+                job(Op::Adjust(Box::new(Adjustment {
+                    account_id: account.clone(),
+                    amount: -600,
+                    note: "debit".into(),
+                }))),
+            ] {
+                apply(&conn, &shared, &job.op, &mut undo, &mut pending).expect("applied");
+            }
+            let open_generation = shared.holds().generation();
+            // Committed rows still say 1,000 and nothing spent; 100 is what is left.
+            assert_eq!(beside("h1", 101), HoldOutcome::InsufficientBalance);
+            assert_eq!(beside("h2", 100), HoldOutcome::Held, "the key has 100 of 400 left too");
+            assert_eq!(beside("h3", 1), HoldOutcome::InsufficientBalance);
+
+            pending.flush(&conn).expect("flush");
+            exec(&conn, "COMMIT").expect("commit");
+            shared.holds().end_transaction();
+            open_generation
+        };
+        assert_ne!(shared.holds().generation(), open_generation);
+        assert_eq!(
+            beside("h4", 1),
+            HoldOutcome::InsufficientBalance,
+            "h2 holds the last 100"
+        );
+        shared.holds().release(["h2"]);
+        assert_eq!(
+            beside("h5", 101),
+            HoldOutcome::InsufficientBalance,
+            "the committed balance is 100"
+        );
+        assert_eq!(beside("h6", 100), HoldOutcome::Held);
+        let shown = store.account(&account).await.expect("read").expect("account");
+        assert_eq!(
+            shown.balance, 100,
+            "this store's own holds are not in the fixture's map"
         );
     }
 

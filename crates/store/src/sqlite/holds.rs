@@ -12,11 +12,21 @@
 //! balance, so the [`crate::Store`] contract is unchanged: a balance read
 //! never includes credits that a running request may still spend.
 //!
-//! Decisions that read the balance (a hold, a settlement's clamp) run on the
-//! credit writer's connection while it is locked, so a hold and the writes
-//! it depends on are ordered. A job changes the map as it runs, recording
-//! each change in an undo log; if its transaction does not commit, the log
-//! is played back, so the map never reflects a write that was rolled back.
+//! A settlement's clamp and an operator's adjustment decide on the credit
+//! writer's connection while it is locked, inside the writer's transaction.
+//! A job changes the map as it runs, recording each change in an undo log;
+//! if its transaction does not commit, the log is played back, so the map
+//! never reflects a write that was rolled back.
+//!
+//! A hold is decided beside the writer, on a connection of its own that sees
+//! only committed rows (decision 58). For that, the map also counts what the
+//! writer's open transaction has taken from each account and key but not yet
+//! committed ([`Holds::owe`]): a hold whose request has been settled in the
+//! open transaction has left the map, and its charge must still count until
+//! the commit makes it part of the balance. After the commit (or rollback)
+//! the writer clears that count and bumps [`Holds::generation`]; a decision
+//! whose read began before that moment sees the generation change and is
+//! made again.
 
 use std::collections::HashMap;
 
@@ -66,6 +76,12 @@ pub(super) struct Holds {
     by_request: HashMap<String, Held>,
     by_account: HashMap<String, i64>,
     by_key: HashMap<String, i64>,
+    /// Charges and debits of the writer's open transaction, by account and by
+    /// key: in the writer's view of the balance, not yet in the committed one.
+    owed_by_account: HashMap<String, i64>,
+    owed_by_key: HashMap<String, i64>,
+    /// Bumped each time the writer's transaction ends.
+    generation: u64,
 }
 
 impl Holds {
@@ -75,6 +91,43 @@ impl Holds {
 
     fn held_by_key(&self, key_id: &str) -> i64 {
         self.by_key.get(key_id).copied().unwrap_or(0)
+    }
+
+    /// Which transaction of the writer's is open (or last ended).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Counts an amount the writer's open transaction takes from an account
+    /// (and from a key's allowance) until [`Holds::end_transaction`].
+    pub fn owe(&mut self, account_id: &str, key_id: Option<&str>, amount: i64) {
+        if amount <= 0 {
+            return;
+        }
+        add(&mut self.owed_by_account, account_id, amount);
+        if let Some(key_id) = key_id {
+            add(&mut self.owed_by_key, key_id, amount);
+        }
+    }
+
+    /// The writer's transaction committed or rolled back: what it owed is in
+    /// the committed balance now, or never will be.
+    pub fn end_transaction(&mut self) {
+        self.owed_by_account.clear();
+        self.owed_by_key.clear();
+        self.generation = self.generation.wrapping_add(1);
+    }
+
+    /// Decides a hold against `standing` read from committed rows (outside
+    /// the writer's transaction) and places it: what the open transaction
+    /// owes counts as spent.
+    pub fn place_committed(&mut self, hold: &HoldRequest, standing: &Standing) -> Result<HoldOutcome> {
+        let standing = Standing {
+            balance: standing.balance - self.owed_by_account.get(&hold.account_id).copied().unwrap_or(0),
+            spent: standing.spent + self.owed_by_key.get(&hold.key_id).copied().unwrap_or(0),
+            ..*standing
+        };
+        self.place(hold, &standing, &mut Vec::new())
     }
 
     /// Decides a hold against `standing` and places it.
@@ -188,9 +241,12 @@ impl Holds {
         self.release(expired.iter().map(String::as_str))
     }
 
+    /// Returns every hold; what the writer's open transaction owes stays.
     pub fn release_all(&mut self) -> u64 {
         let n = self.by_request.len() as u64;
-        *self = Holds::default();
+        self.by_request.clear();
+        self.by_account.clear();
+        self.by_key.clear();
         n
     }
 
