@@ -445,9 +445,31 @@ async fn logout(path: Option<PathBuf>) -> anyhow::Result<()> {
     }
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match runtime() {
+        Ok(runtime) => runtime.block_on(run(cli)),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The node's async runtime only relays bytes and waits: the engines run on
+/// threads of their own (`spawn_blocking`). So it gets one worker thread
+/// (decision 59), which leaves the other cores to the engines and saves the
+/// wake-ups of threads handing work to each other; `TOKIO_WORKER_THREADS`
+/// still sets another count.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        builder.worker_threads(1);
+    }
+    builder.enable_all().build()
+}
+
+async fn run(cli: Cli) -> std::process::ExitCode {
     let result = match cli.command {
         Command::Start(args) if interactive(&args) => start_interactive(*args).await,
         Command::Login {
