@@ -9,6 +9,10 @@ use clap::{Args, Parser, Subcommand};
 use cxmpute_gateway::auth::{self, KeyOptions};
 use cxmpute_gateway::Config;
 
+// Allocation is on every request's path (decision 48, docs/decisions.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "cxmpute-gateway", version, about = "The cxmpute gateway")]
 struct Cli {
