@@ -322,8 +322,8 @@ impl CreditWriter {
     /// Settles through the journal when this store serves and the request
     /// holds credits here; `Err` gives the record back for the synchronous way.
     fn settle_journaled(&self, usage: Box<UsageRecord>) -> std::result::Result<SettleOutcome, Box<UsageRecord>> {
-        let mut journal = self.shared.journal.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(journal) = journal.as_mut() else {
+        let mut guard = self.shared.journal.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(journal) = guard.as_mut() else {
             return Err(usage);
         };
         if let (Some(provider), true) = (&usage.provider_account_id, rules::payable_reward(&usage) > 0) {
@@ -353,6 +353,9 @@ impl CreditWriter {
             }
         };
         self.shared.journaled.fetch_add(1, Ordering::AcqRel);
+        // The thread takes the journal's lock when it has applied the record:
+        // free it before waking the thread.
+        drop(guard);
         let job = Job {
             op: Op::Journaled(usage, ticket),
             reply: None,
@@ -551,6 +554,7 @@ pub(super) fn db(e: rusqlite::Error) -> StoreError {
 }
 
 fn run(shared: &Shared, rx: mpsc::Receiver<Option<Job>>) {
+    yield_to_wakers();
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut results = Vec::with_capacity(MAX_BATCH);
     let mut undo = Vec::new();
@@ -645,8 +649,28 @@ fn checkpoint(conn: &Connection) {
 /// a checkpoint writes pages scattered over it, that pause was the longest
 /// wait a request saw (decision 53). Ends when the writer is dropped.
 fn copy_wal(conn: &Connection, stop: &mpsc::Receiver<()>) {
+    yield_to_wakers();
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
         checkpoint(conn);
+    }
+}
+
+/// Makes the calling thread a batch thread (Linux `SCHED_BATCH`): woken, it
+/// does not preempt the thread that woke it. A request's worker wakes the
+/// credit writer with the settlement it has just journaled, before it writes
+/// the end of the answer to the client; as an ordinary thread the writer
+/// took the worker's core at once and ran its whole commit first, which
+/// delayed that write by the commit's length (decision 60). As a batch
+/// thread it runs on a free core, or once the worker waits.
+fn yield_to_wakers() {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: a system call about the calling thread (0), with a valid
+        // parameter that outlives it.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "cannot make the thread a batch thread");
+        }
     }
 }
 
