@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Profiles the gateway on the link path with perf: fake-upstream, a gateway on
 # SQLite (or the database DB_URL names) and one linked node, loadgen at concurrency C for D seconds, and
-# `perf record` on the gateway meanwhile. Prints requests/s, p50 latency, the
+# `perf record` on the gateway meanwhile. Prints requests/s, p50 and p99 latency, the
 # gateway's CPU per request, and perf's split by thread and by function.
 #
 #   BENCH_BUILD=0 bench/profile.sh          # binaries from ${CARGO_TARGET_DIR:-target}/release
@@ -177,7 +177,7 @@ n1=$(ticks "$NODE_PID")
 n=$(jq .requests "$TMP/loadgen.json")
 hz=$(getconf CLK_TCK)
 echo "concurrency $C: $n requests, $(jq -r '.rps | floor' "$TMP/loadgen.json") requests/s," \
-    "p50 $(jq .latency_us.p50 "$TMP/loadgen.json") us, gateway CPU $(((t1 - t0) * 1000000 / hz / (n > 0 ? n : 1))) us per request," \
+    "p50 $(jq .latency_us.p50 "$TMP/loadgen.json") us, p99 $(jq .latency_us.p99 "$TMP/loadgen.json") us, gateway CPU $(((t1 - t0) * 1000000 / hz / (n > 0 ? n : 1))) us per request," \
     "node CPU $(((n1 - n0) * 1000000 / hz / (n > 0 ? n : 1))) us per request"
 if [[ $PERF != 0 ]]; then
     echo "-- gateway CPU by thread"

@@ -9,7 +9,8 @@ Inside it, every system call that moved data (a read that returned bytes, a
 write) is a step; requests with the same sequence of steps are grouped, and
 for the commonest sequence the median time of each step is printed, with the
 time since the step before: that is where a request's time goes. `--dump K`
-also lists everything the K-th request did (calls, switches, wake-ups)."""
+also lists everything the K-th request did (calls, switches, wake-ups);
+`--slowest N` names the N slowest requests (the tail), to dump one of them."""
 import collections
 import re
 import statistics
@@ -31,6 +32,7 @@ def main():
     dump = None
     if '--dump' in sys.argv:
         dump = int(sys.argv[sys.argv.index('--dump') + 1])
+    slowest = int(sys.argv[sys.argv.index('--slowest') + 1]) if '--slowest' in sys.argv else 0
     roles = {int(p): r for r, p in (a.split('=') for a in args) if p}
     by_tid = {}
     events = []  # (start, end, role, tid, what, detail)
@@ -68,8 +70,10 @@ def main():
     events = [e for e in events if not (e[4] == 'write' and e[5].endswith('= 8'))]
     starts = [e[0] for e in events if e[2] == 'loadgen' and e[4] in WRITES]
     groups = collections.defaultdict(list)
+    lengths = []
     for i in range(1, len(starts) - 1):
         t0, t1 = starts[i], starts[i + 1]
+        lengths.append(((t1 - t0) * 1e6, i))
         window = [e for e in events if t0 <= e[0] < t1]
         # The store's own threads (credit writer, WAL copier) work beside the
         # request's path, not on it, so their calls are not steps.
@@ -84,6 +88,9 @@ def main():
                 who = by_tid.get(e[3], e[2])
                 dur = (e[1] - e[0]) * 1e6
                 print(f'{(e[0] - t0) * 1e6:9.1f} {dur:7.1f}  {who + " " + str(e[3]):38s} {e[4]:12s} {e[5]}')
+    if slowest:
+        print(f'the {slowest} slowest requests (us, index):',
+              ', '.join(f'{d:.0f} #{i}' for d, i in sorted(lengths, reverse=True)[:slowest]))
     total = sum(len(v) for v in groups.values())
     key, runs = max(groups.items(), key=lambda kv: len(kv[1]))
     print(f'{total} requests; the commonest path ({len(runs)} of them), median time at the end of each step:')
