@@ -133,11 +133,14 @@ fn init_logging(json: bool) {
     }
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_json);
-    match real_main(cli).await {
+    let outcome = load_config(&cli).and_then(|config| {
+        let runtime = runtime(&config.database_url).context("cannot start the async runtime")?;
+        runtime.block_on(real_main(cli, config))
+    });
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -146,11 +149,29 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn real_main(cli: Cli) -> anyhow::Result<()> {
-    let mut config = Config::load(cli.config.as_deref(), |k| std::env::var(k).ok())?;
-    if let Some(url) = cli.database_url {
-        config.database_url = url;
+/// The async runtime. On SQLite one core is left to the store's credit
+/// writer thread, which applies every settlement (decision 61): one worker
+/// thread per core but one, at least one. `TOKIO_WORKER_THREADS` sets
+/// another count; on PostgreSQL there is no such thread and every core
+/// gets a worker.
+fn runtime(database_url: &str) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if database_url.starts_with("sqlite:") && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        builder.worker_threads(cores.saturating_sub(1).max(1));
     }
+    builder.enable_all().build()
+}
+
+fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    let mut config = Config::load(cli.config.as_deref(), |k| std::env::var(k).ok())?;
+    if let Some(url) = &cli.database_url {
+        config.database_url = url.clone();
+    }
+    Ok(config)
+}
+
+async fn real_main(cli: Cli, mut config: Config) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { listen } => {
             if let Some(addr) = listen {
