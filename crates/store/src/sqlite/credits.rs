@@ -53,9 +53,12 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most jobs in one transaction: bounds the time the first of them waits.
 const MAX_BATCH: usize = 256;
 
-/// Connections that decide holds beside the writer: one per worker thread of
-/// the gateway's runtime (two on a two-core machine) rarely has to wait.
-const READERS: usize = 2;
+/// Connections that decide holds beside the writer: about one per worker
+/// thread of the gateway's runtime, so that a hold rarely finds them all
+/// busy (it then goes to the writer). At least two, at most eight.
+fn readers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
+}
 
 /// Times a hold decided beside the writer is read again when the writer's
 /// transaction ended during the read, before it queues for the writer.
@@ -211,7 +214,7 @@ impl CreditWriter {
     /// Opens its own connection to `path` (which the sqlx pools opened and
     /// migrated already) and starts the thread.
     pub(super) fn start(path: &Path) -> Result<Self> {
-        let readers = (0..READERS)
+        let readers = (0..readers())
             .map(|_| open(path, Role::Reader))
             .collect::<Result<Vec<_>>>()?;
         let shared = Arc::new(Shared::new(open(path, Role::Writer)?, readers));
