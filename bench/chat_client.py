@@ -26,7 +26,7 @@ MODEL = "gemma-3-270m"
 
 
 def one(url, key, prompt, tokens):
-    """One streamed request: (completion tokens, seconds to first text, seconds in all)."""
+    """One streamed request: (completion tokens, seconds to first text, seconds in all, prompt tokens)."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
     body = json.dumps({
@@ -62,7 +62,7 @@ def one(url, key, prompt, tokens):
     conn.close()
     if usage is None:
         raise SystemExit("the stream ended without usage")
-    return usage["completion_tokens"], (first if first is not None else total), total
+    return usage["completion_tokens"], (first if first is not None else total), total, usage["prompt_tokens"]
 
 
 def main():
@@ -74,8 +74,8 @@ def main():
     a = ap.parse_args()
 
     one(a.url, a.key, PROMPTS[0], 8)  # warm-up, as the example does
-    tokens, first, total = one(a.url, a.key, PROMPTS[0], a.tokens)
-    single = {"tokens": tokens, "secs": total, "first_secs": first}
+    tokens, first, total, prompt = one(a.url, a.key, PROMPTS[0], a.tokens)
+    single = {"tokens": tokens, "secs": total, "first_secs": first, "prompt_tokens": [prompt]}
 
     results = [None] * a.streams
     def run(i):
@@ -94,6 +94,9 @@ def main():
         "tokens": sum(r[0] for r in results),
         "secs": wall,
         "first_secs": max(r[1] for r in results),
+        # What each request's prompt came to after the chat format: the
+        # lengths bench/llama-cpp.sh gives llama.cpp's own tool for the same work.
+        "prompt_tokens": [r[3] for r in results],
     }
     print(json.dumps({"single": single, "batch": batch}))
 

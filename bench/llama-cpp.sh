@@ -7,14 +7,20 @@
 # Builds llama.cpp's `llama-batched-bench` tool against the very source that the
 # node links (the llama-cpp-sys-2 crate that Cargo.lock names), with the same
 # CPU kernels as .cargo/config.toml turns on for the node (AVX2/FMA/F16C,
-# OpenMP, no -march=native), then decodes with it: an 8-token prompt per
-# sequence, 128 new tokens each, for 1, 2 and 4 sequences decoded together,
-# on BENCH_THREADS threads (default: all cores, as the node uses).
-# Prints llama.cpp's table and a summary line; writes
+# OpenMP, no -march=native), then decodes with it: 128 new tokens per
+# sequence, for 1, 2 and 4 sequences decoded together, on BENCH_THREADS
+# threads (default: all cores, as the node uses), once after an 8-token
+# prompt per sequence (decode speed alone) and once after prompts as long as
+# those bench/chat.sh sends once the chat format is applied (the same work as
+# a whole request there: prompt, then decode).
+# Prints llama.cpp's table and summary lines; writes
 # bench/results/llama-cpp-latest.json (BENCH_OUT=path to write elsewhere).
 #
-# Knobs: BENCH_THREADS, BENCH_TOKENS (default 128), LLAMA_TOOLS_DIR (where the
-# tool is built; default $CARGO_TARGET_DIR/llama-cpp-tools, kept between runs).
+# Knobs: BENCH_THREADS, BENCH_TOKENS (default 128), BENCH_PROMPT_TOKENS (the
+# chat-length prompt; default 23, what bench/chat.sh's prompts come to with
+# the built-in model, as its output's `prompt_tokens` shows), LLAMA_TOOLS_DIR
+# (where the tool is built; default $CARGO_TARGET_DIR/llama-cpp-tools, kept
+# between runs).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -24,6 +30,7 @@ TOOLS=${LLAMA_TOOLS_DIR:-$TARGET_DIR/llama-cpp-tools}
 OUT=${BENCH_OUT:-$ROOT/bench/results/llama-cpp-latest.json}
 THREADS=${BENCH_THREADS:-$(nproc)}
 TOKENS=${BENCH_TOKENS:-128}
+PROMPT=${BENCH_PROMPT_TOKENS:-23}
 SDIST_PACKAGE=llama-cpp-python
 SDIST_VERSION=0.3.36
 SDIST_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
@@ -86,27 +93,39 @@ GGUF=$(find "$models" -maxdepth 2 -name '*.gguf' | head -n 1)
 [[ -f ${GGUF:-} ]] || { echo "llama-cpp.sh: no .gguf under $models" >&2; exit 1; }
 
 echo "== machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
-echo "== llama-batched-bench: $THREADS threads, 8-token prompts, $TOKENS new tokens per sequence" >&2
-# -c: room for 4 sequences of 8 + TOKENS tokens each. Flash attention is left to
-# llama.cpp to decide (auto), as the node leaves it (its context parameters keep
-# llama.cpp's default).
+echo "== llama-batched-bench: $THREADS threads, prompts of 8 and $PROMPT tokens, $TOKENS new tokens per sequence" >&2
+# -c: room for 4 sequences of PROMPT + TOKENS tokens each. Flash attention is
+# left to llama.cpp to decide (auto), as the node leaves it (its context
+# parameters keep llama.cpp's default).
 raw=$("$TOOL" -m "$GGUF" -t "$THREADS" -tb "$THREADS" -c 4096 -b 512 -ub 512 \
-    -npp 8 -ntg "$TOKENS" -npl 1,2,4 -fa auto --output-format jsonl 2>"$BUILD/last-run.err") \
+    -npp "8,$PROMPT" -ntg "$TOKENS" -npl 1,2,4 -fa auto --output-format jsonl 2>"$BUILD/last-run.err") \
     || { tail -n 20 "$BUILD/last-run.err" >&2; exit 1; }
 grep -v '^{' <<<"$raw" >&2 || true
 mkdir -p "$(dirname "$OUT")"
 grep '^{' <<<"$raw" >"$BUILD/last-run.jsonl"
-python3 - "$version" "$THREADS" "$TOKENS" "$BUILD/last-run.jsonl" "$OUT" <<'PY'
+python3 - "$version" "$THREADS" "$TOKENS" "$PROMPT" "$BUILD/last-run.jsonl" "$OUT" <<'PY'
 import json, sys
-version, threads, tokens, rows_file, out = sys.argv[1:]
+version, threads, tokens, prompt, rows_file, out = sys.argv[1:]
 rows = [json.loads(line) for line in open(rows_file)]
-by = {r["pl"]: r for r in rows}
 for r in rows:
-    print(f"{r['pl']} sequence(s): {r['speed_tg']:.1f} generated tokens/s in all, prompts {r['t_pp'] * 1000:.0f} ms")
-summary = {"source": version, "threads": int(threads), "tokens": int(tokens), "runs": rows}
-if 1 in by and 4 in by:
-    summary["four_over_one"] = by[4]["speed_tg"] / by[1]["speed_tg"]
-    print(f"4 sequences / 1 sequence: {summary['four_over_one']:.2f}x")
+    # Generated tokens over the whole time, prompt included: what bench/chat.sh
+    # counts for a request.
+    r["speed_whole"] = r["pl"] * r["tg"] / r["t"]
+decode = {r["pl"]: r for r in rows if r["pp"] == 8}
+whole = {r["pl"]: r for r in rows if r["pp"] == int(prompt)}
+for r in rows:
+    print(f"{r['pl']} sequence(s), {r['pp']}-token prompts: {r['speed_tg']:.1f} generated tokens/s decoding, "
+          f"{r['speed_whole']:.1f} over the whole run (prompts {r['t_pp'] * 1000:.0f} ms)")
+summary = {"source": version, "threads": int(threads), "tokens": int(tokens), "prompt_tokens": int(prompt), "runs": rows}
+if 1 in decode and 4 in decode:
+    summary["four_over_one"] = decode[4]["speed_tg"] / decode[1]["speed_tg"]
+    print(f"decoding alone (8-token prompts), 4 sequences / 1 sequence: {summary['four_over_one']:.2f}x")
+if 1 in whole and 4 in whole:
+    summary["whole_single"] = whole[1]["speed_whole"]
+    summary["whole_four"] = whole[4]["speed_whole"]
+    summary["whole_four_over_one"] = whole[4]["speed_whole"] / whole[1]["speed_whole"]
+    print(f"whole runs ({prompt}-token prompts): 1 sequence {summary['whole_single']:.1f}, "
+          f"4 sequences {summary['whole_four']:.1f} tokens/s, {summary['whole_four_over_one']:.2f}x")
 with open(out, "w") as f:
     json.dump(summary, f, indent=1)
 PY
