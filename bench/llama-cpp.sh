@@ -17,7 +17,7 @@
 # bench/results/llama-cpp-latest.json (BENCH_OUT=path to write elsewhere).
 #
 # Knobs: BENCH_THREADS, BENCH_TOKENS (default 128), BENCH_PROMPT_TOKENS (the
-# chat-length prompt; default 23, what bench/chat.sh's prompts come to with
+# chat-length prompt; default 18, about what bench/chat.sh's four prompts come to with
 # the built-in model, as its output's `prompt_tokens` shows), LLAMA_TOOLS_DIR
 # (where the tool is built; default $CARGO_TARGET_DIR/llama-cpp-tools, kept
 # between runs).
@@ -30,7 +30,7 @@ TOOLS=${LLAMA_TOOLS_DIR:-$TARGET_DIR/llama-cpp-tools}
 OUT=${BENCH_OUT:-$ROOT/bench/results/llama-cpp-latest.json}
 THREADS=${BENCH_THREADS:-$(nproc)}
 TOKENS=${BENCH_TOKENS:-128}
-PROMPT=${BENCH_PROMPT_TOKENS:-23}
+PROMPT=${BENCH_PROMPT_TOKENS:-18}
 SDIST_PACKAGE=llama-cpp-python
 SDIST_VERSION=0.3.36
 SDIST_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e

@@ -538,9 +538,11 @@ fn open(path: &Path, role: Role) -> Result<Connection> {
     // inside a commit, stalling the whole batch; the writer thread runs them
     // itself between batches instead (see `run`).
     // The WAL restarts from its beginning after each full checkpoint; the
-    // size limit then trims what a burst left behind.
-    conn.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 16777216;")
-        .map_err(db)?;
+    // size limit then trims what a burst left behind (see `WAL_KEPT`).
+    conn.execute_batch(&format!(
+        "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {WAL_KEPT};"
+    ))
+    .map_err(db)?;
     Ok(conn)
 }
 
@@ -633,6 +635,16 @@ fn count_journaled(shared: &Shared, batch: &[Job], results: &[Result<Done>]) {
 /// that change on every request (balances, keys, roll-ups) are copied once
 /// per period instead of once per commit that touched them.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+/// The WAL size kept when it restarts (`journal_size_limit`), in bytes. At
+/// concurrency 1 each settlement is a commit of its own (about 13 pages), so
+/// the WAL grows by tens of MB between two checkpoints on a fast machine. A
+/// limit below that truncated the file after every checkpoint and let it
+/// grow again, making the file system free and allocate its blocks each
+/// time: an `ftruncate` of several ms and a costlier sync after it, both
+/// seen in the slowest requests at concurrency 1. Above it the WAL is only
+/// overwritten in place.
+const WAL_KEPT: u64 = 64 << 20;
 
 /// Copies the WAL back into the database. Run by the writer between batches:
 /// with no write in progress the checkpoint can take every frame, so the next
