@@ -123,6 +123,7 @@ fn main() -> anyhow::Result<()> {
         single.first,
     );
 
+    let before = engine.step_times();
     let started = Instant::now();
     let runs: Vec<Run> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..streams as usize)
@@ -144,6 +145,15 @@ fn main() -> anyhow::Result<()> {
         );
     }
     println!("  sequences moved to a lower id: {}", engine.sequences_moved());
+    let steps = engine.step_times().since(before);
+    let per_step = |d: Duration| d.as_secs_f64() * 1e3 / steps.steps.max(1) as f64;
+    println!(
+        "  engine thread: {} steps, {:.2} ms decoding and {:.2} ms sampling per step ({:.1} % of the wall time in neither)",
+        steps.steps,
+        per_step(steps.decode),
+        per_step(steps.sample),
+        100.0 * (1.0 - (steps.decode + steps.sample).as_secs_f64() / wall.as_secs_f64()),
+    );
     let total: u32 = runs.iter().map(|r| r.tokens).sum();
     let slowest_first = runs.iter().map(|r| r.first).max().unwrap_or_default();
     if std::env::args().any(|a| a == "--json") {
@@ -151,7 +161,8 @@ fn main() -> anyhow::Result<()> {
             "{}",
             json!({
                 "single": { "tokens": single.tokens, "secs": single.total.as_secs_f64(), "first_secs": single.first.as_secs_f64() },
-                "batch": { "streams": streams, "tokens": total, "secs": wall.as_secs_f64(), "first_secs": slowest_first.as_secs_f64() },
+                "batch": { "streams": streams, "tokens": total, "secs": wall.as_secs_f64(), "first_secs": slowest_first.as_secs_f64(),
+                           "steps": steps.steps, "decode_secs": steps.decode.as_secs_f64(), "sample_secs": steps.sample.as_secs_f64() },
             })
         );
     }

@@ -102,8 +102,13 @@ fn max_tokens_caps_the_answer_and_usage_counts_tokens() {
         json!({"temperature": 0, "max_tokens": 5}),
     );
     let prompt_tokens = engine.prompt(&messages).expect("prompt").tokens.len() as u32;
+    let before = engine.step_times();
     let done = engine.complete_blocking(&messages, &params).expect("completion");
     eprintln!("{done:?}");
+    // One step read the prompt and gave the first token, four more the rest
+    // (other tests share the engine, so there may be more).
+    let steps = engine.step_times().since(before);
+    assert!(steps.steps >= 5 && !steps.decode.is_zero(), "{steps:?}");
     assert_eq!(done.reason, FinishReason::Length);
     assert_eq!(done.completion_tokens, 5);
     assert_eq!(done.prompt_tokens, prompt_tokens);

@@ -19,6 +19,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -87,6 +88,12 @@ pub struct Stats {
     pub busy: AtomicUsize,
     /// Sequences moved to a lower id (see `Engine::compact`).
     pub moved: AtomicU64,
+    /// Decode steps run.
+    pub steps: AtomicU64,
+    /// Nanoseconds spent building batches and in `llama_decode`.
+    pub decode_ns: AtomicU64,
+    /// Nanoseconds spent sampling and handing out text after decodes.
+    pub sample_ns: AtomicU64,
 }
 
 /// A job holding a sequence id.
@@ -292,6 +299,7 @@ impl<'m> Engine<'m> {
     }
 
     fn step(&mut self) {
+        let started = Instant::now();
         let filled = self.fill_batch();
         let decoded = match filled {
             Ok(()) if self.batch.n_tokens() == 0 => return,
@@ -309,6 +317,7 @@ impl<'m> Engine<'m> {
             }
             return;
         }
+        let decoded_at = Instant::now();
         let mut i = 0;
         while i < self.active.len() {
             let finished = match self.active[i].logits_at {
@@ -322,6 +331,14 @@ impl<'m> Engine<'m> {
                 i += 1;
             }
         }
+        let stats = &self.stats;
+        stats.steps.fetch_add(1, Ordering::Relaxed);
+        stats
+            .decode_ns
+            .fetch_add(nanos(decoded_at - started), Ordering::Relaxed);
+        stats
+            .sample_ns
+            .fetch_add(nanos(decoded_at.elapsed()), Ordering::Relaxed);
     }
 
     /// Samples the next token of `active[i]`; true when that job is finished.
@@ -352,6 +369,10 @@ impl<'m> Engine<'m> {
         a.next = Some(token);
         false
     }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Sends what was held back and the end of the answer.

@@ -25,6 +25,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use cxmpute_protocol::openai::ChatMessage;
@@ -68,6 +69,27 @@ impl Default for ChatOptions {
 }
 
 /// Why a chat request was refused before generation started.
+/// Totals of the engine thread's decode steps (see [`LlamaChat::step_times`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepTimes {
+    pub steps: u64,
+    /// Building batches and `llama_decode`.
+    pub decode: Duration,
+    /// Sampling the decoded rows and handing their text out.
+    pub sample: Duration,
+}
+
+impl StepTimes {
+    /// What happened between `earlier` and `self`.
+    pub fn since(self, earlier: StepTimes) -> StepTimes {
+        StepTimes {
+            steps: self.steps.saturating_sub(earlier.steps),
+            decode: self.decode.saturating_sub(earlier.decode),
+            sample: self.sample.saturating_sub(earlier.sample),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
     #[error(transparent)]
@@ -225,6 +247,16 @@ impl LlamaChat {
     /// over the weights per step (see `engine::Engine::compact`).
     pub fn sequences_moved(&self) -> u64 {
         self.stats.moved.load(Ordering::Relaxed)
+    }
+
+    /// Where the engine thread's time went so far: for benchmarks and the
+    /// node's own figures.
+    pub fn step_times(&self) -> StepTimes {
+        StepTimes {
+            steps: self.stats.steps.load(Ordering::Relaxed),
+            decode: Duration::from_nanos(self.stats.decode_ns.load(Ordering::Relaxed)),
+            sample: Duration::from_nanos(self.stats.sample_ns.load(Ordering::Relaxed)),
+        }
     }
 
     pub fn prompt_format(&self) -> &PromptFormat {
