@@ -318,6 +318,13 @@ impl<'m> Engine<'m> {
             return;
         }
         let decoded_at = Instant::now();
+        // Counted before any answer hears of this step: a caller that reads
+        // the counts once its answer has ended sees every step that made it.
+        let stats = &self.stats;
+        stats.steps.fetch_add(1, Ordering::Relaxed);
+        stats
+            .decode_ns
+            .fetch_add(nanos(decoded_at - started), Ordering::Relaxed);
         let mut i = 0;
         while i < self.active.len() {
             let finished = match self.active[i].logits_at {
@@ -331,12 +338,7 @@ impl<'m> Engine<'m> {
                 i += 1;
             }
         }
-        let stats = &self.stats;
-        stats.steps.fetch_add(1, Ordering::Relaxed);
-        stats
-            .decode_ns
-            .fetch_add(nanos(decoded_at - started), Ordering::Relaxed);
-        stats
+        self.stats
             .sample_ns
             .fetch_add(nanos(decoded_at.elapsed()), Ordering::Relaxed);
     }
