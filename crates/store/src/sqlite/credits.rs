@@ -32,8 +32,15 @@
 //! to the settlement journal (`journal.rs`, decision 57) and to the thread's
 //! queue, and its caller goes on; the thread applies it in its next batch.
 //! Reads wait for what is journaled ([`CreditWriter::caught_up`]).
+//!
+//! Journaled settlements do not wake the thread one by one (decision 65):
+//! they wait beside it until [`APPLY_AT`] of them have gathered, [`APPLY_WITHIN`]
+//! has passed since the thread saw the first, or another job (a read's
+//! barrier among them) comes. At low load that turns a commit per request
+//! into one per few dozen, and takes the thread's wake-up and its commit off
+//! the cores the requests run on.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError, TryLockError};
@@ -52,6 +59,15 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Most jobs in one transaction: bounds the time the first of them waits.
 const MAX_BATCH: usize = 256;
+
+/// Journaled settlements that wake the writer thread at once.
+const APPLY_AT: usize = 64;
+
+/// Longest a journaled settlement waits for the writer thread once the
+/// thread has seen it: the staleness of the database file for readers that
+/// do not go through this store (another process, `admin` commands); reads
+/// through it wait for every settlement (see [`CreditWriter::caught_up`]).
+const APPLY_WITHIN: Duration = Duration::from_millis(10);
 
 /// Connections that decide holds beside the writer: about one per worker
 /// thread of the gateway's runtime, so that a hold rarely finds them all
@@ -81,6 +97,15 @@ enum Op {
     Barrier,
 }
 
+/// What the writer thread is sent.
+enum Msg {
+    Job(Job),
+    /// A caller that ran its job itself asks for a checkpoint.
+    Checkpoint,
+    /// Journaled settlements wait (see [`Shared::deferred`]).
+    Wake,
+}
+
 enum Done {
     Hold(HoldOutcome),
     Settle(SettleOutcome),
@@ -107,8 +132,7 @@ struct Job {
 /// Handle to the writer thread. Dropping the last handle ends the thread
 /// after the jobs already queued.
 pub(super) struct CreditWriter {
-    /// `None` asks the thread for a checkpoint.
-    jobs: mpsc::Sender<Option<Job>>,
+    jobs: mpsc::Sender<Msg>,
     shared: Arc<Shared>,
     /// Dropped with the writer, which ends the WAL copier thread.
     _copier: mpsc::Sender<()>,
@@ -147,6 +171,13 @@ struct Shared {
     epoch: Instant,
     /// Set once the store serves (`serve_journal`); taken before `holds`.
     journal: Mutex<Option<Journal>>,
+    /// Journaled settlements that the thread has yet to take, oldest first.
+    /// Each is counted in `journaled` only once it is here, so a barrier
+    /// sent after that count finds it here or already applied.
+    deferred: Mutex<Vec<Job>>,
+    /// The thread sleeps with no deadline: the next journaled settlement
+    /// wakes it (it then waits at most [`APPLY_WITHIN`] for more).
+    parked: AtomicBool,
     /// Journaled settlements queued, and those the thread has finished.
     journaled: AtomicU64,
     finished: AtomicU64,
@@ -163,6 +194,10 @@ impl Shared {
 
     fn holds(&self) -> std::sync::MutexGuard<'_, Holds> {
         self.holds.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn deferred(&self) -> std::sync::MutexGuard<'_, Vec<Job>> {
+        self.deferred.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn now_ms(&self) -> u64 {
@@ -197,6 +232,8 @@ impl Shared {
             checkpoint_asked: AtomicBool::new(false),
             epoch: Instant::now(),
             journal: Mutex::new(None),
+            deferred: Mutex::new(Vec::new()),
+            parked: AtomicBool::new(false),
             journaled: AtomicU64::new(0),
             finished: AtomicU64::new(0),
             paid: Mutex::new(HashSet::new()),
@@ -262,7 +299,7 @@ impl CreditWriter {
                 drop(conn);
                 // Checkpoints stay on the thread, off the request path.
                 if self.shared.checkpoint_due() && !self.shared.checkpoint_asked.swap(true, Ordering::Relaxed) {
-                    let _ = self.jobs.send(None);
+                    let _ = self.jobs.send(Msg::Checkpoint);
                 }
                 return result;
             }
@@ -274,7 +311,7 @@ impl CreditWriter {
     async fn queue(&self, op: Op) -> Result<Done> {
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(Some(Job { op, reply: Some(reply) }))
+            .send(Msg::Job(Job { op, reply: Some(reply) }))
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
@@ -355,15 +392,24 @@ impl CreditWriter {
                 return Err(usage);
             }
         };
-        self.shared.journaled.fetch_add(1, Ordering::AcqRel);
         // The thread takes the journal's lock when it has applied the record:
-        // free it before waking the thread.
+        // free it before handing the record over.
         drop(guard);
         let job = Job {
             op: Op::Journaled(usage, ticket),
             reply: None,
         };
-        if self.jobs.send(Some(job)).is_err() {
+        let waiting = {
+            let mut deferred = self.shared.deferred();
+            deferred.push(job);
+            deferred.len()
+        };
+        self.shared.journaled.fetch_add(1, Ordering::AcqRel);
+        // Wake the thread only when enough wait, or when it sleeps with no
+        // deadline (it then gives the others `APPLY_WITHIN` to come).
+        if (waiting == APPLY_AT || self.shared.parked.swap(false, Ordering::SeqCst))
+            && self.jobs.send(Msg::Wake).is_err()
+        {
             // The thread is gone (the store is closing): the record stays in
             // the journal for the next start.
             tracing::warn!("the credit writer stopped; a settlement waits in the journal");
@@ -558,24 +604,54 @@ pub(super) fn db(e: rusqlite::Error) -> StoreError {
     StoreError::Sqlite(e.to_string())
 }
 
-fn run(shared: &Shared, rx: mpsc::Receiver<Option<Job>>) {
+fn run(shared: &Shared, rx: mpsc::Receiver<Msg>) {
     yield_to_wakers();
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut results = Vec::with_capacity(MAX_BATCH);
     let mut undo = Vec::new();
     let mut pending = Pending::default();
-    while let Ok(first) = rx.recv() {
-        // `None` is a checkpoint asked for by a caller that ran its job itself.
-        let mut asked = first.is_none();
-        batch.extend(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => {
-                    asked |= job.is_none();
-                    batch.extend(job);
-                }
-                Err(_) => break,
+    // Jobs received but not yet run: they wait while the journaled
+    // settlements sent before them are more than a batch.
+    let mut backlog = VecDeque::new();
+    let mut asked = false;
+    let mut closing = false;
+    // Journaled settlements were left for the next batch (over `MAX_BATCH`).
+    let mut behind = false;
+    let mut since = None;
+    loop {
+        if backlog.is_empty() && !closing && !behind {
+            match wait(shared, &rx, &mut since) {
+                Woken::Message(Msg::Job(job)) => backlog.push_back(job),
+                Woken::Message(Msg::Checkpoint) => asked = true,
+                Woken::Message(Msg::Wake) | Woken::Due => {}
+                Woken::Closed => closing = true,
             }
+        }
+        // What was sent before the journaled settlements are taken: a
+        // barrier among them must find every settlement counted before it.
+        while let Ok(msg) = rx.try_recv() {
+            match msg {
+                Msg::Job(job) => backlog.push_back(job),
+                Msg::Checkpoint => asked = true,
+                Msg::Wake => {}
+            }
+        }
+        let all_taken = {
+            let mut deferred = shared.deferred();
+            let take = deferred.len().min(MAX_BATCH);
+            batch.extend(deferred.drain(..take));
+            deferred.is_empty()
+        };
+        since = None;
+        behind = !all_taken;
+        if all_taken {
+            while batch.len() < MAX_BATCH {
+                let Some(job) = backlog.pop_front() else { break };
+                batch.push(job);
+            }
+        }
+        if batch.is_empty() && closing && backlog.is_empty() {
+            break;
         }
         let conn = shared.lock();
         if !batch.is_empty() && run_batch(&conn, shared, &batch, &mut results, &mut undo, &mut pending).is_err() {
@@ -600,11 +676,60 @@ fn run(shared: &Shared, rx: mpsc::Receiver<Option<Job>>) {
                 let _ = reply.send(result);
             }
         }
-        if asked || shared.checkpoint_due() {
+        if std::mem::take(&mut asked) || shared.checkpoint_due() {
             shared.checkpoint(&conn);
         }
     }
     shared.checkpoint(&shared.lock());
+}
+
+/// Why the writer thread stopped waiting.
+enum Woken {
+    Message(Msg),
+    /// Enough journaled settlements wait, or the oldest has waited long enough.
+    Due,
+    /// Every handle to the writer is gone.
+    Closed,
+}
+
+/// Sleeps until a job comes, or journaled settlements are due: at once when
+/// [`APPLY_AT`] wait, otherwise [`APPLY_WITHIN`] after the thread first saw
+/// one (`since`). With none waiting it sleeps with no deadline, and the next
+/// one wakes it (`Shared::parked`).
+fn wait(shared: &Shared, rx: &mpsc::Receiver<Msg>, since: &mut Option<Instant>) -> Woken {
+    loop {
+        let waiting = shared.deferred().len();
+        if waiting >= APPLY_AT {
+            return Woken::Due;
+        }
+        let received = if waiting == 0 {
+            *since = None;
+            // Parked before looking again, so that a settlement queued after
+            // the look sees the flag and wakes the thread.
+            shared.parked.store(true, Ordering::SeqCst);
+            if !shared.deferred().is_empty() {
+                shared.parked.store(false, Ordering::SeqCst);
+                continue;
+            }
+            let received = rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected);
+            shared.parked.store(false, Ordering::SeqCst);
+            received
+        } else {
+            let due = *since.get_or_insert_with(Instant::now) + APPLY_WITHIN;
+            match due.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => rx.recv_timeout(left),
+                _ => return Woken::Due,
+            }
+        };
+        match received {
+            // A wake only ends a sleep with no deadline: the settlement that
+            // sent it is now waited for with one.
+            Ok(Msg::Wake) => continue,
+            Ok(msg) => return Woken::Message(msg),
+            Err(mpsc::RecvTimeoutError::Timeout) => return Woken::Due,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Woken::Closed,
+        }
+    }
 }
 
 /// Tells the journal which of its records are now in the database (or failed
@@ -1269,6 +1394,49 @@ mod tests {
                 .expect("sum"),
             -500
         );
+        assert_eq!(store.held_amount(&key.account_id).await.expect("held"), 0);
+    }
+
+    /// Journaled settlements reach the database file by themselves, soon,
+    /// whether fewer or more than [`APPLY_AT`] wait: what another process
+    /// (an `admin` command) reads, without going through the serving store.
+    #[tokio::test]
+    async fn journaled_settlements_reach_the_file_without_a_read() {
+        let (dir, store, key, _shared) = fixture(None).await;
+        store.claim_for_serving().await.expect("claim");
+        let other = Connection::open(dir.path().join("credits.db")).expect("other connection");
+        let count_in_file = || -> i64 {
+            other
+                .query_row("SELECT count(*) FROM usage_records", [], |r| r.get(0))
+                .expect("count")
+        };
+        let mut settled = 0;
+        for round in [1, APPLY_AT + 5] {
+            for n in 0..round {
+                let request_id = format!("f{round}-{n}");
+                store.hold(hold_of(&request_id, &key, 5)).await.expect("hold");
+                store
+                    .settle(usage_of(&request_id, &key, 5, 0, None))
+                    .await
+                    .expect("settle");
+            }
+            settled += round as i64;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while count_in_file() < settled && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(
+                count_in_file(),
+                settled,
+                "every settlement of round {round} in the file"
+            );
+        }
+        let balance: i64 = other
+            .query_row("SELECT balance FROM accounts WHERE id = ?1", [&key.account_id], |r| {
+                r.get(0)
+            })
+            .expect("balance");
+        assert_eq!(balance, 1_000 - 5 * settled);
         assert_eq!(store.held_amount(&key.account_id).await.expect("held"), 0);
     }
 
