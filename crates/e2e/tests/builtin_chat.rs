@@ -10,7 +10,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{present_or_skip, sse_events, usage_totals, Db, Gateway, Node};
+use common::{present_or_skip, settled_usage, sse_events, Db, Gateway, Node};
 use serde_json::{json, Value};
 
 const MODEL: &str = "gemma-3-270m";
@@ -78,14 +78,7 @@ async fn builtin_chat_through_the_gateway() {
 
     // Both requests were billed.
     let store = db.store().await;
-    let mut billed = (0, 0);
-    for _ in 0..50 {
-        billed = usage_totals(store.as_ref(), &account).await;
-        if billed.1 == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let billed = settled_usage(store.as_ref(), &account, 2).await;
     assert_eq!(billed.1, 2, "usage rows");
     assert!(billed.0 > 0, "cost");
 }

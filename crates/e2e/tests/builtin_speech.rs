@@ -11,7 +11,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{present_or_skip, usage_totals, Db, Gateway, Node};
+use common::{present_or_skip, settled_usage, Db, Gateway, Node};
 use serde_json::{json, Value};
 
 const MODEL: &str = "piper-en-us-joe-medium";
@@ -180,12 +180,7 @@ async fn builtin_speech_through_the_gateway() {
 
     // The five good requests were billed (per character); the refused ones not.
     let store = db.store().await;
-    for _ in 0..50 {
-        if usage_totals(store.as_ref(), &account).await.1 >= 5 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    settled_usage(store.as_ref(), &account, 5).await;
     let rows = store.usage_for_account(&account, 100).await.unwrap();
     let ok: Vec<_> = rows.iter().filter(|r| r.status == 200).collect();
     assert_eq!(ok.len(), 5, "{rows:?}");

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{usage_totals, Db, Gateway, Node};
+use common::{settled_usage, Db, Gateway, Node};
 use cxmpute_store::LedgerKind;
 use cxmpute_testkit::FakeUpstream;
 use serde_json::json;
@@ -56,9 +56,9 @@ async fn contention(db: Db) {
     assert_eq!(ok, 50, "every credit should have been usable");
 
     let store = db.store().await;
+    let (charged, rows) = settled_usage(store.as_ref(), &account, ok).await;
     let acc = store.account(&account).await.unwrap().unwrap();
     assert!(acc.balance >= 0);
-    let (charged, rows) = usage_totals(store.as_ref(), &account).await;
     assert_eq!(rows, ok);
     assert_eq!(charged, 50 * per_request);
     assert_eq!(store.ledger_sum(&account, LedgerKind::Charge).await.unwrap(), -charged);

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{sse_events, usage_totals, Db, Gateway, Node};
+use common::{settled_usage, sse_events, Db, Gateway, Node};
 use cxmpute_testkit::fake_embedding;
 use cxmpute_testkit::fake_ollama::{FakeOllama, FakeOllamaModel};
 use serde_json::{json, Value};
@@ -94,7 +94,7 @@ async fn ollama_models_are_served_and_pulled_ones_removed_at_stop() {
 
     // All three were metered and charged.
     let store = db.store().await;
-    let (cost, rows) = usage_totals(store.as_ref(), &account).await;
+    let (cost, rows) = settled_usage(store.as_ref(), &account, 3).await;
     assert_eq!(rows, 3);
     assert!(cost > 0);
 

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use base64::Engine;
-use common::{cosine, embedding_vectors, page_server, sse_events, usage_totals, Db, Gateway, Node};
+use common::{cosine, embedding_vectors, page_server, settled_usage, sse_events, Db, Gateway, Node};
 use cxmpute_testkit::{expected_completion, fake_speech, FakeUpstream};
 use serde_json::{json, Value};
 
@@ -192,7 +192,7 @@ async fn round_trips(db: Db) {
 
     // Every request was charged and recorded; the provider was rewarded.
     let store = db.store().await;
-    let (charged, rows) = usage_totals(store.as_ref(), &account).await;
+    let (charged, rows) = settled_usage(store.as_ref(), &account, 8).await;
     assert_eq!(rows, 8, "one usage record per request");
     assert!(charged > 0);
     assert_eq!(
@@ -258,6 +258,7 @@ async fn a_large_scrape_answer_is_billed_per_page() {
     }
 
     let store = db.store().await;
+    settled_usage(store.as_ref(), &account, 1).await;
     let usage = store.usage_for_account(&account, 10).await.unwrap();
     assert_eq!(usage.len(), 1);
     assert_eq!(usage[0].pages, 4, "every page is billed, however large the answer");

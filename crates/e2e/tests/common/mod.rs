@@ -325,6 +325,24 @@ pub async fn usage_totals(store: &dyn Store, account: &str) -> (i64, usize) {
     (rows.iter().map(|r| r.cost).sum(), rows.len())
 }
 
+/// [`usage_totals`] once the account has at least `rows` usage rows, or
+/// after 10 s. The tests read the gateway's database from a store of their
+/// own, as an `admin` command does, and a serving gateway on SQLite applies
+/// its journaled settlements to the file a few milliseconds after the
+/// answers end (decisions 57 and 65); reads through the gateway itself
+/// wait for them.
+#[allow(dead_code)]
+pub async fn settled_usage(store: &dyn Store, account: &str, rows: usize) -> (i64, usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let totals = usage_totals(store, account).await;
+        if totals.1 >= rows || tokio::time::Instant::now() >= deadline {
+            return totals;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The model cache root, found the way the node finds it
 /// (crates/provider/src/models.rs).
 #[allow(dead_code)]
