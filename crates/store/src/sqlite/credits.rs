@@ -63,7 +63,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most jobs in one transaction: bounds the time the first of them waits.
 const MAX_BATCH: usize = 256;
 
-/// Journaled settlements that wake the writer thread at once.
+/// Journaled settlements waiting that a busy writer thread, its batch done,
+/// takes at once rather than waiting up to [`APPLY_WITHIN`] for more.
 const APPLY_AT: usize = 64;
 
 /// Longest a journaled settlement waits for the writer thread once the
