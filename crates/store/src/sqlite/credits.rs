@@ -1405,6 +1405,21 @@ mod tests {
         assert_eq!(store.held_amount(&key.account_id).await.expect("held"), 0);
     }
 
+    /// The usage records in the file as a connection of another process
+    /// sees them, once there are `want` or after 5 s.
+    async fn usage_rows_in_file(other: &Connection, want: i64) -> i64 {
+        let count = || -> i64 {
+            other
+                .query_row("SELECT count(*) FROM usage_records", [], |r| r.get(0))
+                .expect("count")
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while count() < want && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        count()
+    }
+
     /// Journaled settlements reach the database file by themselves, soon,
     /// whether fewer or more than [`APPLY_AT`] wait: what another process
     /// (an `admin` command) reads, without going through the serving store.
@@ -1413,11 +1428,6 @@ mod tests {
         let (dir, store, key, _shared) = fixture(None).await;
         store.claim_for_serving().await.expect("claim");
         let other = Connection::open(dir.path().join("credits.db")).expect("other connection");
-        let count_in_file = || -> i64 {
-            other
-                .query_row("SELECT count(*) FROM usage_records", [], |r| r.get(0))
-                .expect("count")
-        };
         let mut settled = 0;
         for round in [1, APPLY_AT + 5] {
             for n in 0..round {
@@ -1429,12 +1439,8 @@ mod tests {
                     .expect("settle");
             }
             settled += round as i64;
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while count_in_file() < settled && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
             assert_eq!(
-                count_in_file(),
+                usage_rows_in_file(&other, settled).await,
                 settled,
                 "every settlement of round {round} in the file"
             );
@@ -1479,16 +1485,7 @@ mod tests {
         release.0.send(()).expect("release");
         holder.join().expect("holder thread");
         let other = Connection::open(dir.path().join("credits.db")).expect("other connection");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let count = || -> i64 {
-            other
-                .query_row("SELECT count(*) FROM usage_records", [], |r| r.get(0))
-                .expect("count")
-        };
-        while count() < 4 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        assert_eq!(count(), 4);
+        assert_eq!(usage_rows_in_file(&other, 4).await, 4);
         // The first may have had a commit of its own (it woke the thread);
         // the three that came while the thread waited for the lock did not.
         let commits = shared.holds().generation() - before;
