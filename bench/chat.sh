@@ -13,7 +13,8 @@
 # Prints both and the ratios; writes bench/results/chat-latest.json
 # (BENCH_OUT=path to write elsewhere).
 #
-# Knobs: BENCH_STREAMS (default 4), BENCH_TOKENS (default 128),
+# Knobs: BENCH_STREAMS (default 4), BENCH_TOKENS (default 128), BENCH_SEED
+# (default 7; pick one where every answer runs to BENCH_TOKENS on this build),
 # BENCH_PROFILE (debug or release, default debug: llama.cpp itself is always
 # built optimised, so the profile changes only the Rust around it).
 set -euo pipefail
@@ -26,6 +27,7 @@ BIN=$TARGET_DIR/$PROFILE
 OUT=${BENCH_OUT:-$ROOT/bench/results/chat-latest.json}
 STREAMS=${BENCH_STREAMS:-4}
 TOKENS=${BENCH_TOKENS:-128}
+SEED=${BENCH_SEED:-7}
 
 for tool in python3 jq; do
     command -v "$tool" >/dev/null || { echo "chat.sh: needs $tool" >&2; exit 1; }
@@ -62,7 +64,7 @@ trap cleanup EXIT
 
 echo "== machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 echo "== 1. the engine alone ($STREAMS streams, $TOKENS tokens each)" >&2
-"$BIN/examples/chat_bench" --streams "$STREAMS" --tokens "$TOKENS" --json >"$TMP/engine.out"
+"$BIN/examples/chat_bench" --streams "$STREAMS" --tokens "$TOKENS" --seed "$SEED" --json >"$TMP/engine.out"
 grep -v '^{' "$TMP/engine.out" >&2
 ENGINE=$(grep '^{' "$TMP/engine.out")
 
@@ -93,15 +95,16 @@ for i in $(seq 1 600); do
     [[ $i == 600 ]] && { echo "chat.sh: the node did not offer gemma-3-270m within 60 s" >&2; exit 1; }
     sleep 0.1
 done
-GATEWAY=$(python3 "$ROOT/bench/chat_client.py" --url "$URL" --key "$KEY" --streams "$STREAMS" --tokens "$TOKENS")
+GATEWAY=$(python3 "$ROOT/bench/chat_client.py" --url "$URL" --key "$KEY" --streams "$STREAMS" --tokens "$TOKENS" --seed "$SEED")
 
 mkdir -p "$(dirname "$OUT")"
 jq -n --argjson engine "$ENGINE" --argjson gateway "$GATEWAY" \
-    --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" --arg cores "$(nproc)" --arg profile "$PROFILE" \
+    --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" --arg cores "$(nproc)" --arg profile "$PROFILE" --arg seed "$SEED" \
     --arg load "$(cut -d' ' -f1-3 /proc/loadavg)" '
     def rate(r): r.tokens / r.secs;
     {
-      date: $date, cores: ($cores | tonumber), profile: $profile, load_average_after: $load,
+      date: $date, cores: ($cores | tonumber), profile: $profile, seed: ($seed | tonumber),
+      load_average_after: $load,
       engine: $engine, gateway: $gateway,
       tokens_per_second: {
         engine_single: rate($engine.single), gateway_single: rate($gateway.single),

@@ -4,7 +4,7 @@ engine directly: the same prompts, seed, temperature and token count; a warm-up,
 then one stream alone, then N at once. Prints one JSON line of figures in the
 example's format. Used by bench/chat.sh.
 
-    chat_client.py --url http://127.0.0.1:PORT --key KEY [--streams 4] [--tokens 128]
+    chat_client.py --url http://127.0.0.1:PORT --key KEY [--streams 4] [--tokens 128] [--seed 7]
 """
 
 import argparse
@@ -25,7 +25,7 @@ PROMPTS = [
 MODEL = "gemma-3-270m"
 
 
-def one(url, key, prompt, tokens):
+def one(url, key, prompt, tokens, seed=7):
     """One streamed request: (completion tokens, seconds to first text, seconds in all, prompt tokens)."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
@@ -34,7 +34,7 @@ def one(url, key, prompt, tokens):
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": tokens,
         "temperature": 0.8,
-        "seed": 7,
+        "seed": seed,
         "stream": True,
         "stream_options": {"include_usage": True},
     })
@@ -71,15 +71,16 @@ def main():
     ap.add_argument("--key", required=True)
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=7)
     a = ap.parse_args()
 
-    one(a.url, a.key, PROMPTS[0], 8)  # warm-up, as the example does
-    tokens, first, total, prompt = one(a.url, a.key, PROMPTS[0], a.tokens)
+    one(a.url, a.key, PROMPTS[0], 8, a.seed)  # warm-up, as the example does
+    tokens, first, total, prompt = one(a.url, a.key, PROMPTS[0], a.tokens, a.seed)
     single = {"tokens": tokens, "secs": total, "first_secs": first, "prompt_tokens": [prompt]}
 
     results = [None] * a.streams
     def run(i):
-        results[i] = one(a.url, a.key, PROMPTS[i % len(PROMPTS)], a.tokens)
+        results[i] = one(a.url, a.key, PROMPTS[i % len(PROMPTS)], a.tokens, a.seed)
     threads = [threading.Thread(target=run, args=(i,)) for i in range(a.streams)]
     started = time.perf_counter()
     for t in threads:
