@@ -25,7 +25,7 @@ PROMPTS = [
 MODEL = "gemma-3-270m"
 
 
-def one(url, key, prompt, tokens, seed=7):
+def one(url, key, prompt, tokens, seed):
     """One streamed request: (completion tokens, seconds to first text, seconds in all, prompt tokens)."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
