@@ -164,7 +164,9 @@ if [[ ${SCHED:-0} != 0 ]]; then
     exit 0
 fi
 ticks() { awk '{ print $14 + $15 }' "/proc/${1:-$GW_PID}/stat"; }
+sys_ticks() { awk '{ print $15 }' "/proc/$GW_PID/stat"; }
 t0=$(ticks)
+s0=$(sys_ticks)
 n0=$(ticks "$NODE_PID")
 if [[ $PERF != 0 ]]; then
     perf record -F 2000 -g --call-graph dwarf,16384 -p "$GW_PID" -o "$TMP/perf.data" -- sleep "$D" >/dev/null 2>&1 &
@@ -172,12 +174,14 @@ if [[ $PERF != 0 ]]; then
 fi
 "${LG[@]}" --json --duration-secs "$D" >"$TMP/loadgen.json"
 t1=$(ticks)
+s1=$(sys_ticks)
 n1=$(ticks "$NODE_PID")
 [[ $PERF == 0 ]] || wait "$PERF_PID" || true
 n=$(jq .requests "$TMP/loadgen.json")
 hz=$(getconf CLK_TCK)
 echo "concurrency $C: $n requests, $(jq -r '.rps | floor' "$TMP/loadgen.json") requests/s," \
-    "p50 $(jq .latency_us.p50 "$TMP/loadgen.json") us, p99 $(jq .latency_us.p99 "$TMP/loadgen.json") us, gateway CPU $(((t1 - t0) * 1000000 / hz / (n > 0 ? n : 1))) us per request," \
+    "p50 $(jq .latency_us.p50 "$TMP/loadgen.json") us, p99 $(jq .latency_us.p99 "$TMP/loadgen.json") us, gateway CPU $(((t1 - t0) * 1000000 / hz / (n > 0 ? n : 1))) us per request" \
+    "($(((s1 - s0) * 1000000 / hz / (n > 0 ? n : 1))) us of it in the kernel)," \
     "node CPU $(((n1 - n0) * 1000000 / hz / (n > 0 ? n : 1))) us per request"
 if [[ $PERF != 0 ]]; then
     echo "-- gateway CPU by thread"

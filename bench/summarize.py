@@ -71,7 +71,23 @@ def machine():
         "cpu_model": model,
         "memory_gib": round(mem_kb / 1024 / 1024, 1) if mem_kb else None,
         "kernel": platform.release(),
+        # How an idle CPU waits decides what each wake-up costs at concurrency 1
+        # (docs/benchmarks.md, "Idle CPUs and concurrency 1").
+        "cpuidle_driver": read_text("/sys/devices/system/cpu/cpuidle/current_driver"),
+        "guest_halt_poll_ns": read_int("/sys/module/haltpoll/parameters/guest_halt_poll_ns"),
     }
+
+
+def read_text(path):
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def read_int(path):
+    text = read_text(path)
+    return int(text) if text and text.isdigit() else None
 
 
 def summarize_phase(phase, runs, values, clk_tck):
@@ -209,13 +225,21 @@ def main():
     def target(name, value, goal, ok):
         return {"name": name, "value": value, "target": goal, "pass": None if value is None else ok}
 
+    def added_target(name, value, goal_us):
+        # Below zero the baseline, one process fewer per hop, measured slower
+        # than the path through the gateway: the machine was too noisy for the
+        # figure to say anything, so it is neither a pass nor a fail.
+        t = target(name, value, f"<= {goal_us}", value is not None and value <= goal_us)
+        if value is not None and value < 0:
+            t["pass"] = None
+            t["note"] = "inconclusive: the upstream alone measured slower than through the gateway (noisy machine)"
+        return t
+
     targets = [
-        target("added latency p50 at concurrency 1 (link), us", link["added_latency_p50_us"],
-               f"<= {TARGET_ADDED_P50_US}",
-               link["added_latency_p50_us"] is not None and link["added_latency_p50_us"] <= TARGET_ADDED_P50_US),
-        target("added latency p99 at concurrency 1 (link), us", link["added_latency_p99_us"],
-               f"<= {TARGET_ADDED_P99_US}",
-               link["added_latency_p99_us"] is not None and link["added_latency_p99_us"] <= TARGET_ADDED_P99_US),
+        added_target("added latency p50 at concurrency 1 (link), us", link["added_latency_p50_us"],
+                     TARGET_ADDED_P50_US),
+        added_target("added latency p99 at concurrency 1 (link), us", link["added_latency_p99_us"],
+                     TARGET_ADDED_P99_US),
         target("requests/s at concurrency 64 (link)", round(link["c64_rps"]) if link["c64_rps"] else None,
                f">= {TARGET_RPS_C64}", (link["c64_rps"] or 0) >= TARGET_RPS_C64),
         target("gateway CPU per request (link), us", link.get("gateway_cpu_us_per_request"),
@@ -327,7 +351,8 @@ def print_table(res):
     print("\ntargets (2-core machine):")
     for t in res["targets"]:
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
-        print(f"  {verdict:<4}  {t['name']}: {fmt(t['value'])} (target {t['target']})")
+        note = f"; {t['note']}" if t.get("note") else ""
+        print(f"  {verdict:<4}  {t['name']}: {fmt(t['value'])} (target {t['target']}{note})")
     print(
         f"  floor (two bare hops, same run): added p50 {fmt(bare.get('added_latency_p50_us'))} us, "
         f"p99 {fmt(bare.get('added_latency_p99_us'))} us; {fmt(bare.get('c64_rps'))} requests/s at c64; "
