@@ -2,7 +2,9 @@
 //!
 //! A hold writes nothing: it reads the account and key on a connection of
 //! its own, beside the writer, and is kept in memory (`holds.rs`, decision
-//! 58); a settlement is the one write transaction per request.
+//! 58); such a connection keeps its read transaction for the holds after
+//! it until the writer's next commit ([`Reader`], decision 68). A
+//! settlement is the one write transaction per request.
 //!
 //! These are the writes made on every API request, so they take the shortest
 //! path SQLite offers: one OS thread owns one connection (`rusqlite`, cached
@@ -84,6 +86,14 @@ fn readers() -> usize {
 /// transaction ended during the read, before it queues for the writer.
 const READ_AGAIN: usize = 2;
 
+/// Longest a reader keeps one read transaction open for the holds it decides
+/// (decision 68). While the writer commits nothing, the rows a hold reads
+/// cannot change but through another connection (an `admin` command in
+/// another process, say), and such a change is seen by holds at most this
+/// long after it, like the database file lags the journal by up to
+/// [`APPLY_WITHIN`].
+const SNAPSHOT_FOR: Duration = Duration::from_millis(10);
+
 /// Jobs in a row that must have found no other in progress before callers
 /// run theirs themselves. Measured on 2 cores: with 4, throughput at
 /// concurrency 16 fell 10 % (bursts in lockstep look quiet between batches,
@@ -160,7 +170,10 @@ impl Drop for CreditWriter {
 struct Shared {
     conn: Mutex<Connection>,
     /// Read committed rows for holds decided beside the writer.
-    readers: Vec<Mutex<Connection>>,
+    readers: Vec<Mutex<Reader>>,
+    /// Bumped by each checkpoint: a reader's snapshot from before it is not
+    /// used again (see [`Reader`]).
+    checkpoints: AtomicU64,
     /// Taken after `conn` when both are needed (see `holds.rs`).
     holds: Mutex<Holds>,
     /// Callers waiting for a job (a caller whose future is dropped stops
@@ -228,7 +241,8 @@ impl Shared {
     fn new(conn: Connection, readers: Vec<Connection>) -> Self {
         Shared {
             conn: Mutex::new(conn),
-            readers: readers.into_iter().map(Mutex::new).collect(),
+            readers: readers.into_iter().map(|conn| Mutex::new(Reader::new(conn))).collect(),
+            checkpoints: AtomicU64::new(0),
             holds: Mutex::new(Holds::default()),
             active: AtomicUsize::new(0),
             alone_streak: AtomicUsize::new(0),
@@ -245,6 +259,15 @@ impl Shared {
     }
 
     fn checkpoint(&self, conn: &Connection) {
+        // A reader's open snapshot keeps the WAL frames after it from being
+        // copied and the WAL from starting over: end those of idle readers,
+        // and tell busy ones not to use theirs again.
+        self.checkpoints.fetch_add(1, Ordering::AcqRel);
+        for reader in &self.readers {
+            if let Ok(mut reader) = reader.try_lock() {
+                reader.end();
+            }
+        }
         checkpoint(conn);
         self.checkpointed_ms.store(self.now_ms(), Ordering::Relaxed);
         self.checkpoint_asked.store(false, Ordering::Relaxed);
@@ -506,22 +529,75 @@ impl CreditWriter {
 /// [`CreditWriter::hold_beside`]); `None` when none is free, the read fails,
 /// or the writer's transaction ended during each read.
 fn decide_beside(shared: &Shared, hold: &HoldRequest) -> Result<Option<HoldOutcome>> {
-    let Some(reader) = shared.readers.iter().find_map(|reader| reader.try_lock().ok()) else {
+    let Some(mut reader) = shared.readers.iter().find_map(|reader| reader.try_lock().ok()) else {
         return Ok(None);
     };
     for _ in 0..READ_AGAIN {
-        // The read's snapshot begins after this load, so a transaction that
-        // ends after it changes the generation seen below.
+        // A snapshot begins after this load, so a transaction that ends
+        // after it changes the generation seen below.
         let generation = shared.holds().generation();
-        let Ok(standing) = standing(&reader, hold, &Pending::default()) else {
+        let checkpoints = shared.checkpoints.load(Ordering::Acquire);
+        if !reader.snapshot_usable(generation, checkpoints) && reader.begin(generation, checkpoints).is_err() {
+            return Ok(None);
+        }
+        let Ok(standing) = standing(&reader.conn, hold, &Pending::default()) else {
+            reader.end();
             return Ok(None);
         };
         let mut holds = shared.holds();
         if holds.generation() == generation {
             return holds.place_committed(hold, &standing).map(Some);
         }
+        drop(holds);
+        reader.end();
     }
     Ok(None)
+}
+
+/// A connection that decides holds beside the writer, and the read
+/// transaction it keeps open between them (decision 68).
+///
+/// Holds read committed rows and add what the writer owes in memory; that
+/// sum is right as long as no writer transaction ended since the read's
+/// snapshot began ([`Holds::generation`]), however old the snapshot. So a
+/// reader keeps its snapshot for the next holds until the writer's next
+/// transaction ends, a checkpoint runs, or [`SNAPSHOT_FOR`] has passed. Under
+/// load that saves a read transaction per hold (its locks, its `fcntl` calls)
+/// and the pages every new snapshot reads again after a commit.
+struct Reader {
+    conn: Connection,
+    /// The open snapshot: the generation and checkpoint count when it began,
+    /// and when.
+    snapshot: Option<(u64, u64, Instant)>,
+}
+
+impl Reader {
+    fn new(conn: Connection) -> Self {
+        Reader { conn, snapshot: None }
+    }
+
+    fn snapshot_usable(&self, generation: u64, checkpoints: u64) -> bool {
+        self.snapshot
+            .is_some_and(|(g, c, began)| g == generation && c == checkpoints && began.elapsed() < SNAPSHOT_FOR)
+    }
+
+    /// Ends the open snapshot, if any, and opens a transaction whose first
+    /// read takes the next one.
+    fn begin(&mut self, generation: u64, checkpoints: u64) -> rusqlite::Result<()> {
+        self.end();
+        self.conn.execute_batch("BEGIN")?;
+        self.snapshot = Some((generation, checkpoints, Instant::now()));
+        Ok(())
+    }
+
+    fn end(&mut self) {
+        if self.snapshot.take().is_some() && !self.conn.is_autocommit() {
+            // Ending a read-only transaction cannot fail for a reason that
+            // leaves it open; should it, the next `begin` fails and the hold
+            // goes to the writer.
+            let _ = self.conn.execute_batch("COMMIT");
+        }
+    }
 }
 
 /// Counts a job as in progress until dropped (also when its caller's future
@@ -1255,6 +1331,73 @@ mod tests {
             shown.balance, 100,
             "this store's own holds are not in the fixture's map"
         );
+    }
+
+    /// A shared store state with one hold reader, on the fixture's file.
+    fn with_reader(dir: &tempfile::TempDir, writer: Shared) -> Shared {
+        let path = dir.path().join("credits.db");
+        Shared::new(
+            writer.conn.into_inner().expect("writer connection"),
+            vec![open(&path, Role::Reader).expect("reader connection")],
+        )
+    }
+
+    fn decided_beside(shared: &Shared, id: &str, key: &crate::ApiKey) -> HoldOutcome {
+        decide_beside(shared, &hold_of(id, key, 10))
+            .expect("decided")
+            .expect("a reader is free")
+    }
+
+    /// A reader keeps its snapshot for the holds after it (decision 68), but
+    /// not past `SNAPSHOT_FOR`: a change made through another connection,
+    /// which the writer knows nothing of, counts for holds once that passed.
+    #[tokio::test]
+    async fn holds_beside_the_writer_see_another_connections_change_once_the_snapshot_ages() {
+        let (dir, _store, key, writer) = fixture(None).await;
+        let shared = with_reader(&dir, writer);
+        assert_eq!(decided_beside(&shared, "h1", &key), HoldOutcome::Held);
+
+        let other = Connection::open(dir.path().join("credits.db")).expect("another connection");
+        other
+            .execute("UPDATE accounts SET suspended = 1 WHERE id = ?1", [&key.account_id])
+            .expect("suspend");
+        std::thread::sleep(SNAPSHOT_FOR + Duration::from_millis(5));
+        assert_eq!(decided_beside(&shared, "h2", &key), HoldOutcome::Refused);
+    }
+
+    /// A checkpoint ends the snapshots idle readers keep: a reader that
+    /// decided a hold before a commit, and none since, would otherwise keep
+    /// that commit's WAL frames from being copied and the WAL from starting
+    /// over.
+    #[tokio::test]
+    async fn a_checkpoint_ends_the_snapshots_that_idle_readers_keep() {
+        let (dir, _store, key, writer) = fixture(None).await;
+        let shared = with_reader(&dir, writer);
+        assert_eq!(decided_beside(&shared, "h1", &key), HoldOutcome::Held);
+        {
+            let conn = shared.lock();
+            let (mut results, mut undo, mut pending) = (Vec::new(), Vec::new(), Pending::default());
+            run_batch(
+                &conn,
+                &shared,
+                &[settle("r1", &key, 5)],
+                &mut results,
+                &mut undo,
+                &mut pending,
+            )
+            .expect("the settlement commits");
+        }
+        shared.holds().end_transaction();
+
+        let conn = shared.lock();
+        shared.checkpoint(&conn);
+        let (busy, frames, copied): (i64, i64, i64) = conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .expect("checkpoint");
+        assert!(frames > 0, "the settlement wrote WAL frames");
+        assert_eq!((busy, copied), (0, frames), "every frame was copied");
     }
 
     /// The WAL copier writes committed pages into the database file on its
