@@ -1391,11 +1391,21 @@ mod tests {
 
         let conn = shared.lock();
         shared.checkpoint(&conn);
-        let (busy, frames, copied): (i64, i64, i64) = conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .expect("checkpoint");
+        // The fixture's own store copies its WAL every 250 ms; should that
+        // checkpoint be running now, this one answers "busy": ask again.
+        let mut counts = (1, 0, 0);
+        for _ in 0..50 {
+            counts = conn
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .expect("checkpoint");
+            if counts.0 == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (busy, frames, copied): (i64, i64, i64) = counts;
         assert!(frames > 0, "the settlement wrote WAL frames");
         assert_eq!((busy, copied), (0, frames), "every frame was copied");
     }
