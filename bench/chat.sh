@@ -5,18 +5,22 @@
 #   bench/chat.sh                  # builds, then measures (a few minutes on 2 cores)
 #   BENCH_BUILD=0 bench/chat.sh    # with binaries already built
 #
-# 1. engine:  the chat_bench example drives the built-in llama.cpp engine
-#             directly (no HTTP): a warm-up, one stream, then N at once.
-# 2. gateway: the same requests (prompts, seed, temperature, max_tokens), streamed
-#             by bench/chat_client.py through the gateway (SQLite) and a linked
-#             node running the same engine with the same slot count.
-# Prints both and the ratios; writes bench/results/chat-latest.json
-# (BENCH_OUT=path to write elsewhere).
+# engine:  the chat_bench example drives the built-in llama.cpp engine
+#          directly (no HTTP): a warm-up, one stream, then N at once.
+# gateway: the same requests (prompts, seed, temperature, max_tokens), streamed
+#          by bench/chat_client.py through the gateway (SQLite) and a linked
+#          node running the same engine with the same slot count.
+# The two take turns for BENCH_ROUNDS rounds (engine first in odd rounds,
+# gateway first in even ones), so that a machine whose speed drifts during the
+# run moves both alike; each ratio is taken within a round, and the summary is
+# the median over the rounds. Prints every round and the medians; writes
+# bench/results/chat-latest.json (BENCH_OUT=path to write elsewhere).
 #
-# Knobs: BENCH_STREAMS (default 4), BENCH_TOKENS (default 128), BENCH_SEED
-# (default 7; pick one where every answer runs to BENCH_TOKENS on this build),
-# BENCH_PROFILE (debug or release, default debug: llama.cpp itself is always
-# built optimised, so the profile changes only the Rust around it).
+# Knobs: BENCH_ROUNDS (default 3), BENCH_STREAMS (default 4), BENCH_TOKENS
+# (default 128), BENCH_SEED (default 7; pick one where every answer runs to
+# BENCH_TOKENS on this build), BENCH_PROFILE (debug or release, default debug:
+# llama.cpp itself is always built optimised, so the profile changes only the
+# Rust around it).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,6 +32,8 @@ OUT=${BENCH_OUT:-$ROOT/bench/results/chat-latest.json}
 STREAMS=${BENCH_STREAMS:-4}
 TOKENS=${BENCH_TOKENS:-128}
 SEED=${BENCH_SEED:-7}
+ROUNDS=${BENCH_ROUNDS:-3}
+[[ $ROUNDS =~ ^[1-9][0-9]?$ ]] || { echo "chat.sh: BENCH_ROUNDS must be a whole number from 1 to 99" >&2; exit 1; }
 
 for tool in python3 jq; do
     command -v "$tool" >/dev/null || { echo "chat.sh: needs $tool" >&2; exit 1; }
@@ -63,12 +69,7 @@ cleanup() {
 trap cleanup EXIT
 
 echo "== machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
-echo "== 1. the engine alone ($STREAMS streams, $TOKENS tokens each)" >&2
-"$BIN/examples/chat_bench" --streams "$STREAMS" --tokens "$TOKENS" --seed "$SEED" --json >"$TMP/engine.out"
-grep -v '^{' "$TMP/engine.out" >&2
-ENGINE=$(grep '^{' "$TMP/engine.out")
-
-echo "== 2. through the gateway and a linked node" >&2
+echo "== starting a gateway and a linked node" >&2
 DB="sqlite://$TMP/bench.db"
 GW=("$BIN/cxmpute-gateway" --database-url "$DB")
 "${GW[@]}" serve --listen 127.0.0.1:0 >"$TMP/gateway.out" 2>"$TMP/gateway.err" &
@@ -95,31 +96,67 @@ for i in $(seq 1 600); do
     [[ $i == 600 ]] && { echo "chat.sh: the node did not offer gemma-3-270m within 60 s" >&2; exit 1; }
     sleep 0.1
 done
-GATEWAY=$(python3 "$ROOT/bench/chat_client.py" --url "$URL" --key "$KEY" --streams "$STREAMS" --tokens "$TOKENS" --seed "$SEED")
+
+engine_run() {
+    echo "== round $1 of $ROUNDS: the engine alone ($STREAMS streams, $TOKENS tokens each)" >&2
+    "$BIN/examples/chat_bench" --streams "$STREAMS" --tokens "$TOKENS" --seed "$SEED" --json >"$TMP/engine.out"
+    grep -v '^{' "$TMP/engine.out" >&2
+    grep '^{' "$TMP/engine.out" >"$TMP/engine-$1.json"
+}
+gateway_run() {
+    echo "== round $1 of $ROUNDS: through the gateway and the linked node" >&2
+    python3 "$ROOT/bench/chat_client.py" --url "$URL" --key "$KEY" --streams "$STREAMS" --tokens "$TOKENS" \
+        --seed "$SEED" >"$TMP/gateway-$1.json"
+}
+ROUND_FILES=()
+for ((r = 1; r <= ROUNDS; r++)); do
+    if ((r % 2 == 1)); then
+        engine_run "$r"
+        gateway_run "$r"
+    else
+        gateway_run "$r"
+        engine_run "$r"
+    fi
+    jq -n --slurpfile e "$TMP/engine-$r.json" --slurpfile g "$TMP/gateway-$r.json" \
+        '{engine: $e[0], gateway: $g[0]}' >"$TMP/round-$r.json"
+    ROUND_FILES+=("$TMP/round-$r.json")
+done
 
 mkdir -p "$(dirname "$OUT")"
-jq -n --argjson engine "$ENGINE" --argjson gateway "$GATEWAY" \
-    --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" --arg cores "$(nproc)" --arg profile "$PROFILE" --arg seed "$SEED" \
+jq -s --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" --arg cores "$(nproc)" --arg profile "$PROFILE" --arg seed "$SEED" \
     --arg load "$(cut -d' ' -f1-3 /proc/loadavg)" '
     def rate(r): r.tokens / r.secs;
-    {
+    def median: sort | if length % 2 == 1 then .[length / 2 | floor] else (.[length / 2 - 1] + .[length / 2]) / 2 end;
+    [ .[] | . + {
+        tokens_per_second: {
+          engine_single: rate(.engine.single), gateway_single: rate(.gateway.single),
+          engine_batch: rate(.engine.batch), gateway_batch: rate(.gateway.batch)
+        }
+      } | . + {
+        ratios: {
+          gateway_vs_engine_single: (.tokens_per_second.gateway_single / .tokens_per_second.engine_single),
+          gateway_vs_engine_batch: (.tokens_per_second.gateway_batch / .tokens_per_second.engine_batch),
+          gateway_batch_vs_single: (.tokens_per_second.gateway_batch / .tokens_per_second.gateway_single),
+          engine_batch_vs_single: (.tokens_per_second.engine_batch / .tokens_per_second.engine_single)
+        }
+      } ] as $rounds
+    | {
       date: $date, cores: ($cores | tonumber), profile: $profile, seed: ($seed | tonumber),
       load_average_after: $load,
-      engine: $engine, gateway: $gateway,
-      tokens_per_second: {
-        engine_single: rate($engine.single), gateway_single: rate($gateway.single),
-        engine_batch: rate($engine.batch), gateway_batch: rate($gateway.batch)
-      },
-      ratios: {
-        gateway_vs_engine_single: (rate($gateway.single) / rate($engine.single)),
-        gateway_vs_engine_batch: (rate($gateway.batch) / rate($engine.batch)),
-        gateway_batch_vs_single: (rate($gateway.batch) / rate($gateway.single)),
-        engine_batch_vs_single: (rate($engine.batch) / rate($engine.single))
-      }
-    }' >"$OUT"
+      streams: $rounds[0].engine.batch.streams,
+      rounds: $rounds,
+      tokens_per_second: ($rounds[0].tokens_per_second | with_entries(.key as $k | .value = ([$rounds[].tokens_per_second[$k]] | median))),
+      ratios: ($rounds[0].ratios | with_entries(.key as $k | .value = ([$rounds[].ratios[$k]] | median)))
+    }' "${ROUND_FILES[@]}" >"$OUT"
 jq -r '
+  def r1: . * 10 | round / 10;
+  def pct: . * 100 | round;
+  "round  engine 1 / \(.streams)     gateway 1 / \(.streams)    gateway/engine 1 / \(.streams)   \(.streams) / 1 engine, gateway",
+  (.rounds | to_entries[] | .key as $i | .value |
+    "\($i + 1)      \(.tokens_per_second.engine_single | r1) / \(.tokens_per_second.engine_batch | r1)    \(.tokens_per_second.gateway_single | r1) / \(.tokens_per_second.gateway_batch | r1)    \(.ratios.gateway_vs_engine_single | pct) % / \(.ratios.gateway_vs_engine_batch | pct) %        \(.ratios.engine_batch_vs_single * 100 | round / 100)x, \(.ratios.gateway_batch_vs_single * 100 | round / 100)x"),
+  "median over \(.rounds | length) rounds (each ratio taken within its round):",
   "                      engine    gateway   gateway/engine",
-  "1 stream   tokens/s  \(.tokens_per_second.engine_single * 10 | round / 10)      \(.tokens_per_second.gateway_single * 10 | round / 10)      \(.ratios.gateway_vs_engine_single * 100 | round) %",
-  "\(.engine.batch.streams) streams  tokens/s  \(.tokens_per_second.engine_batch * 10 | round / 10)      \(.tokens_per_second.gateway_batch * 10 | round / 10)      \(.ratios.gateway_vs_engine_batch * 100 | round) %",
+  "1 stream   tokens/s  \(.tokens_per_second.engine_single | r1)      \(.tokens_per_second.gateway_single | r1)      \(.ratios.gateway_vs_engine_single | pct) %",
+  "\(.streams) streams  tokens/s  \(.tokens_per_second.engine_batch | r1)      \(.tokens_per_second.gateway_batch | r1)      \(.ratios.gateway_vs_engine_batch | pct) %",
   "batch / single       \(.ratios.engine_batch_vs_single * 100 | round / 100)x     \(.ratios.gateway_batch_vs_single * 100 | round / 100)x",
   "written to '"$OUT"'"' "$OUT"
