@@ -999,8 +999,8 @@ fn apply(conn: &Connection, shared: &Shared, op: &Op, undo: &mut Vec<Undo>, pend
 
 /// Decides first (an unknown account or a refused amount writes nothing),
 /// then sets the balance and writes the ledger entry.
-fn adjust_one(conn: &Connection, shared: &Shared, a: &Adjustment, pending: &Pending) -> Result<i64> {
-    let balance = balance_of(conn, &a.account_id)? + pending.balance(&a.account_id);
+fn adjust_one(conn: &Connection, shared: &Shared, a: &Adjustment, pending: &mut Pending) -> Result<i64> {
+    let balance = pending.stored_balance(conn, &a.account_id)? + pending.balance(&a.account_id);
     let held = {
         let mut holds = shared.holds();
         let held = holds.held_by_account(&a.account_id);
@@ -1016,6 +1016,7 @@ fn adjust_one(conn: &Connection, shared: &Shared, a: &Adjustment, pending: &Pend
     };
     let adjusted = balance + a.amount;
     add_to_balance(conn, &a.account_id, a.amount).map_err(after_write)?;
+    pending.stored_wrote(&a.account_id, a.amount);
     conn.prepare_cached(crate::admin::INSERT_LEDGER)
         .map_err(db)?
         .execute(params![
@@ -1079,7 +1080,7 @@ fn add_ledger(conn: &Connection, u: &UsageRecord, account_id: &str, kind: Ledger
     Ok(())
 }
 
-fn balance_of(conn: &Connection, account_id: &str) -> Result<i64> {
+pub(super) fn balance_of(conn: &Connection, account_id: &str) -> Result<i64> {
     conn.prepare_cached("SELECT balance FROM accounts WHERE id = ?1")
         .map_err(db)?
         .query_row([account_id], |r| r.get(0))
@@ -1110,7 +1111,7 @@ fn settle_one(
     pending: &mut Pending,
 ) -> Result<SettleOutcome> {
     let reward = rules::payable_reward(u);
-    let balance = balance_of(conn, &u.account_id)? + pending.balance(&u.account_id);
+    let balance = pending.stored_balance(conn, &u.account_id)? + pending.balance(&u.account_id);
     let inserted = conn
         .prepare_cached(
             "INSERT INTO usage_records (request_id, account_id, key_id, device_id, \
@@ -1266,6 +1267,43 @@ mod tests {
                 .await
                 .expect("sum"),
             -340
+        );
+    }
+
+    /// A batch reads an account's stored balance once; a debit in the middle
+    /// of it is still seen by the settlements after it, which are charged no
+    /// more than what is left.
+    #[tokio::test]
+    async fn a_settlement_after_a_debit_in_the_same_batch_is_charged_only_what_is_left() {
+        let (_dir, store, key, shared) = fixture(None).await;
+        let batch = vec![
+            settle("r1", &key, 100),
+            job(Op::Adjust(Box::new(Adjustment {
+                account_id: key.account_id.clone(),
+                amount: -850,
+                note: "debit".into(),
+            }))),
+            // 50 left: a cost of 100 is charged 50.
+            settle("r2", &key, 100),
+        ];
+        let (mut results, mut undo, mut pending) = (Vec::new(), Vec::new(), Pending::default());
+        run_batch(&shared.lock(), &shared, &batch, &mut results, &mut undo, &mut pending).expect("batch commits");
+        assert!(
+            results.iter().all(|r| r.is_ok()),
+            "{:?}",
+            results
+                .iter()
+                .map(|r| r.as_ref().err().map(ToString::to_string))
+                .collect::<Vec<_>>()
+        );
+        let stored = store.account(&key.account_id).await.expect("read").expect("account");
+        assert_eq!(stored.balance, 0);
+        assert_eq!(
+            store
+                .ledger_sum(&key.account_id, crate::LedgerKind::Charge)
+                .await
+                .expect("sum"),
+            -150
         );
     }
 

@@ -16,7 +16,7 @@
 
 use rusqlite::{params, Connection};
 
-use super::credits::{add_to_balance, after_write, db};
+use super::credits::{add_to_balance, after_write, balance_of, db};
 use crate::{day_of, rules, Millis, Result, UsageRecord};
 
 const DAY_MS: Millis = 86_400_000;
@@ -31,6 +31,11 @@ pub(super) struct Pending {
     /// Key id → (amount to add to its spend, its new `last_used_at`).
     keys: Vec<(String, (i64, Millis))>,
     rollups: Vec<(RollupKey, RollupSums)>,
+    /// Account id → its balance as stored, read once per transaction: the
+    /// settlements of a batch from one account read it once, not once each.
+    /// Only this connection writes while its transaction runs; what it
+    /// writes to a balance outside `balances` goes through [`Pending::stored_wrote`].
+    stored: Vec<(String, i64)>,
 }
 
 struct RollupKey {
@@ -56,6 +61,25 @@ impl Pending {
     /// What this transaction has yet to add to the account's stored balance.
     pub(super) fn balance(&self, account_id: &str) -> i64 {
         find(&self.balances, account_id).map_or(0, |&(_, amount)| amount)
+    }
+
+    /// The account's balance as stored (without what this transaction has
+    /// yet to add), read from `conn` the first time the transaction asks.
+    pub(super) fn stored_balance(&mut self, conn: &Connection, account_id: &str) -> Result<i64> {
+        if let Some(&(_, balance)) = find(&self.stored, account_id) {
+            return Ok(balance);
+        }
+        let balance = balance_of(conn, account_id)?;
+        self.stored.push((account_id.to_string(), balance));
+        Ok(balance)
+    }
+
+    /// The transaction has just added `amount` to the account's stored
+    /// balance directly (an adjustment): keep the copy read before true.
+    pub(super) fn stored_wrote(&mut self, account_id: &str, amount: i64) {
+        if let Some((_, balance)) = self.stored.iter_mut().find(|(id, _)| id == account_id) {
+            *balance += amount;
+        }
     }
 
     /// What this transaction has yet to add to the key's stored spend.
@@ -117,6 +141,7 @@ impl Pending {
     /// Writes what was gathered, and forgets it. Runs inside the
     /// transaction, before its commit; an error fails the whole transaction.
     pub(super) fn flush(&mut self, conn: &Connection) -> Result<()> {
+        self.stored.clear();
         for (account_id, amount) in self.balances.drain(..) {
             if amount != 0 {
                 add_to_balance(conn, &account_id, amount).map_err(after_write)?;
@@ -168,6 +193,7 @@ impl Pending {
 
     /// Forgets what was gathered (the transaction rolled back).
     pub(super) fn clear(&mut self) {
+        self.stored.clear();
         self.balances.clear();
         self.keys.clear();
         self.rollups.clear();
