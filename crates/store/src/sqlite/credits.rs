@@ -1187,6 +1187,29 @@ mod tests {
         job(Op::Settle(Box::new(usage_of(request_id, key, cost, 0, None))))
     }
 
+    fn adjust(account_id: &str, amount: i64, note: &str) -> Job {
+        job(Op::Adjust(Box::new(Adjustment {
+            account_id: account_id.to_string(),
+            amount,
+            note: note.to_string(),
+        })))
+    }
+
+    /// The sum of the account's charge entries in the ledger.
+    async fn charged(store: &SqliteStore, account_id: &str) -> i64 {
+        store
+            .ledger_sum(account_id, crate::LedgerKind::Charge)
+            .await
+            .expect("sum")
+    }
+
+    /// Runs `batch` as one transaction on the writer's connection, which must commit.
+    fn commit_batch(shared: &Shared, batch: &[Job]) -> Vec<Result<Done>> {
+        let (mut results, mut undo, mut pending) = (Vec::new(), Vec::new(), Pending::default());
+        run_batch(&shared.lock(), shared, batch, &mut results, &mut undo, &mut pending).expect("batch commits");
+        results
+    }
+
     /// A store on a new file with an account of 1,000 credits, its key (with
     /// `limit`), and a writer connection of its own that tests run jobs on.
     async fn fixture(limit: Option<i64>) -> (tempfile::TempDir, SqliteStore, crate::ApiKey, Shared) {
@@ -1216,20 +1239,11 @@ mod tests {
             job(Op::Hold(hold_of("r3", &key, 150))),
             job(Op::Hold(hold_of("r4", &key, 100))),
             // r4 holds 100 of the 700: a debit of 601 is refused, 600 passes.
-            job(Op::Adjust(Box::new(Adjustment {
-                account_id: account.id.clone(),
-                amount: -601,
-                note: "too much".into(),
-            }))),
-            job(Op::Adjust(Box::new(Adjustment {
-                account_id: account.id.clone(),
-                amount: -600,
-                note: "just enough".into(),
-            }))),
+            adjust(&account.id, -601, "too much"),
+            adjust(&account.id, -600, "just enough"),
             settle("r4", &key, 40),
         ];
-        let (mut results, mut undo, mut pending) = (Vec::new(), Vec::new(), Pending::default());
-        run_batch(&shared.lock(), &shared, &batch, &mut results, &mut undo, &mut pending).expect("batch commits");
+        let results = commit_batch(&shared, &batch);
 
         let outcomes: Vec<String> = results
             .iter()
@@ -1261,13 +1275,7 @@ mod tests {
         let mine: Vec<_> = rollups.iter().filter(|r| r.account_id == account.id).collect();
         assert_eq!(mine.len(), 1);
         assert_eq!((mine[0].requests, mine[0].cost), (2, 340));
-        assert_eq!(
-            store
-                .ledger_sum(&account.id, crate::LedgerKind::Charge)
-                .await
-                .expect("sum"),
-            -340
-        );
+        assert_eq!(charged(&store, &account.id).await, -340);
     }
 
     /// A batch reads an account's stored balance once; a debit in the middle
@@ -1278,16 +1286,11 @@ mod tests {
         let (_dir, store, key, shared) = fixture(None).await;
         let batch = vec![
             settle("r1", &key, 100),
-            job(Op::Adjust(Box::new(Adjustment {
-                account_id: key.account_id.clone(),
-                amount: -850,
-                note: "debit".into(),
-            }))),
+            adjust(&key.account_id, -850, "debit"),
             // 50 left: a cost of 100 is charged 50.
             settle("r2", &key, 100),
         ];
-        let (mut results, mut undo, mut pending) = (Vec::new(), Vec::new(), Pending::default());
-        run_batch(&shared.lock(), &shared, &batch, &mut results, &mut undo, &mut pending).expect("batch commits");
+        let results = commit_batch(&shared, &batch);
         assert!(
             results.iter().all(|r| r.is_ok()),
             "{:?}",
@@ -1298,13 +1301,7 @@ mod tests {
         );
         let stored = store.account(&key.account_id).await.expect("read").expect("account");
         assert_eq!(stored.balance, 0);
-        assert_eq!(
-            store
-                .ledger_sum(&key.account_id, crate::LedgerKind::Charge)
-                .await
-                .expect("sum"),
-            -150
-        );
+        assert_eq!(charged(&store, &key.account_id).await, -150);
     }
 
     /// A hold decided beside the writer, from committed rows, counts what the
@@ -1330,14 +1327,7 @@ mod tests {
             let conn = shared.lock();
             exec(&conn, "BEGIN IMMEDIATE").expect("begin");
             let (mut undo, mut pending) = (Vec::new(), Pending::default());
-            for job in [
-                settle("r1", &key, 300),
-                job(Op::Adjust(Box::new(Adjustment {
-                    account_id: account.clone(),
-                    amount: -600,
-                    note: "debit".into(),
-                }))),
-            ] {
+            for job in [settle("r1", &key, 300), adjust(&account, -600, "debit")] {
                 apply(&conn, &shared, &job.op, &mut undo, &mut pending).expect("applied");
             }
             let open_generation = shared.holds().generation();
