@@ -171,6 +171,8 @@ struct Shared {
     conn: Mutex<Connection>,
     /// Read committed rows for holds decided beside the writer.
     readers: Vec<Mutex<Reader>>,
+    /// How long what a reader read serves later holds ([`SNAPSHOT_FOR`]).
+    snapshot_for: Duration,
     /// Bumped by each checkpoint: a reader's snapshot from before it is not
     /// used again (see [`Reader`]).
     checkpoints: AtomicU64,
@@ -242,6 +244,7 @@ impl Shared {
         Shared {
             conn: Mutex::new(conn),
             readers: readers.into_iter().map(|conn| Mutex::new(Reader::new(conn))).collect(),
+            snapshot_for: SNAPSHOT_FOR,
             checkpoints: AtomicU64::new(0),
             holds: Mutex::new(Holds::default()),
             active: AtomicUsize::new(0),
@@ -526,9 +529,17 @@ impl CreditWriter {
 }
 
 /// Decides a hold on a free reader connection (see
-/// [`CreditWriter::hold_beside`]); `None` when none is free, the read fails,
-/// or the writer's transaction ended during each read.
+/// [`CreditWriter::hold_beside`]), or on the standing of its key that an
+/// earlier hold read since the writer's transaction last ended (decision
+/// 69); `None` when no reader is free, the read fails, or the writer's
+/// transaction ended during each read.
 fn decide_beside(shared: &Shared, hold: &HoldRequest) -> Result<Option<HoldOutcome>> {
+    {
+        let mut holds = shared.holds();
+        if let Some(standing) = holds.known_standing(hold, shared.snapshot_for) {
+            return holds.place_committed(hold, &standing).map(Some);
+        }
+    }
     let Some(mut reader) = shared.readers.iter().find_map(|reader| reader.try_lock().ok()) else {
         return Ok(None);
     };
@@ -537,7 +548,9 @@ fn decide_beside(shared: &Shared, hold: &HoldRequest) -> Result<Option<HoldOutco
         // after it changes the generation seen below.
         let generation = shared.holds().generation();
         let checkpoints = shared.checkpoints.load(Ordering::Acquire);
-        if !reader.snapshot_usable(generation, checkpoints) && reader.begin(generation, checkpoints).is_err() {
+        if !reader.snapshot_usable(generation, checkpoints, shared.snapshot_for)
+            && reader.begin(generation, checkpoints).is_err()
+        {
             return Ok(None);
         }
         let Ok(standing) = standing(&reader.conn, hold, &Pending::default()) else {
@@ -546,6 +559,9 @@ fn decide_beside(shared: &Shared, hold: &HoldRequest) -> Result<Option<HoldOutco
         };
         let mut holds = shared.holds();
         if holds.generation() == generation {
+            if let Some(began) = reader.began() {
+                holds.remember_standing(hold, standing, began);
+            }
             return holds.place_committed(hold, &standing).map(Some);
         }
         drop(holds);
@@ -576,9 +592,14 @@ impl Reader {
         Reader { conn, snapshot: None }
     }
 
-    fn snapshot_usable(&self, generation: u64, checkpoints: u64) -> bool {
+    /// When the open snapshot began.
+    fn began(&self) -> Option<Instant> {
+        self.snapshot.map(|(_, _, began)| began)
+    }
+
+    fn snapshot_usable(&self, generation: u64, checkpoints: u64, max_age: Duration) -> bool {
         self.snapshot
-            .is_some_and(|(g, c, began)| g == generation && c == checkpoints && began.elapsed() < SNAPSHOT_FOR)
+            .is_some_and(|(g, c, began)| g == generation && c == checkpoints && began.elapsed() < max_age)
     }
 
     /// Ends the open snapshot, if any, and opens a transaction whose first
@@ -1391,6 +1412,52 @@ mod tests {
             .expect("suspend");
         std::thread::sleep(SNAPSHOT_FOR + Duration::from_millis(5));
         assert_eq!(decided_beside(&shared, "h2", &key), HoldOutcome::Refused);
+    }
+
+    /// A hold beside the writer keeps the standing it read for the next holds
+    /// of its key (decision 69): they are decided without a reader, until the
+    /// writer's transaction ends or the standing is as old as a snapshot may
+    /// be. Then they read again and see what changed.
+    #[tokio::test]
+    async fn a_standing_read_beside_the_writer_serves_its_key_until_the_writer_commits() {
+        let (dir, _store, key, writer) = fixture(None).await;
+        let mut shared = with_reader(&dir, writer);
+        shared.snapshot_for = Duration::from_secs(600);
+        assert_eq!(decided_beside(&shared, "h1", &key), HoldOutcome::Held);
+
+        // Another connection suspends the account; the only reader is busy.
+        let other = Connection::open(dir.path().join("credits.db")).expect("another connection");
+        other
+            .execute("UPDATE accounts SET suspended = 1 WHERE id = ?1", [&key.account_id])
+            .expect("suspend");
+        let busy = shared.readers[0].lock().expect("the reader");
+        assert_eq!(
+            decided_beside(&shared, "h2", &key),
+            HoldOutcome::Held,
+            "decided on the standing h1 read, as h1's snapshot would have"
+        );
+        let other_key = crate::ApiKey {
+            id: "another-key".into(),
+            ..key.clone()
+        };
+        assert_eq!(
+            decide_beside(&shared, &hold_of("h3", &other_key, 10)).expect("decided"),
+            None,
+            "another key's standing was never read: it waits for a reader"
+        );
+
+        // The writer's transaction ends: what was read may be out of date.
+        shared.holds().end_transaction();
+        assert_eq!(decide_beside(&shared, &hold_of("h4", &key, 10)).expect("decided"), None);
+        drop(busy);
+        assert_eq!(decided_beside(&shared, "h5", &key), HoldOutcome::Refused);
+
+        // So does a standing older than the snapshots may be.
+        other
+            .execute("UPDATE accounts SET suspended = 0 WHERE id = ?1", [&key.account_id])
+            .expect("lift the suspension");
+        shared.snapshot_for = Duration::ZERO;
+        assert_eq!(decided_beside(&shared, "h6", &key), HoldOutcome::Held);
     }
 
     /// A checkpoint ends the snapshots idle readers keep: a reader that

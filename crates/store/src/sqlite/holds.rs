@@ -27,8 +27,16 @@
 //! the writer clears that count and bumps [`Holds::generation`]; a decision
 //! whose read began before that moment sees the generation change and is
 //! made again.
+//!
+//! The standing a hold beside the writer read is kept here too, by key, until
+//! the writer's transaction ends ([`Holds::known_standing`], decision 69): the
+//! next holds of that key are decided on it without a read. That is what a
+//! reader's kept snapshot would have shown them (decision 68), since nothing
+//! the writer commits can come between; it ages by the same
+//! measure as the snapshot it was read in.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use crate::{HoldOutcome, HoldRequest, Millis, Result, StoreError, UsageRecord};
 
@@ -62,6 +70,7 @@ pub(super) enum Undo {
 
 /// What an account and its key look like in the database when a hold is
 /// decided.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct Standing {
     pub suspended: bool,
     pub revoked: bool,
@@ -82,6 +91,10 @@ pub(super) struct Holds {
     owed_by_key: HashMap<String, i64>,
     /// Bumped each time the writer's transaction ends.
     generation: u64,
+    /// Committed standings read beside the writer in this generation, by key
+    /// id: the account they were read for, and when the snapshot they were
+    /// read in began.
+    standings: HashMap<String, (String, Standing, Instant)>,
 }
 
 impl Holds {
@@ -115,7 +128,32 @@ impl Holds {
     pub fn end_transaction(&mut self) {
         self.owed_by_account.clear();
         self.owed_by_key.clear();
+        self.standings.clear();
         self.generation = self.generation.wrapping_add(1);
+    }
+
+    /// The committed standing of the hold's account and key read in this
+    /// generation from a snapshot that began less than `max_age` ago.
+    pub fn known_standing(&self, hold: &HoldRequest, max_age: Duration) -> Option<Standing> {
+        self.standings
+            .get(&hold.key_id)
+            .filter(|(account_id, _, since)| *account_id == hold.account_id && since.elapsed() < max_age)
+            .map(|&(_, standing, _)| standing)
+    }
+
+    /// Keeps a committed standing read in this generation, from a snapshot
+    /// that began at `since`, for [`Holds::known_standing`].
+    pub fn remember_standing(&mut self, hold: &HoldRequest, standing: Standing, since: Instant) {
+        match self.standings.get_mut(&hold.key_id) {
+            Some(known) if known.0 == hold.account_id => {
+                known.1 = standing;
+                known.2 = since;
+            }
+            _ => {
+                self.standings
+                    .insert(hold.key_id.clone(), (hold.account_id.clone(), standing, since));
+            }
+        }
     }
 
     /// Decides a hold against `standing` read from committed rows (outside
