@@ -51,7 +51,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use rusqlite::{params, CachedStatement, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::oneshot;
 
 use super::holds::{Holds, Settling, Standing, Undo};
@@ -947,8 +947,9 @@ fn run_batch(
     pending: &mut Pending,
 ) -> Result<()> {
     let outcome = exec(conn, "BEGIN IMMEDIATE").and_then(|()| {
+        let mut tx = Tx::new(conn);
         for job in batch {
-            let result = apply(conn, shared, &job.op, undo, pending);
+            let result = apply(&mut tx, shared, &job.op, undo, pending);
             if let Err(e) = &result {
                 if !is_clean(e) {
                     return Err(StoreError::Sqlite(e.to_string()));
@@ -987,7 +988,7 @@ fn begin(conn: &Connection, shared: &Shared, op: &Op) -> Result<()> {
 fn finish_alone(conn: &Connection, shared: &Shared, op: &Op) -> Result<Done> {
     let mut undo = Vec::new();
     let mut pending = Pending::default();
-    let result = apply(conn, shared, op, &mut undo, &mut pending);
+    let result = apply(&mut Tx::new(conn), shared, op, &mut undo, &mut pending);
     if conn.is_autocommit() {
         return result;
     }
@@ -1006,13 +1007,64 @@ fn finish_alone(conn: &Connection, shared: &Shared, op: &Op) -> Result<Done> {
     committed
 }
 
-fn apply(conn: &Connection, shared: &Shared, op: &Op, undo: &mut Vec<Undo>, pending: &mut Pending) -> Result<Done> {
+/// A write transaction of the writer's connection, and the statements that
+/// run once per settlement in it. rusqlite's statement cache hashes a
+/// statement's text to find it and again to put it back, about 1.8 k
+/// instructions a use; these are taken from it once per transaction.
+struct Tx<'c> {
+    conn: &'c Connection,
+    insert_usage: Option<CachedStatement<'c>>,
+    insert_ledger: Option<CachedStatement<'c>>,
+}
+
+impl<'c> Tx<'c> {
+    fn new(conn: &'c Connection) -> Self {
+        Tx {
+            conn,
+            insert_usage: None,
+            insert_ledger: None,
+        }
+    }
+
+    fn insert_usage(&mut self) -> Result<&mut CachedStatement<'c>> {
+        cached(self.conn, &mut self.insert_usage, INSERT_USAGE)
+    }
+
+    fn insert_ledger(&mut self) -> Result<&mut CachedStatement<'c>> {
+        cached(self.conn, &mut self.insert_ledger, INSERT_LEDGER)
+    }
+}
+
+/// The statement in `slot`, taken from the connection's cache the first time.
+fn cached<'s, 'c>(
+    conn: &'c Connection,
+    slot: &'s mut Option<CachedStatement<'c>>,
+    sql: &str,
+) -> Result<&'s mut CachedStatement<'c>> {
+    if slot.is_none() {
+        *slot = Some(conn.prepare_cached(sql).map_err(db)?);
+    }
+    slot.as_mut()
+        .ok_or_else(|| StoreError::Sqlite(format!("statement not prepared: {sql}")))
+}
+
+const INSERT_USAGE: &str = "INSERT INTO usage_records (request_id, account_id, key_id, device_id, \
+     provider_account_id, provision_id, service, model, input_tokens, output_tokens, \
+     characters, pages, latency_ms, ttfb_ms, status, cost, reward, created_at) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18) \
+     ON CONFLICT (request_id) DO NOTHING";
+
+const INSERT_LEDGER: &str =
+    "INSERT INTO ledger (account_id, kind, amount, request_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5)";
+
+fn apply(tx: &mut Tx<'_>, shared: &Shared, op: &Op, undo: &mut Vec<Undo>, pending: &mut Pending) -> Result<Done> {
+    let conn = tx.conn;
     match op {
         Op::Hold(hold) => {
             let standing = standing(conn, hold, pending)?;
             shared.holds().place(hold, &standing, undo).map(Done::Hold)
         }
-        Op::Settle(usage) | Op::Journaled(usage, _) => settle_one(conn, shared, usage, undo, pending).map(Done::Settle),
+        Op::Settle(usage) | Op::Journaled(usage, _) => settle_one(tx, shared, usage, undo, pending).map(Done::Settle),
         Op::Barrier => Ok(Done::Barrier),
         Op::Adjust(adjustment) => adjust_one(conn, shared, adjustment, pending).map(Done::Adjusted),
     }
@@ -1091,13 +1143,10 @@ pub(super) fn add_to_balance(conn: &Connection, account_id: &str, amount: i64) -
     Ok(())
 }
 
-fn add_ledger(conn: &Connection, u: &UsageRecord, account_id: &str, kind: LedgerKind, amount: i64) -> Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO ledger (account_id, kind, amount, request_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )
-    .map_err(db)?
-    .execute(params![account_id, kind.as_str(), amount, u.request_id, u.created_at])
-    .map_err(db)?;
+fn add_ledger(tx: &mut Tx<'_>, u: &UsageRecord, account_id: &str, kind: LedgerKind, amount: i64) -> Result<()> {
+    tx.insert_ledger()?
+        .execute(params![account_id, kind.as_str(), amount, u.request_id, u.created_at])
+        .map_err(db)?;
     Ok(())
 }
 
@@ -1125,23 +1174,17 @@ pub(super) fn after_write(e: StoreError) -> StoreError {
 /// key's spend and the roll-up are added to in `pending`, written at the
 /// transaction's end.
 fn settle_one(
-    conn: &Connection,
+    tx: &mut Tx<'_>,
     shared: &Shared,
     u: &UsageRecord,
     undo: &mut Vec<Undo>,
     pending: &mut Pending,
 ) -> Result<SettleOutcome> {
     let reward = rules::payable_reward(u);
+    let conn = tx.conn;
     let balance = pending.stored_balance(conn, &u.account_id)? + pending.balance(&u.account_id);
-    let inserted = conn
-        .prepare_cached(
-            "INSERT INTO usage_records (request_id, account_id, key_id, device_id, \
-             provider_account_id, provision_id, service, model, input_tokens, output_tokens, \
-             characters, pages, latency_ms, ttfb_ms, status, cost, reward, created_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18) \
-             ON CONFLICT (request_id) DO NOTHING",
-        )
-        .map_err(db)?
+    let inserted = tx
+        .insert_usage()?
         .execute(params![
             u.request_id,
             u.account_id,
@@ -1184,10 +1227,10 @@ fn settle_one(
             .map_err(db)?;
     }
     if charge > 0 {
-        add_ledger(conn, u, &u.account_id, LedgerKind::Charge, -charge)?;
+        add_ledger(tx, u, &u.account_id, LedgerKind::Charge, -charge)?;
     }
     if let (Some(provider), true) = (&u.provider_account_id, reward > 0) {
-        add_ledger(conn, u, provider, LedgerKind::Reward, reward)?;
+        add_ledger(tx, u, provider, LedgerKind::Reward, reward)?;
     }
     pending.settled(u, charge, reward);
     Ok(SettleOutcome::Settled)
@@ -1349,7 +1392,7 @@ mod tests {
             exec(&conn, "BEGIN IMMEDIATE").expect("begin");
             let (mut undo, mut pending) = (Vec::new(), Pending::default());
             for job in [settle("r1", &key, 300), adjust(&account, -600, "debit")] {
-                apply(&conn, &shared, &job.op, &mut undo, &mut pending).expect("applied");
+                apply(&mut Tx::new(&conn), &shared, &job.op, &mut undo, &mut pending).expect("applied");
             }
             let open_generation = shared.holds().generation();
             // Committed rows still say 1,000 and nothing spent; 100 is what is left.
