@@ -162,8 +162,10 @@ fn main() -> anyhow::Result<()> {
     let steps = engine.step_times().since(before);
     let per_step = |d: Duration| d.as_secs_f64() * 1e3 / steps.steps.max(1) as f64;
     println!(
-        "  engine thread: {} steps, {:.2} ms decoding and {:.2} ms sampling per step ({:.1} % of the wall time in neither)",
+        "  engine thread: {} steps ({} with the node's output layer, {:.2} ms in it per such step), {:.2} ms decoding and {:.2} ms sampling per step ({:.1} % of the wall time in neither)",
         steps.steps,
+        steps.head_steps,
+        steps.head.as_secs_f64() * 1e3 / steps.head_steps.max(1) as f64,
         per_step(steps.decode),
         per_step(steps.sample),
         100.0 * (1.0 - (steps.decode + steps.sample).as_secs_f64() / wall.as_secs_f64()),
@@ -176,7 +178,7 @@ fn main() -> anyhow::Result<()> {
             json!({
                 "single": { "tokens": single.tokens, "secs": single.total.as_secs_f64(), "first_secs": single.first.as_secs_f64() },
                 "batch": { "streams": streams, "tokens": total, "secs": wall.as_secs_f64(), "first_secs": slowest_first.as_secs_f64(),
-                           "steps": steps.steps, "decode_secs": steps.decode.as_secs_f64(), "sample_secs": steps.sample.as_secs_f64() },
+                           "steps": steps.steps, "head_steps": steps.head_steps, "head_secs": steps.head.as_secs_f64(), "decode_secs": steps.decode.as_secs_f64(), "sample_secs": steps.sample.as_secs_f64() },
             })
         );
     }

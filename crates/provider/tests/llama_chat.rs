@@ -77,8 +77,16 @@ fn complete(engine: &LlamaChat, question: &str, extra: Value) -> Completion {
 
 #[test]
 fn greedy_and_seeded_answers_repeat_exactly() {
-    let Some(engine) = engine() else { return };
-    let engine = &*engine;
+    // An engine of its own with one slot: on the shared engine another test's
+    // request could join a step, and a step of several sequences computes
+    // with other kernels than one of a single sequence (see below).
+    let Some(file) = model_file() else { return };
+    let options = ChatOptions {
+        slots: 1,
+        context_per_slot: 1024,
+        ..ChatOptions::default()
+    };
+    let engine = &LlamaChat::load(&file, options).expect("load");
     let greedy = json!({"temperature": 0, "max_tokens": 24});
     let a = complete(engine, "What is the capital of France?", greedy.clone());
     let b = complete(engine, "What is the capital of France?", greedy);
@@ -199,6 +207,53 @@ fn concurrent_requests_each_get_their_own_answer() {
         "identical requests batched together: {same:?}"
     );
     assert!(alone[0].contains("Paris"), "France, alone: {:?}", alone[0]);
+}
+
+#[test]
+fn the_nodes_output_layer_gives_llama_cpps_logits() {
+    // The node computes the output layer of generation steps itself where the
+    // CPU allows (engines/llama/head.rs). In check mode llama.cpp computes it
+    // too and every row of logits is compared: one, two, three and four
+    // sequences at a time, as four answers start and end.
+    let Some(engine) = engine() else { return };
+    if !engine.output_layer().starts_with("node") {
+        eprintln!("this CPU has no AVX2: llama.cpp computes the output layer");
+        return;
+    }
+    let Some(file) = model_file() else { return };
+    let options = ChatOptions {
+        slots: 4,
+        context_per_slot: 1024,
+        check_output_layer: true,
+        ..ChatOptions::default()
+    };
+    let checked = LlamaChat::load(&file, options).expect("load");
+    let questions = [
+        ("What is the capital of France?", 8),
+        ("Count from 1 to 20, separated by commas: 1, 2, 3,", 40),
+        ("What is the capital of Japan?", 16),
+        ("Write a sentence about the sea.", 24),
+    ];
+    std::thread::scope(|s| {
+        for (q, max_tokens) in questions {
+            let checked = &checked;
+            s.spawn(move || {
+                complete(
+                    checked,
+                    q,
+                    json!({"temperature": 0.7, "seed": 3, "max_tokens": max_tokens}),
+                )
+            });
+        }
+    });
+    let (rows, worst) = checked.output_layer_check();
+    eprintln!(
+        "{} rows compared with llama.cpp's; largest difference {worst:e} of the row's largest logit",
+        rows
+    );
+    assert!(rows >= 40, "only {rows} rows were compared");
+    assert!(worst <= 1e-5, "the node's logits differ from llama.cpp's by {worst:e}");
+    assert!(checked.step_times().head_steps >= 20);
 }
 
 #[test]

@@ -16,7 +16,7 @@
 //!    computed, sending the new text to that job's receiver.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +27,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::head::{Capture, Head};
 use super::params::Sampling;
 use super::sample::{argmax, Sampler};
 use super::text::TextStream;
@@ -94,6 +95,15 @@ pub struct Stats {
     pub decode_ns: AtomicU64,
     /// Nanoseconds spent sampling and handing out text after decodes.
     pub sample_ns: AtomicU64,
+    /// Steps whose logits the node computed (see `head`).
+    pub head_steps: AtomicU64,
+    /// Nanoseconds of those steps spent in the node's output layer.
+    pub head_ns: AtomicU64,
+    /// With `check_output_layer`: rows compared with llama.cpp's, and the
+    /// largest difference seen, relative to the row's largest logit (as
+    /// `f32::to_bits`, which orders non-negative floats as they compare).
+    pub checked_rows: AtomicU64,
+    pub worst_difference: AtomicU32,
 }
 
 /// A job holding a sequence id.
@@ -124,6 +134,16 @@ pub struct Engine<'m> {
     free: Vec<i32>,
     piece: Vec<u8>,
     stats: Arc<Stats>,
+    /// The output layer, when the node computes it (see `head`).
+    head: Option<Head>,
+    /// What the evaluation callback caught; declared after `ctx`, so dropped
+    /// after the context that points to it.
+    capture: Box<Capture>,
+    /// The step's normed hidden states, then its logits, when `head` made them.
+    hidden: Vec<f32>,
+    logits: Vec<f32>,
+    /// The tokens of a step decoded for `head`, to decode again on a fault.
+    fed: Vec<(i32, LlamaToken)>,
 }
 
 impl<'m> Engine<'m> {
@@ -139,7 +159,20 @@ impl<'m> Engine<'m> {
             free: (0..shape.slots as i32).rev().collect(),
             piece: Vec::new(),
             stats,
+            head: None,
+            capture: Box::new(Capture::new(0, false)),
+            hidden: Vec::new(),
+            logits: Vec::new(),
+            fed: Vec::new(),
         }
+    }
+
+    /// Lets `head` compute the logits of generation steps. `capture` must be
+    /// the one the context's evaluation callback was given.
+    pub fn with_head(mut self, head: Option<Head>, capture: Box<Capture>) -> Self {
+        self.head = head;
+        self.capture = capture;
+        self
     }
 
     /// Runs until every sender of `jobs` is gone and the last job finished.
@@ -300,6 +333,16 @@ impl<'m> Engine<'m> {
 
     fn step(&mut self) {
         let started = Instant::now();
+        // A generation step (every sequence decodes its last sampled token, so
+        // every token of the batch wants logits) gets its logits from `head`.
+        // Prompts are left to llama.cpp: it would reorder their outputs.
+        let own = self.head.is_some() && self.active.iter().all(|a| a.next.is_some());
+        if own {
+            self.fed.clear();
+            self.fed
+                .extend(self.active.iter().filter_map(|a| Some((a.seq, a.next?))));
+        }
+        self.capture.arm(own);
         let filled = self.fill_batch();
         let decoded = match filled {
             Ok(()) if self.batch.n_tokens() == 0 => return,
@@ -317,6 +360,9 @@ impl<'m> Engine<'m> {
             }
             return;
         }
+        if own && !self.own_logits() {
+            return;
+        }
         let decoded_at = Instant::now();
         // Counted before any answer hears of this step: a caller that reads
         // the counts once its answer has ended sees every step that made it.
@@ -328,7 +374,7 @@ impl<'m> Engine<'m> {
         let mut i = 0;
         while i < self.active.len() {
             let finished = match self.active[i].logits_at {
-                Some(at) => self.sample(i, at),
+                Some(at) => self.sample(i, at, own),
                 None => false,
             };
             if finished {
@@ -343,11 +389,63 @@ impl<'m> Engine<'m> {
             .fetch_add(nanos(decoded_at.elapsed()), Ordering::Relaxed);
     }
 
+    /// Computes the logits of a generation step from the hidden states the
+    /// callback caught. If it caught none (llama.cpp's graph did not look as
+    /// expected), the step's tokens are taken out of the KV cache and put back
+    /// to be decoded again, by llama.cpp alone from now on; returns false then.
+    fn own_logits(&mut self) -> bool {
+        let rows = self.batch.n_tokens() as usize;
+        if let (Some(head), Some(())) = (&self.head, self.capture.take(rows, &mut self.hidden)) {
+            let started = Instant::now();
+            head.logits(&self.hidden, &mut self.logits);
+            self.stats.head_steps.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .head_ns
+                .fetch_add(nanos(started.elapsed()), Ordering::Relaxed);
+            if self.capture.verifies() {
+                self.compare_logits(head.n_vocab(), rows);
+            }
+            return true;
+        }
+        tracing::warn!("llama.cpp's graph did not stop at its final norm; it computes the output layer from now on");
+        self.head = None;
+        for a in &mut self.active {
+            let Some(&(_, token)) = self.fed.iter().find(|(seq, _)| *seq == a.seq) else {
+                continue;
+            };
+            a.pos -= 1;
+            let _ = self
+                .ctx
+                .clear_kv_cache_seq(u32::try_from(a.seq).ok(), u32::try_from(a.pos).ok(), None);
+            a.next = Some(token);
+            a.logits_at = None;
+        }
+        false
+    }
+
+    /// Compares the node's logits of a step with those llama.cpp also
+    /// computed, records the difference, and keeps llama.cpp's.
+    fn compare_logits(&mut self, n_vocab: usize, rows: usize) {
+        for (r, ours) in self.logits.chunks_exact_mut(n_vocab).enumerate().take(rows) {
+            let theirs = self.ctx.get_logits_ith(i32::try_from(r).unwrap_or(i32::MAX));
+            let scale = theirs.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+            let worst = ours.iter().zip(theirs).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+            self.stats.checked_rows.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .worst_difference
+                .fetch_max(worst.to_bits(), Ordering::Relaxed);
+            ours.copy_from_slice(theirs);
+        }
+    }
+
     /// Samples the next token of `active[i]`; true when that job is finished.
-    fn sample(&mut self, i: usize, at: i32) -> bool {
+    fn sample(&mut self, i: usize, at: i32, own: bool) -> bool {
         let vocab = self.model.vocab();
         let a = &mut self.active[i];
-        let logits = self.ctx.get_logits_ith(at);
+        let logits = match (&self.head, usize::try_from(at)) {
+            (Some(head), Ok(row)) if own => &self.logits[row * head.n_vocab()..(row + 1) * head.n_vocab()],
+            _ => self.ctx.get_logits_ith(at),
+        };
         let token = LlamaToken::new(match &mut a.sampler {
             Some(s) => s.sample(logits),
             None => i32::try_from(argmax(logits)).unwrap_or(0),

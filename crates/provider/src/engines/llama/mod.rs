@@ -4,6 +4,7 @@
 //! - [`params`]: the request's generation settings, checked at the edge.
 //! - [`prompt`]: messages → tokens (the model's chat template, or a plain transcript).
 //! - [`engine`]: the engine thread and its batched decode loop.
+//! - [`head`]: the output layer, computed by the node on generation steps.
 //! - [`sample`]: temperature, top_p and seeded draws over a row of logits.
 //! - [`text`]: token bytes → text, with stop sequences.
 //! - [`http`]: the OpenAI chat-completions answer, JSON or SSE.
@@ -14,6 +15,7 @@
 //! frees the request's sequence at the engine's next step.
 
 pub mod engine;
+pub mod head;
 pub mod http;
 pub mod params;
 pub mod prompt;
@@ -37,6 +39,7 @@ use llama_cpp_2::LogOptions;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use engine::{Engine, Event, Job, Shape, Stats};
+use head::{Capture, Head};
 use params::ChatParams;
 use prompt::{Prompt, PromptError, PromptFormat};
 
@@ -55,6 +58,14 @@ pub struct ChatOptions {
     pub batch: u32,
     /// CPU threads llama.cpp computes with; `None` means one per core.
     pub threads: Option<u32>,
+    /// Let the node compute the output layer of generation steps where it can
+    /// (see [`head`]); false leaves all of it to llama.cpp. The environment
+    /// variable `CXMPUTE_CHAT_OUTPUT=llama` also turns it off.
+    pub own_output_layer: bool,
+    /// Let llama.cpp compute the output layer too, compare its logits with the
+    /// node's ([`LlamaChat::output_layer_check`]) and use llama.cpp's: for
+    /// tests and for checking a new CPU. Costs the time the node saves.
+    pub check_output_layer: bool,
 }
 
 impl Default for ChatOptions {
@@ -64,6 +75,8 @@ impl Default for ChatOptions {
             context_per_slot: 4096,
             batch: 512,
             threads: None,
+            own_output_layer: true,
+            check_output_layer: false,
         }
     }
 }
@@ -73,6 +86,10 @@ impl Default for ChatOptions {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StepTimes {
     pub steps: u64,
+    /// Steps whose logits the node computed (see [`head`]).
+    pub head_steps: u64,
+    /// Of `decode`, the time in the node's output layer.
+    pub head: Duration,
     /// Building batches and `llama_decode`.
     pub decode: Duration,
     /// Sampling the decoded rows and handing their text out.
@@ -84,6 +101,8 @@ impl StepTimes {
     pub fn since(self, earlier: StepTimes) -> StepTimes {
         StepTimes {
             steps: self.steps.saturating_sub(earlier.steps),
+            head_steps: self.head_steps.saturating_sub(earlier.head_steps),
+            head: self.head.saturating_sub(earlier.head),
             decode: self.decode.saturating_sub(earlier.decode),
             sample: self.sample.saturating_sub(earlier.sample),
         }
@@ -125,6 +144,27 @@ pub struct LlamaChat {
     jobs: Mutex<mpsc::Sender<Job>>,
     options: ChatOptions,
     stats: Arc<Stats>,
+    output_layer: &'static str,
+}
+
+/// `params` with [`head::on_node`] as llama.cpp's evaluation callback, looking
+/// into `capture`.
+///
+/// llama-cpp-2 does not wrap `cb_eval`, and keeps the raw parameters in a
+/// private field of a struct that has no other; the two are swapped through
+/// `transmute`, which the assertions below hold to the same size and
+/// alignment.
+fn with_eval_callback(params: LlamaContextParams, capture: &Capture) -> LlamaContextParams {
+    use llama_cpp_sys_2::llama_context_params as Raw;
+    const _: () = assert!(std::mem::size_of::<LlamaContextParams>() == std::mem::size_of::<Raw>());
+    const _: () = assert!(std::mem::align_of::<LlamaContextParams>() == std::mem::align_of::<Raw>());
+    // SAFETY: a struct whose only field is `Raw` is laid out as `Raw` (same
+    // size and alignment, asserted above, and no other field to place).
+    let mut raw: Raw = unsafe { std::mem::transmute::<LlamaContextParams, Raw>(params) };
+    raw.cb_eval = Some(head::on_node);
+    raw.cb_eval_user_data = std::ptr::from_ref(capture).cast_mut().cast();
+    // SAFETY: as above, back again.
+    unsafe { std::mem::transmute::<Raw, LlamaContextParams>(raw) }
 }
 
 /// llama.cpp's global state, initialised once per process and kept for its life.
@@ -177,6 +217,16 @@ impl LlamaChat {
             batch: options.batch,
         };
 
+        let head = match Head::open(path, usize::try_from(threads).unwrap_or(1)) {
+            Ok(_) if !options.own_output_layer => None,
+            Ok(head) => Some(head),
+            Err(e) => {
+                tracing::info!(reason = %format!("{e:#}"), "llama.cpp computes the chat model's output layer");
+                None
+            }
+        };
+        let output_layer = head.as_ref().map_or("llama.cpp", Head::describe);
+
         let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
         let thread_model = Arc::clone(&model);
@@ -187,6 +237,12 @@ impl LlamaChat {
             .spawn(move || {
                 // The context borrows the model, and llama.cpp contexts stay on the
                 // thread that made them, so it is created here.
+                // Where the evaluation callback looks; it must outlive the
+                // context, which the engine drops first.
+                let capture = Box::new(Capture::new(
+                    head.as_ref().map_or(0, Head::n_embd),
+                    options.check_output_layer,
+                ));
                 let params = LlamaContextParams::default()
                     .with_n_ctx(Some(total_ctx))
                     .with_n_batch(options.batch)
@@ -200,6 +256,10 @@ impl LlamaChat {
                     .with_kv_unified(false)
                     .with_n_threads(threads)
                     .with_n_threads_batch(threads);
+                let params = match &head {
+                    Some(_) => with_eval_callback(params, &capture),
+                    None => params,
+                };
                 let ctx = match thread_model.new_context(backend, params) {
                     Ok(ctx) => ctx,
                     Err(e) => {
@@ -208,7 +268,9 @@ impl LlamaChat {
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
-                Engine::new(&thread_model, ctx, shape, thread_stats).run(jobs_rx);
+                Engine::new(&thread_model, ctx, shape, thread_stats)
+                    .with_head(head, capture)
+                    .run(jobs_rx);
             })
             .context("cannot start the chat engine thread")?;
         match ready_rx.recv() {
@@ -222,6 +284,7 @@ impl LlamaChat {
             slots = options.slots,
             context_per_slot = options.context_per_slot,
             threads,
+            output_layer,
             "chat engine ready"
         );
         Ok(LlamaChat {
@@ -230,11 +293,28 @@ impl LlamaChat {
             jobs: Mutex::new(jobs_tx),
             options,
             stats,
+            output_layer,
         })
     }
 
     pub fn options(&self) -> ChatOptions {
         self.options
+    }
+
+    /// With [`ChatOptions::check_output_layer`]: rows of logits compared with
+    /// llama.cpp's so far, and the largest difference, relative to the
+    /// largest logit of its row.
+    pub fn output_layer_check(&self) -> (u64, f32) {
+        (
+            self.stats.checked_rows.load(Ordering::Relaxed),
+            f32::from_bits(self.stats.worst_difference.load(Ordering::Relaxed)),
+        )
+    }
+
+    /// Who computes the output layer of generation steps: "llama.cpp", or
+    /// "node (…)" with the kernel (see [`head`]).
+    pub fn output_layer(&self) -> &'static str {
+        self.output_layer
     }
 
     /// Requests generating or waiting for a slot, as of the engine's last step.
@@ -254,6 +334,8 @@ impl LlamaChat {
     pub fn step_times(&self) -> StepTimes {
         StepTimes {
             steps: self.stats.steps.load(Ordering::Relaxed),
+            head_steps: self.stats.head_steps.load(Ordering::Relaxed),
+            head: Duration::from_nanos(self.stats.head_ns.load(Ordering::Relaxed)),
             decode: Duration::from_nanos(self.stats.decode_ns.load(Ordering::Relaxed)),
             sample: Duration::from_nanos(self.stats.sample_ns.load(Ordering::Relaxed)),
         }
