@@ -191,8 +191,9 @@ impl Head {
                     self.columns(t * per, acts, share);
                 }
             }
-            return;
         }
+        // Elsewhere, threads of our own.
+        #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
         std::thread::scope(|s| {
             let mut shares = shares.into_iter().enumerate();
             // The last share runs on this thread.
