@@ -27,7 +27,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::head::{Capture, Head};
+use super::head::{on_team, Capture, Head};
 use super::params::Sampling;
 use super::sample::{argmax, Sampler};
 use super::text::TextStream;
@@ -121,6 +121,8 @@ struct Active {
     next: Option<LlamaToken>,
     /// Where this sequence's logits are in the batch being decoded.
     logits_at: Option<i32>,
+    /// The token drawn from those logits, when drawn ahead (`draw_on_team`).
+    drawn: Option<LlamaToken>,
     generated: u32,
 }
 
@@ -284,6 +286,7 @@ impl<'m> Engine<'m> {
                 pos: 0,
                 next: None,
                 logits_at: None,
+                drawn: None,
                 generated: 0,
             });
         }
@@ -360,8 +363,11 @@ impl<'m> Engine<'m> {
             }
             return;
         }
-        if own && !self.own_logits() {
-            return;
+        if own {
+            if !self.own_logits() {
+                return;
+            }
+            self.draw_on_team();
         }
         let decoded_at = Instant::now();
         // Counted before any answer hears of this step: a caller that reads
@@ -423,6 +429,33 @@ impl<'m> Engine<'m> {
         false
     }
 
+    /// Draws the next token of every sequence of a generation step from the
+    /// node's logits, the sequences shared out between llama.cpp's threads,
+    /// which are idle (spinning) between steps anyway.
+    fn draw_on_team(&mut self) {
+        let Some(head) = &self.head else { return };
+        let n_vocab = head.n_vocab();
+        let threads = head.threads().max(1);
+        let logits = &self.logits;
+        let mut groups: Vec<Vec<&mut Active>> = (0..threads).map(|_| Vec::new()).collect();
+        let drawing = self.active.iter_mut().filter(|a| a.logits_at.is_some());
+        for (k, a) in drawing.enumerate() {
+            groups[k % threads].push(a);
+        }
+        groups.retain(|g| !g.is_empty());
+        on_team(groups, |group| {
+            for a in group {
+                let row = a.logits_at.and_then(|at| usize::try_from(at).ok());
+                if let Some(row) = logits
+                    .get(row.map_or(usize::MAX, |r| r * n_vocab)..)
+                    .and_then(|l| l.get(..n_vocab))
+                {
+                    a.drawn = Some(draw(&mut a.sampler, row));
+                }
+            }
+        });
+    }
+
     /// Compares the node's logits of a step with those llama.cpp also
     /// computed, records the difference, and keeps llama.cpp's.
     fn compare_logits(&mut self, n_vocab: usize, rows: usize) {
@@ -442,14 +475,16 @@ impl<'m> Engine<'m> {
     fn sample(&mut self, i: usize, at: i32, own: bool) -> bool {
         let vocab = self.model.vocab();
         let a = &mut self.active[i];
-        let logits = match (&self.head, usize::try_from(at)) {
-            (Some(head), Ok(row)) if own => &self.logits[row * head.n_vocab()..(row + 1) * head.n_vocab()],
-            _ => self.ctx.get_logits_ith(at),
+        let token = match a.drawn.take() {
+            Some(token) => token,
+            None => {
+                let logits = match (&self.head, usize::try_from(at)) {
+                    (Some(head), Ok(row)) if own => &self.logits[row * head.n_vocab()..(row + 1) * head.n_vocab()],
+                    _ => self.ctx.get_logits_ith(at),
+                };
+                draw(&mut a.sampler, logits)
+            }
         };
-        let token = LlamaToken::new(match &mut a.sampler {
-            Some(s) => s.sample(logits),
-            None => i32::try_from(argmax(logits)).unwrap_or(0),
-        });
         if vocab.is_eog(token) {
             return finish(a, FinishReason::Stop);
         }
@@ -469,6 +504,15 @@ impl<'m> Engine<'m> {
         a.next = Some(token);
         false
     }
+}
+
+/// The next token from a row of logits: the sampler's draw, or the argmax
+/// for greedy decoding.
+fn draw(sampler: &mut Option<Sampler>, logits: &[f32]) -> LlamaToken {
+    LlamaToken::new(match sampler {
+        Some(s) => s.sample(logits),
+        None => i32::try_from(argmax(logits)).unwrap_or(0),
+    })
 }
 
 fn nanos(d: Duration) -> u64 {

@@ -136,6 +136,10 @@ impl Head {
         self.n_vocab
     }
 
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
     pub fn describe(&self) -> &'static str {
         match self.kernel {
             Kernel::Vnni => "node (AVX-512 VNNI)",
@@ -175,35 +179,8 @@ impl Head {
             }
         }
         let acts = &acts;
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        {
-            let shares: Vec<std::sync::Mutex<Option<Vec<&mut [f32]>>>> =
-                shares.into_iter().map(|s| std::sync::Mutex::new(Some(s))).collect();
-            omp::run(threads, &|t: usize| {
-                let share = shares.get(t).and_then(|s| s.lock().ok()?.take());
-                if let Some(share) = share {
-                    self.columns(t * per, acts, share);
-                }
-            });
-            // Should the team have come short of threads, the rest here.
-            for (t, share) in shares.iter().enumerate() {
-                if let Some(share) = share.lock().ok().and_then(|mut s| s.take()) {
-                    self.columns(t * per, acts, share);
-                }
-            }
-        }
-        // Elsewhere, threads of our own.
-        #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-        std::thread::scope(|s| {
-            let mut shares = shares.into_iter().enumerate();
-            // The last share runs on this thread.
-            let last = shares.next_back();
-            for (t, share) in shares {
-                s.spawn(move || self.columns(t * per, acts, share));
-            }
-            if let Some((t, share)) = last {
-                self.columns(t * per, acts, share);
-            }
+        on_team(shares.into_iter().enumerate().collect(), |(t, share)| {
+            self.columns(t * per, acts, share)
         });
     }
 
@@ -308,8 +285,11 @@ mod x86 {
 
     use super::{Quantized, BLOCK, BLOCK_BYTES};
 
+    /// A kernel is a way to take the 32 bytes of a weight block apart once
+    /// (`$weight`) and to dot them with each activation block (`$dot`), the
+    /// activation bytes prepared once per call (`$act`).
     macro_rules! rows_kernel {
-        ($name:ident, $features:literal, $dot:ident) => {
+        ($name:ident, $features:literal, $act:ident, $weight:ident, $dot:ident) => {
             /// Dot products of the weight rows in `w` with the `N` rows of `acts`:
             /// `outs[k][r]` for row `r` and `acts[k]`.
             #[target_feature(enable = $features)]
@@ -319,24 +299,35 @@ mod x86 {
                 acts: &[Quantized; N],
                 outs: &mut [&mut [f32]],
             ) {
-                let row_bytes = n_embd / BLOCK * BLOCK_BYTES;
+                let blocks = n_embd / BLOCK;
+                let row_bytes = blocks * BLOCK_BYTES;
+                // Block-major: the `N` activation blocks of weight block `b`
+                // at `b * N ..`.
+                let mut prepared = Vec::with_capacity(blocks * N);
+                for b in 0..blocks {
+                    for a in acts {
+                        // SAFETY: each activation row holds `blocks` × 32 bytes.
+                        prepared.push($act(unsafe {
+                            _mm256_loadu_si256(a.q.as_ptr().add(b * BLOCK).cast())
+                        }));
+                    }
+                }
                 let rows = outs.first().map_or(0, |o| o.len());
                 for r in 0..rows {
                     let row = &w[r * row_bytes..(r + 1) * row_bytes];
                     let mut acc = [_mm256_setzero_ps(); N];
-                    for (b, block) in row.chunks_exact(BLOCK_BYTES).enumerate() {
-                        // SAFETY: `block` is 34 bytes: a 2-byte scale, then the 32
-                        // bytes loaded; the activations hold `blocks` × 32 bytes.
-                        unsafe {
-                            let dw = _mm256_cvtph_ps(_mm_set1_epi16(i16::from_le_bytes([block[0], block[1]])));
-                            let wv = _mm256_loadu_si256(block.as_ptr().add(2).cast());
-                            let aw = _mm256_abs_epi8(wv);
-                            for s in 0..N {
-                                let a = _mm256_loadu_si256(acts[s].q.as_ptr().add(b * BLOCK).cast());
-                                let dot = $dot(aw, _mm256_sign_epi8(a, wv));
-                                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*acts[s].d.get_unchecked(b)));
-                                acc[s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[s]);
-                            }
+                    for ((b, block), prepared) in row
+                        .chunks_exact(BLOCK_BYTES)
+                        .enumerate()
+                        .zip(prepared.chunks_exact(N))
+                    {
+                        let dw = _mm256_cvtph_ps(_mm_set1_epi16(i16::from_le_bytes([block[0], block[1]])));
+                        // SAFETY: `block` is 34 bytes: a 2-byte scale, then the 32 loaded.
+                        let wv = $weight(unsafe { _mm256_loadu_si256(block.as_ptr().add(2).cast()) });
+                        for s in 0..N {
+                            let dot = $dot(wv, prepared[s]);
+                            let scale = _mm256_mul_ps(dw, _mm256_set1_ps(acts[s].d[b]));
+                            acc[s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[s]);
                         }
                     }
                     for (s, out) in outs.iter_mut().enumerate().take(N) {
@@ -347,19 +338,62 @@ mod x86 {
         };
     }
 
-    rows_kernel!(rows_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_vnni);
-    rows_kernel!(rows_avx2, "avx2,fma,f16c", dot_avx2);
+    // VNNI multiplies unsigned by signed bytes. The activations are made
+    // unsigned by adding 128 (flipping their top bit), and the weights'
+    // sums times 128 start each dot product below zero to take it back off:
+    // the same integer sums, without a sign fix-up per activation block.
+    rows_kernel!(
+        rows_vnni,
+        "avx2,fma,f16c,avx512vnni,avx512vl",
+        act_vnni,
+        weight_vnni,
+        dot_vnni
+    );
+    // AVX2's byte multiply saturates in 16 bits, so it takes the weights'
+    // magnitudes and moves their signs onto the activations, as llama.cpp does.
+    rows_kernel!(rows_avx2, "avx2,fma,f16c", act_avx2, weight_avx2, dot_avx2);
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn act_vnni(a: __m256i) -> __m256i {
+        _mm256_xor_si256(a, _mm256_set1_epi8(i8::MIN))
+    }
+
+    /// The weights, and minus 128 times their sums in each 32-bit lane.
+    #[inline]
+    #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+    fn weight_vnni(w: __m256i) -> (__m256i, __m256i) {
+        let zero = _mm256_setzero_si256();
+        let sums = _mm256_dpbusd_epi32(zero, _mm256_set1_epi8(i8::MIN), w);
+        (w, _mm256_sub_epi32(zero, sums))
+    }
 
     #[inline]
     #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
-    fn dot_vnni(unsigned: __m256i, signed: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), unsigned, signed)
+    fn dot_vnni((w, start): (__m256i, __m256i), a: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(start, a, w)
     }
 
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn dot_avx2(unsigned: __m256i, signed: __m256i) -> __m256i {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned, signed), _mm256_set1_epi16(1))
+    fn act_avx2(a: __m256i) -> __m256i {
+        a
+    }
+
+    /// The weights, and their magnitudes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn weight_avx2(w: __m256i) -> (__m256i, __m256i) {
+        (w, _mm256_abs_epi8(w))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn dot_avx2((w, magnitudes): (__m256i, __m256i), a: __m256i) -> __m256i {
+        _mm256_madd_epi16(
+            _mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(a, w)),
+            _mm256_set1_epi16(1),
+        )
     }
 
     #[inline]
@@ -378,6 +412,40 @@ mod x86 {
 
     pub(super) unsafe fn rows_vnni<const N: usize>(_: &[u8], _: usize, _: &[Quantized; N], _: &mut [&mut [f32]]) {}
     pub(super) unsafe fn rows_avx2<const N: usize>(_: &[u8], _: usize, _: &[Quantized; N], _: &mut [&mut [f32]]) {}
+}
+
+/// Runs `job` on every item, one item per thread, on llama.cpp's threads
+/// (see [`omp`]) where it can, on threads of its own elsewhere.
+pub fn on_team<T: Send>(items: Vec<T>, job: impl Fn(T) + Sync) {
+    if items.len() <= 1 {
+        items.into_iter().for_each(job);
+        return;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let items: Vec<std::sync::Mutex<Option<T>>> =
+            items.into_iter().map(|i| std::sync::Mutex::new(Some(i))).collect();
+        let take = |t: usize| items.get(t).and_then(|i| i.lock().ok()?.take());
+        omp::run(items.len(), &|t: usize| {
+            if let Some(item) = take(t) {
+                job(item);
+            }
+        });
+        // Should the team have come short of threads, the rest here.
+        (0..items.len()).filter_map(take).for_each(job);
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    std::thread::scope(|s| {
+        let mut items = items.into_iter();
+        // The last item runs on this thread.
+        let last = items.next_back();
+        for item in items {
+            s.spawn(|| job(item));
+        }
+        if let Some(item) = last {
+            job(item);
+        }
+    });
 }
 
 /// llama.cpp's threads: ggml computes with OpenMP (GNU's libgomp, which
