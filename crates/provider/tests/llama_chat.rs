@@ -257,6 +257,45 @@ fn the_nodes_output_layer_gives_llama_cpps_logits() {
 }
 
 #[test]
+fn a_step_whose_hidden_states_cannot_be_caught_is_decoded_again_by_llama_cpp() {
+    // Should llama.cpp's graph not end in the node the engine expects, the
+    // step's tokens leave the KV cache and are decoded again, llama.cpp
+    // computing the output layer from then on. The fault is injected at the
+    // third generation step; the answer must be the one without it.
+    let Some(engine) = engine() else { return };
+    if !engine.output_layer().starts_with("node") {
+        return;
+    }
+    let Some(file) = model_file() else { return };
+    let load = |fault: Option<u64>| {
+        let options = ChatOptions {
+            slots: 1,
+            context_per_slot: 1024,
+            fault_output_capture_at: fault,
+            ..ChatOptions::default()
+        };
+        LlamaChat::load(&file, options).expect("load")
+    };
+    let (clean, faulty) = (load(None), load(Some(3)));
+    let ask = |e: &LlamaChat| {
+        complete(
+            e,
+            "Write a sentence about the sea.",
+            json!({"temperature": 0, "max_tokens": 32}),
+        )
+    };
+    let (want, got) = (ask(&clean), ask(&faulty));
+    eprintln!("{got:?}");
+    assert_eq!(got, want);
+    assert!(clean.step_times().head_steps >= 5);
+    assert_eq!(
+        faulty.step_times().head_steps,
+        2,
+        "the node's output layer ran on after the fault"
+    );
+}
+
+#[test]
 fn dropping_the_receiver_frees_the_sequence() {
     // An engine of its own with one slot, so that nothing else keeps it busy and
     // a leaked sequence would block the next request.

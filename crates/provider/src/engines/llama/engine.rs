@@ -162,7 +162,7 @@ impl<'m> Engine<'m> {
             piece: Vec::new(),
             stats,
             head: None,
-            capture: Box::new(Capture::new(0, false)),
+            capture: Box::new(Capture::new(0, false, None)),
             hidden: Vec::new(),
             logits: Vec::new(),
             fed: Vec::new(),

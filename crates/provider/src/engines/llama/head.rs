@@ -495,13 +495,18 @@ pub struct Capture {
     /// Let llama.cpp's graph run to the end anyway, so that its logits can be
     /// compared with the node's (`ChatOptions::check_output_layer`).
     verify: bool,
+    /// Armed decodes so far, and the one whose `result_norm` is to be taken
+    /// as malformed (`ChatOptions::fault_output_capture_at`, tests only).
+    armed_count: Cell<u64>,
+    fault_at: Option<u64>,
 }
 
 impl Capture {
-    pub fn new(n_embd: usize, verify: bool) -> Capture {
+    pub fn new(n_embd: usize, verify: bool, fault_at: Option<u64>) -> Capture {
         Capture {
             n_embd,
             verify,
+            fault_at,
             ..Capture::default()
         }
     }
@@ -514,6 +519,9 @@ impl Capture {
     /// last one caught.
     pub fn arm(&self, on: bool) {
         self.armed.set(on);
+        if on {
+            self.armed_count.set(self.armed_count.get() + 1);
+        }
         self.odd.set(false);
         self.hidden.borrow_mut().clear();
     }
@@ -562,7 +570,7 @@ pub unsafe extern "C" fn on_node(t: *mut llama_cpp_sys_2::ggml_tensor, ask: bool
         && t.nb[0] == 4
         && t.nb[1] == 4 * cols
         && !t.data.is_null();
-    if !plain {
+    if !plain || capture.fault_at == Some(capture.armed_count.get()) {
         capture.odd.set(true);
         // Let llama.cpp finish its graph.
         return true;

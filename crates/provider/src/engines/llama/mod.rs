@@ -66,6 +66,10 @@ pub struct ChatOptions {
     /// node's ([`LlamaChat::output_layer_check`]) and use llama.cpp's: for
     /// tests and for checking a new CPU. Costs the time the node saves.
     pub check_output_layer: bool,
+    /// Tests only: the n-th generation step's capture (from 1) is taken as
+    /// malformed, as if llama.cpp's graph had changed shape.
+    #[doc(hidden)]
+    pub fault_output_capture_at: Option<u64>,
 }
 
 impl Default for ChatOptions {
@@ -77,6 +81,7 @@ impl Default for ChatOptions {
             threads: None,
             own_output_layer: true,
             check_output_layer: false,
+            fault_output_capture_at: None,
         }
     }
 }
@@ -242,6 +247,7 @@ impl LlamaChat {
                 let capture = Box::new(Capture::new(
                     head.as_ref().map_or(0, Head::n_embd),
                     options.check_output_layer,
+                    options.fault_output_capture_at,
                 ));
                 let params = LlamaContextParams::default()
                     .with_n_ctx(Some(total_ctx))
