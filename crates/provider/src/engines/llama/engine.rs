@@ -380,7 +380,7 @@ impl<'m> Engine<'m> {
         let mut i = 0;
         while i < self.active.len() {
             let finished = match self.active[i].logits_at {
-                Some(at) => self.sample(i, at, own),
+                Some(at) => self.sample(i, at),
                 None => false,
             };
             if finished {
@@ -443,15 +443,13 @@ impl<'m> Engine<'m> {
             groups[k % threads].push(a);
         }
         groups.retain(|g| !g.is_empty());
+        // In a generation step the batch holds one token per sequence, so
+        // its logits are row `logits_at` of the node's.
         on_team(groups, |group| {
             for a in group {
-                let row = a.logits_at.and_then(|at| usize::try_from(at).ok());
-                if let Some(row) = logits
-                    .get(row.map_or(usize::MAX, |r| r * n_vocab)..)
-                    .and_then(|l| l.get(..n_vocab))
-                {
-                    a.drawn = Some(draw(&mut a.sampler, row));
-                }
+                let at = a.logits_at.and_then(|at| usize::try_from(at).ok()).unwrap_or(0);
+                let row = logits.chunks_exact(n_vocab).nth(at).unwrap_or_default();
+                a.drawn = Some(draw(&mut a.sampler, row));
             }
         });
     }
@@ -472,18 +470,13 @@ impl<'m> Engine<'m> {
     }
 
     /// Samples the next token of `active[i]`; true when that job is finished.
-    fn sample(&mut self, i: usize, at: i32, own: bool) -> bool {
+    fn sample(&mut self, i: usize, at: i32) -> bool {
         let vocab = self.model.vocab();
         let a = &mut self.active[i];
+        // A generation step's tokens were all drawn by `draw_on_team`.
         let token = match a.drawn.take() {
             Some(token) => token,
-            None => {
-                let logits = match (&self.head, usize::try_from(at)) {
-                    (Some(head), Ok(row)) if own => &self.logits[row * head.n_vocab()..(row + 1) * head.n_vocab()],
-                    _ => self.ctx.get_logits_ith(at),
-                };
-                draw(&mut a.sampler, logits)
-            }
+            None => draw(&mut a.sampler, self.ctx.get_logits_ith(at)),
         };
         if vocab.is_eog(token) {
             return finish(a, FinishReason::Stop);
